@@ -1,0 +1,45 @@
+"""Fold a sparse-delta adapter into its base model and write a standard HF model directory.
+
+    python launch/merge.py --model BASE_DIR --adapter OUTPUT_DIR/adapter --out MERGED_DIR
+"""
+
+import argparse
+import shutil
+import sys
+from pathlib import Path
+
+from speft_ds.cli import run_main
+from speft_ds.config import ConfigError
+
+
+def main(argv) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--model", required=True, help="Base HF model directory the adapter was trained on.")
+    parser.add_argument("--adapter", required=True, help="Adapter directory (adapter_model.safetensors + adapter_config.json).")
+    parser.add_argument("--out", required=True, help="New directory for the merged model (must not exist).")
+    parser.add_argument("--trust_remote_code", action="store_true", help="Allow model code from the model directory.")
+    args = parser.parse_args(argv)
+    out = Path(args.out)
+    if out.exists():
+        raise ConfigError(f"--out {out} already exists: choose a new directory")
+    if not Path(args.model, "config.json").is_file():
+        raise ConfigError(f"--model {args.model} is not a model directory (no config.json)")
+
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from speft_ds import merge_adapter
+
+    model = AutoModelForCausalLM.from_pretrained(args.model, use_safetensors=True, dtype="auto",
+                                                 trust_remote_code=args.trust_remote_code)
+    merge_adapter(model, args.adapter)
+    tmp = out.with_name(f".{out.name}.tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    model.save_pretrained(tmp, safe_serialization=True)
+    AutoTokenizer.from_pretrained(args.model, trust_remote_code=args.trust_remote_code).save_pretrained(tmp)
+    tmp.rename(out)
+    print(f"merged model written to {out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(run_main(main))

@@ -1,0 +1,9 @@
+"""Train a sparse-delta adapter: `deepspeed launch/train.py --ds_config ds_configs/z3.json [flags]`."""
+
+import sys
+
+from speft_ds.cli import run_main
+from speft_ds.recipe import main
+
+if __name__ == "__main__":
+    sys.exit(run_main(main))

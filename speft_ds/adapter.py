@@ -1,0 +1,116 @@
+"""Sparse-delta adapters: injection into a model, safetensors files, load and merge. Plain PyTorch.
+
+File layout (OUTPUT_DIR/adapter/): adapter_model.safetensors with `NAME.indices` (int64 sorted flat
+indices into NAME.weight) and `NAME.values` for each targeted module NAME that has selected entries, and
+adapter_config.json, whose "shapes" maps each such NAME to its weight's shape.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+from importlib.metadata import PackageNotFoundError, version
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file, save_file
+from torch import nn
+
+from .config import ConfigError
+from .delta import SparseDeltaLinear
+
+WEIGHTS_NAME = "adapter_model.safetensors"
+CONFIG_NAME = "adapter_config.json"
+
+
+def inject_sparse_deltas(model: nn.Module, indices: dict[str, torch.Tensor],
+                         values: dict[str, torch.Tensor] | None = None) -> dict[str, SparseDeltaLinear]:
+    """Replace each named linear layer by a SparseDeltaLinear wrapping it; returns the new layers."""
+    layers = {}
+    for name, idx in indices.items():
+        parent_name, _, child_name = name.rpartition(".")
+        parent = model.get_submodule(parent_name)
+        layer = SparseDeltaLinear(getattr(parent, child_name), idx, None if values is None else values[name])
+        setattr(parent, child_name, layer)
+        layers[name] = layer
+    return layers
+
+
+def _versions() -> dict[str, str]:
+    found = {}
+    for package in ("speft-ds", "torch", "deepspeed", "transformers"):
+        try:
+            found[package] = version(package)
+        except PackageNotFoundError:
+            found[package] = "not installed"
+    return found
+
+
+def save_adapter(path: str | Path, indices: dict[str, torch.Tensor], values: dict[str, torch.Tensor],
+                 shapes: dict[str, list[int]], meta: dict) -> None:
+    """Write the adapter under a temporary name beside `path`, then rename it into place."""
+    path = Path(path)
+    tensors = {}
+    for name in indices:
+        tensors[f"{name}.indices"] = indices[name].to(torch.int64).contiguous()
+        tensors[f"{name}.values"] = values[name].float().contiguous()
+    adapter_config = {"peft_type": "SPEFT", **meta, "k": sum(t.numel() for t in indices.values()),
+                      "shapes": {name: shapes[name] for name in indices}, "versions": _versions()}
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.tmp-", dir=path.parent))
+    tmp.chmod(0o755)
+    try:
+        save_file(tensors, str(tmp / WEIGHTS_NAME), metadata={"format": "pt"})
+        (tmp / CONFIG_NAME).write_text(json.dumps(adapter_config, indent=2) + "\n")
+        if path.exists():
+            shutil.rmtree(path)
+        os.replace(tmp, path)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
+
+def read_adapter(path: str | Path) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor], dict]:
+    """(indices, values, adapter_config) from an adapter directory."""
+    path = Path(path)
+    if not (path / WEIGHTS_NAME).is_file() or not (path / CONFIG_NAME).is_file():
+        raise ConfigError(f"{path} is not a speft-ds adapter (needs {WEIGHTS_NAME} and {CONFIG_NAME})")
+    adapter_config = json.loads((path / CONFIG_NAME).read_text())
+    tensors = load_file(str(path / WEIGHTS_NAME))
+    names = list(adapter_config["shapes"])
+    return ({n: tensors[f"{n}.indices"] for n in names}, {n: tensors[f"{n}.values"] for n in names},
+            adapter_config)
+
+
+def _check_shapes(model: nn.Module, adapter_config: dict) -> None:
+    for name, shape in adapter_config["shapes"].items():
+        try:
+            weight = model.get_submodule(name).weight
+        except AttributeError:
+            raise ConfigError(f"the adapter targets {name}, which the model does not have: "
+                              "use the base model the adapter was trained on") from None
+        if list(weight.shape) != list(shape):
+            raise ConfigError(f"the adapter's {name} has shape {shape} but the model's is {list(weight.shape)}: "
+                              "use the base model the adapter was trained on")
+
+
+def _inject_from_file(model: nn.Module, path: str | Path) -> dict[str, SparseDeltaLinear]:
+    indices, values, adapter_config = read_adapter(path)
+    _check_shapes(model, adapter_config)
+    return inject_sparse_deltas(model, indices, values)
+
+
+def load_adapter(model: nn.Module, path: str | Path) -> nn.Module:
+    """Inject the adapter's sparse deltas into `model` (unmerged, trainable values). Returns the model."""
+    _inject_from_file(model, path)
+    return model
+
+
+def merge_adapter(model: nn.Module, path: str | Path) -> nn.Module:
+    """Add the adapter's deltas into the model's weights in place, leaving plain layers. Returns the model."""
+    for name, layer in _inject_from_file(model, path).items():
+        parent_name, _, child_name = name.rpartition(".")
+        setattr(model.get_submodule(parent_name), child_name, layer.merge())
+    return model

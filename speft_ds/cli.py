@@ -1,0 +1,69 @@
+"""The command line, derived from the TrainConfig dataclass fields."""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import typing
+from dataclasses import MISSING, fields
+from typing import Callable, Sequence
+
+from .config import ConfigError, TrainConfig
+
+
+def _parse_bool(text: str) -> bool:
+    if text.lower() in ("1", "true", "yes"):
+        return True
+    if text.lower() in ("0", "false", "no"):
+        return False
+    raise argparse.ArgumentTypeError(f"expected true or false, got '{text}'")
+
+
+def _value_type(annotation) -> Callable:
+    if isinstance(annotation, str):
+        annotation = eval(annotation, vars(typing))  # annotations are strings under `from __future__`
+    args = [a for a in typing.get_args(annotation) if a is not type(None)]
+    base = args[0] if args else annotation
+    return _parse_bool if base is bool else base
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = _Parser(prog="train.py", description="Salience-aware sparse fine-tuning under DeepSpeed ZeRO-3.",
+                     argument_default=argparse.SUPPRESS)
+    for f in fields(TrainConfig):
+        value_type = _value_type(f.type)
+        kwargs = dict(help=f"{f.metadata['help']} (default: {f.default})", type=value_type)
+        if value_type is _parse_bool:
+            kwargs.update(nargs="?", const=True, metavar="BOOL")
+        parser.add_argument(f"--{f.name}", **kwargs)
+    return parser
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message):
+        raise ConfigError(f"{message}: see --help")
+
+
+def parse_config(argv: Sequence[str]) -> tuple[TrainConfig, set[str]]:
+    """Return the config and the names of the flags the user gave explicitly."""
+    given = vars(build_parser().parse_args(list(argv)))
+    defaults = {f.name: f.default for f in fields(TrainConfig) if f.default is not MISSING}
+    config = TrainConfig(**{**defaults, **given})
+    config.check()
+    return config, set(given)
+
+
+def is_reporting_rank() -> bool:
+    """Local rank 0 reports: before distributed init only the launcher's environment says who we are."""
+    return int(os.environ.get("LOCAL_RANK", "0")) == 0
+
+
+def run_main(main: Callable[[Sequence[str]], int], argv: Sequence[str] | None = None) -> int:
+    """Run an entry point: a ConfigError becomes one line on stderr (local rank 0 only) and exit code 2."""
+    try:
+        return main(sys.argv[1:] if argv is None else argv)
+    except ConfigError as err:
+        if is_reporting_rank():
+            print(f"error: {err}", file=sys.stderr)
+        return 2

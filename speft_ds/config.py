@@ -1,0 +1,134 @@
+"""Training configuration: the single source of defaults, of the CLI and of input checks.
+
+Every field carries its own help text; `speft_ds.cli` derives the command line from these fields.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from dataclasses import dataclass, field, fields
+from pathlib import Path
+from typing import Optional
+
+PACKAGE_DIR = Path(__file__).resolve().parent
+EMBEDDED_MODEL = PACKAGE_DIR / "assets" / "tiny-llama"
+EMBEDDED_DATASET = PACKAGE_DIR / "assets" / "arithmetic.jsonl"
+SHIPPED_DS_CONFIG = PACKAGE_DIR.parent / "ds_configs" / "z3.json"
+
+LOCAL_DATA_SUFFIXES = {".jsonl": "json", ".json": "json", ".parquet": "parquet", ".csv": "csv"}
+
+
+class ConfigError(ValueError):
+    """Bad user input: reported as one line and exit code 2, before any heavy work starts."""
+
+
+def _field(default, help: str, **kwargs):
+    return field(default=default, metadata={"help": help, **kwargs})
+
+
+@dataclass
+class TrainConfig:
+    # --- inputs
+    model: str = _field(str(EMBEDDED_MODEL), "Local HF causal-LM directory (config.json + safetensors weights).")
+    dataset: str = _field(str(EMBEDDED_DATASET), "Local .jsonl/.json/.parquet/.csv file, or a `datasets.load_dataset` name.")
+    text_field: Optional[str] = _field(None, "Train on this field's full text (instead of prompt/response).")
+    prompt_field: str = _field("prompt", "Prompt field; its tokens get no loss.")
+    response_field: str = _field("response", "Response field; the loss is taken on its tokens only.")
+    seq_len: int = _field(128, "Maximum tokens per example (longer ones are truncated).")
+    val_size: float = _field(0.05, "Fraction of the dataset held out for the final eval loss.")
+    ds_config: str = _field(str(SHIPPED_DS_CONFIG), "DeepSpeed JSON config; 'auto' values are filled from these flags.")
+    trust_remote_code: bool = _field(False, "Allow model code from the model directory (off by default).")
+    # --- salience and selection
+    metric: str = _field("gradient", "Salience metric.", choices=("gradient",))
+    calibration_examples: int = _field(1024, "Training examples drawn (with --seed) for the salience pass.")
+    selection: str = _field("global", "One top-k over all targeted weights, or the same fraction per weight.",
+                            choices=("global", "local"))
+    density: float = _field(0.01, "Fraction of targeted weight elements to train, in (0, 1].")
+    num_trainable: Optional[int] = _field(None, "Exact number of trainable elements (overrides --density).")
+    target_modules: Optional[str] = _field(
+        None, "Comma-separated module names (matched on the last name component) or one regex matched against "
+              "full module names. Default: every Linear inside the decoder blocks.")
+    # --- training
+    micro_batch_size: int = _field(8, "Examples per rank per micro-step (train_micro_batch_size_per_gpu).")
+    gradient_accumulation_steps: int = _field(1, "Micro-steps per optimizer step.")
+    learning_rate: float = _field(3e-3, "Peak learning rate of the delta values.")
+    weight_decay: float = _field(0.0, "AdamW weight decay on the delta values.")
+    max_grad_norm: float = _field(1.0, "Gradient clipping norm (0 disables).")
+    warmup_steps: int = _field(0, "Linear warm-up steps.")
+    lr_scheduler: str = _field("cosine", "Learning-rate schedule after warm-up.",
+                               choices=("cosine", "linear", "constant"))
+    epochs: float = _field(1.0, "Passes over the training split (ignored when --max_steps > 0).")
+    max_steps: int = _field(-1, "Optimizer steps to run; -1 derives it from --epochs.")
+    bf16: str = _field("auto", "bf16 mixed precision: auto = where the accelerator supports it (never on CPU).",
+                       choices=("auto", "true", "false"))
+    seed: int = _field(42, "Seed for data order, calibration subset and initialisation.")
+    logging_steps: int = _field(5, "Log the mean loss every this many optimizer steps.")
+    output_dir: str = _field("outputs/speft", "Where metrics.jsonl and adapter/ are written.")
+    overwrite_output_dir: bool = _field(False, "Replace an adapter already in --output_dir.")
+    local_rank: int = _field(-1, "Set by the DeepSpeed launcher.")
+
+    def check(self) -> None:
+        """Check everything that can be checked without a model or a process group."""
+        if not 0.0 < self.density <= 1.0:
+            raise ConfigError(f"--density {self.density} is outside (0, 1]: pass a fraction such as 0.01")
+        if self.num_trainable is not None and self.num_trainable < 1:
+            raise ConfigError(f"--num_trainable {self.num_trainable} selects nothing: pass a count >= 1 "
+                              "or use --density")
+        for name in ("calibration_examples", "micro_batch_size", "gradient_accumulation_steps",
+                     "seq_len", "logging_steps"):
+            if getattr(self, name) < 1:
+                raise ConfigError(f"--{name} must be >= 1, got {getattr(self, name)}")
+        if not 0.0 < self.val_size < 1.0:
+            raise ConfigError(f"--val_size {self.val_size} is outside (0, 1): pass a fraction such as 0.05")
+        if self.max_steps == 0 or (self.max_steps < 0 and self.epochs <= 0):
+            raise ConfigError("nothing to train: pass --max_steps > 0 or --epochs > 0")
+        for f in fields(self):
+            choices = f.metadata.get("choices")
+            if choices and getattr(self, f.name) not in choices:
+                raise ConfigError(f"unknown --{f.name} '{getattr(self, f.name)}': choose one of {', '.join(choices)}")
+        if self.target_modules is not None:
+            target_pattern(self.target_modules)
+        if not Path(self.model, "config.json").is_file():
+            raise ConfigError(f"--model {self.model} is not a model directory (no config.json): "
+                              "pass a local HF model directory")
+        if not Path(self.ds_config).is_file():
+            raise ConfigError(f"--ds_config {self.ds_config} does not exist: pass a DeepSpeed JSON file")
+        if looks_like_local_file(self.dataset) and not Path(self.dataset).is_file():
+            raise ConfigError(f"--dataset {self.dataset} does not exist: pass a .jsonl/.json/.parquet/.csv file")
+
+    @property
+    def uses_text_field(self) -> bool:
+        return self.text_field is not None
+
+
+def looks_like_local_file(dataset: str) -> bool:
+    return Path(dataset).suffix.lower() in LOCAL_DATA_SUFFIXES
+
+
+_REGEX_CHARS = set(".*+?()[]{}|^$\\")
+
+
+def target_pattern(spec: str) -> re.Pattern:
+    """Turn --target_modules into one regex over full module names.
+
+    Plain names match the last name component (PEFT's list form); anything with regex characters is a
+    regex matched against the whole module name (PEFT's string form).
+    """
+    if _REGEX_CHARS & set(spec):
+        try:
+            return re.compile(spec)
+        except re.error as err:
+            raise ConfigError(f"--target_modules '{spec}' is not a valid regex ({err}): fix the pattern") from None
+    names = [n.strip() for n in spec.split(",") if n.strip()]
+    if not names:
+        raise ConfigError("--target_modules is empty: pass names such as q_proj,v_proj")
+    return re.compile(r"(.*\.)?(" + "|".join(map(re.escape, names)) + r")")
+
+
+def read_json(path: str, what: str) -> dict:
+    try:
+        with open(path) as fh:
+            return json.load(fh)
+    except (OSError, json.JSONDecodeError) as err:
+        raise ConfigError(f"{what} {path} is not readable JSON ({err}): fix or replace the file") from None

@@ -1,0 +1,112 @@
+"""Datasets: loading, tokenisation, the held-out split, the calibration subset and per-rank batches."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import datasets
+import torch
+
+from .config import LOCAL_DATA_SUFFIXES, ConfigError, TrainConfig, looks_like_local_file
+from .losses import IGNORE_INDEX
+
+
+def load_raw_dataset(config: TrainConfig) -> datasets.Dataset:
+    if looks_like_local_file(config.dataset):
+        builder = LOCAL_DATA_SUFFIXES[Path(config.dataset).suffix.lower()]
+        try:
+            ds = datasets.load_dataset(builder, data_files=config.dataset, split="train", keep_in_memory=True)
+        except Exception as err:  # datasets raises many types for a malformed file
+            raise ConfigError(f"--dataset {config.dataset} could not be read ({type(err).__name__}: "
+                              f"{str(err).splitlines()[0] if str(err) else ''}): check the file format") from None
+    else:
+        try:
+            ds = datasets.load_dataset(config.dataset, split="train")
+        except Exception as err:
+            raise ConfigError(f"--dataset {config.dataset} is neither a local .jsonl/.json/.parquet/.csv file nor a "
+                              f"dataset `datasets.load_dataset` can load ({type(err).__name__}): pass a local file") from None
+    needed = [config.text_field] if config.uses_text_field else [config.prompt_field, config.response_field]
+    missing = [name for name in needed if name not in ds.column_names]
+    if missing:
+        raise ConfigError(f"--dataset {config.dataset} has no field {', '.join(missing)} (fields: "
+                          f"{', '.join(ds.column_names)}): pass --text_field or --prompt_field/--response_field")
+    if len(ds) < 2:
+        raise ConfigError(f"--dataset {config.dataset} has {len(ds)} examples: at least 2 are needed")
+    return ds
+
+
+def tokenize_example(example: dict, tokenizer, config: TrainConfig) -> dict:
+    """input_ids and labels; labels are -100 where no loss is taken (the prompt)."""
+    bos = [tokenizer.bos_token_id] if tokenizer.bos_token_id is not None else []
+    eos = [tokenizer.eos_token_id] if tokenizer.eos_token_id is not None else []
+    if config.uses_text_field:
+        ids = bos + tokenizer.encode(example[config.text_field], add_special_tokens=False) + eos
+        labels = list(ids)
+    else:
+        prompt = bos + tokenizer.encode(example[config.prompt_field], add_special_tokens=False)
+        response = tokenizer.encode(example[config.response_field], add_special_tokens=False) + eos
+        ids = prompt + response
+        labels = [IGNORE_INDEX] * len(prompt) + response
+    return {"input_ids": ids[: config.seq_len], "labels": labels[: config.seq_len]}
+
+
+def tokenize_dataset(raw: datasets.Dataset, tokenizer, config: TrainConfig) -> datasets.Dataset:
+    return raw.map(tokenize_example, fn_kwargs={"tokenizer": tokenizer, "config": config},
+                   remove_columns=raw.column_names, keep_in_memory=True, load_from_cache_file=False)
+
+
+def train_eval_split(tokenized: datasets.Dataset, val_size: float, seed: int):
+    split = tokenized.train_test_split(test_size=val_size, seed=seed, shuffle=True)
+    return split["train"], split["test"]
+
+
+def collate(examples: list[dict], pad_id: int) -> dict[str, torch.Tensor]:
+    """Right-pad to the longest example; padding gets attention 0 and label -100."""
+    length = max(len(e["input_ids"]) for e in examples)
+    input_ids = torch.full((len(examples), length), pad_id, dtype=torch.int64)
+    labels = torch.full((len(examples), length), IGNORE_INDEX, dtype=torch.int64)
+    attention_mask = torch.zeros((len(examples), length), dtype=torch.int64)
+    for row, e in enumerate(examples):
+        n = len(e["input_ids"])
+        input_ids[row, :n] = torch.tensor(e["input_ids"])
+        labels[row, :n] = torch.tensor(e["labels"])
+        attention_mask[row, :n] = 1
+    return {"input_ids": input_ids, "attention_mask": attention_mask, "labels": labels}
+
+
+def pad_token_id(tokenizer) -> int:
+    return tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+
+
+def rank_batches(dataset: datasets.Dataset, indices: list[int], rank: int, world_size: int,
+                 micro_batch_size: int, pad_id: int) -> list[dict[str, torch.Tensor]]:
+    """This rank's micro-batches over `indices` (examples rank, rank + world, ...).
+
+    Every rank gets the same number of batches, as ZeRO-3's collectives need; a rank short of examples
+    gets a copy of its first batch with no loss tokens, which adds nothing to any sum.
+    """
+    mine = indices[rank::world_size]
+    per_rank = -(-len(indices) // world_size)
+    n_batches = -(-per_rank // micro_batch_size)
+    batches = [collate([dataset[i] for i in mine[b * micro_batch_size:(b + 1) * micro_batch_size]], pad_id)
+               for b in range(-(-len(mine) // micro_batch_size))]
+    filler_source = batches[0] if batches else collate([dataset[indices[0]]], pad_id)
+    while len(batches) < n_batches:
+        batches.append({**filler_source, "labels": torch.full_like(filler_source["labels"], IGNORE_INDEX)})
+    return batches
+
+
+def calibration_indices(n_train: int, n_examples: int, seed: int) -> list[int]:
+    """The first n_examples of a seeded permutation of the training split (all of it if smaller)."""
+    generator = torch.Generator().manual_seed(seed)
+    return torch.randperm(n_train, generator=generator)[:n_examples].tolist()
+
+
+def train_micro_batches(n_train: int, epoch: int, seed: int, rank: int, world_size: int,
+                        micro_batch_size: int) -> list[list[int]]:
+    """Training order for one epoch: a seeded permutation cut into global micro-batches of
+    micro_batch_size x world_size examples (the last partial one dropped); rank r takes the r-th slice."""
+    order = torch.randperm(n_train, generator=torch.Generator().manual_seed(seed + epoch)).tolist()
+    global_size = micro_batch_size * world_size
+    return [order[start + rank * micro_batch_size: start + (rank + 1) * micro_batch_size]
+            for start in range(0, n_train - global_size + 1, global_size)]

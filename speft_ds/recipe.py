@@ -1,0 +1,199 @@
+"""The SPEFT recipe, top to bottom: check -> load -> calibrate -> select -> inject -> train -> eval -> save."""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import asdict, dataclass
+from itertools import count
+from pathlib import Path
+from typing import Sequence
+
+import deepspeed
+import torch
+import torch.distributed as dist
+from deepspeed.accelerator import get_accelerator
+from tqdm import tqdm
+from transformers import get_scheduler
+
+from . import zero3
+from .adapter import inject_sparse_deltas, save_adapter
+from .cli import parse_config
+from .config import ConfigError, TrainConfig
+from .data import (calibration_indices, collate, load_raw_dataset, pad_token_id, rank_batches,
+                   tokenize_dataset, train_eval_split, train_micro_batches)
+from .distributed import barrier, init_distributed, world_size_from_env
+from .ds_config import fill_auto, read_ds_config, reconcile, resolve_bf16, salience_ds_config
+from .losses import causal_lm_loss_sum
+from .metrics_log import MetricsLog
+from .model import find_targets, load_model, load_model_config, load_tokenizer, skeleton_model
+from .salience import compute_salience, get_metric
+from .selection import gather_indices, num_to_select, select_global, select_local
+
+
+@dataclass
+class Plan:
+    """Everything decided before the first heavy step."""
+    config: TrainConfig
+    ds_config: dict
+    bf16: bool
+    k: int
+    total_steps: int
+    tokenizer: object
+    train_set: object
+    eval_set: object
+
+
+@dataclass
+class RunResult:
+    """What a finished run leaves in memory: the engine over the trained model and its delta layers."""
+    engine: object
+    layers: dict
+    hf_ds_config: object  # keeps transformers aware of ZeRO-3 while the model is in use
+
+
+def _check_output_dir(config: TrainConfig) -> None:
+    out = Path(config.output_dir)
+    existing = [p.name for p in (out / "adapter", out / "metrics.jsonl") if p.exists()]
+    if existing and not config.overwrite_output_dir:
+        raise ConfigError(f"--output_dir {out} already holds {', '.join(existing)}: choose another directory "
+                          "or pass --overwrite_output_dir")
+
+
+def plan_run(config: TrainConfig, explicit: set[str]) -> Plan:
+    """Check the whole job (configs, model shape, targets, data) without loading weights or forming a group."""
+    ds_config = read_ds_config(config.ds_config)
+    get_metric(config.metric)
+    model_config = load_model_config(config)
+    targets = find_targets(skeleton_model(model_config), config.target_modules)
+    k = num_to_select(config.density, config.num_trainable, sum(m.weight.numel() for m in targets.values()))
+    _check_output_dir(config)
+
+    accelerator = get_accelerator()
+    bf16 = resolve_bf16(config, accelerator.device_name(), accelerator.is_bf16_supported())
+    config, bf16 = reconcile(ds_config, config, explicit, bf16)
+
+    tokenizer = load_tokenizer(config)
+    train_set, eval_set = train_eval_split(tokenize_dataset(load_raw_dataset(config), tokenizer, config),
+                                           config.val_size, config.seed)
+    world_size = world_size_from_env()
+    steps_per_epoch = len(train_set) // (config.micro_batch_size * world_size) // config.gradient_accumulation_steps
+    if steps_per_epoch == 0:
+        raise ConfigError(f"{len(train_set)} training examples make no full step of micro_batch_size x "
+                          f"gradient_accumulation_steps x {world_size} ranks: use a smaller batch or more data")
+    total_steps = config.max_steps if config.max_steps > 0 else max(1, int(config.epochs * steps_per_epoch))
+    ds_config = fill_auto(ds_config, config, world_size=world_size, hidden_size=model_config.hidden_size,
+                          total_steps=total_steps, bf16=bf16)
+    return Plan(config, ds_config, bf16, k, total_steps, tokenizer, train_set, eval_set)
+
+
+def _micro_batch_stream(plan: Plan, rank: int, world_size: int):
+    for epoch in count():
+        yield from train_micro_batches(len(plan.train_set), epoch, plan.config.seed, rank, world_size,
+                                       plan.config.micro_batch_size)
+
+
+def _mean_over_ranks(value: float) -> float:
+    tensor = torch.tensor(value, dtype=torch.float64)
+    dist.all_reduce(tensor)
+    return tensor.item() / dist.get_world_size()
+
+
+def train_loop(engine, plan: Plan, log: MetricsLog, rank: int, world_size: int) -> None:
+    config, pad_id = plan.config, pad_token_id(plan.tokenizer)
+    stream = _micro_batch_stream(plan, rank, world_size)
+    losses, times = [], []
+    engine.train()
+    for step in tqdm(range(1, plan.total_steps + 1), desc="train", disable=rank != 0):
+        lr = engine.get_lr()[0]
+        started = time.perf_counter()
+        step_loss = 0.0
+        for _ in range(config.gradient_accumulation_steps):
+            batch = collate([plan.train_set[i] for i in next(stream)], pad_id)
+            logits = engine(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+            loss_sum, tokens = causal_lm_loss_sum(logits, batch["labels"])
+            loss = loss_sum / max(tokens, 1)
+            engine.backward(loss)
+            engine.step()
+            step_loss += loss.item() / config.gradient_accumulation_steps
+        losses.append(step_loss)
+        times.append(time.perf_counter() - started)
+        if step % config.logging_steps == 0 or step == plan.total_steps:
+            log.write({"step": step, "loss": _mean_over_ranks(sum(losses) / len(losses)), "lr": lr,
+                       "step_time_s": sum(times) / len(times)})
+            losses, times = [], []
+
+
+@torch.no_grad()
+def evaluate(engine, plan: Plan, rank: int, world_size: int) -> float:
+    batches = rank_batches(plan.eval_set, list(range(len(plan.eval_set))), rank, world_size,
+                           plan.config.micro_batch_size, pad_token_id(plan.tokenizer))
+    engine.eval()
+    totals = torch.zeros(2, dtype=torch.float64)
+    for batch in batches:
+        logits = engine(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+        loss_sum, tokens = causal_lm_loss_sum(logits, batch["labels"])
+        totals += torch.tensor([loss_sum.item(), tokens], dtype=torch.float64)
+    dist.all_reduce(totals)
+    return (totals[0] / totals[1].clamp(min=1)).item()
+
+
+def run(plan: Plan) -> RunResult:
+    config = plan.config
+    init_distributed()
+    rank, world_size = dist.get_rank(), dist.get_world_size()
+    logging.getLogger("DeepSpeed").setLevel(logging.WARNING)
+    torch.manual_seed(config.seed)
+    log = MetricsLog(Path(config.output_dir) / "metrics.jsonl", enabled=rank == 0)
+
+    model, hf_ds_config = load_model(config, plan.ds_config, torch.bfloat16 if plan.bf16 else torch.float32)
+    engine = deepspeed.initialize(model=model, config=salience_ds_config(plan.ds_config))[0]
+    targets = find_targets(model, config.target_modules)
+
+    started = time.perf_counter()
+    calibration = calibration_indices(len(plan.train_set), config.calibration_examples, config.seed)
+    batches = rank_batches(plan.train_set, calibration, rank, world_size, config.micro_batch_size,
+                           pad_token_id(plan.tokenizer))
+    scores = compute_salience(model, targets, batches, config.metric, show_progress=rank == 0)
+    log.write({"event": "salience", "metric": config.metric, "examples": len(calibration),
+               "wall_time_s": time.perf_counter() - started})
+
+    started = time.perf_counter()
+    if config.selection == "global":
+        selected = select_global(scores, plan.k)
+    else:
+        total = sum(s.numel for s in scores.values())
+        selected = select_local(scores, plan.k / total if config.num_trainable else config.density)
+    # A weight with no selected entry gets no delta (ZeRO-3 cannot partition an empty parameter).
+    indices = {name: idx for name, idx in gather_indices(selected).items() if idx.numel() > 0}
+    k = sum(t.numel() for t in indices.values())
+    log.write({"event": "selection", "selection": config.selection, "k": k,
+               "wall_time_s": time.perf_counter() - started})
+    engine.destroy()
+
+    with zero3.partitioned_init(plan.ds_config):
+        layers = inject_sparse_deltas(model, indices)
+    lr_scheduler = None if "scheduler" in plan.ds_config else (
+        lambda optimizer: get_scheduler(config.lr_scheduler, optimizer, num_warmup_steps=config.warmup_steps,
+                                        num_training_steps=plan.total_steps))
+    engine, *_ = deepspeed.initialize(model=model, config=plan.ds_config, lr_scheduler=lr_scheduler,
+                                      model_parameters=[layer.delta_values for layer in layers.values()])
+    train_loop(engine, plan, log, rank, world_size)
+    log.write({"event": "eval", "eval_loss": evaluate(engine, plan, rank, world_size),
+               "examples": len(plan.eval_set)})
+
+    values = {name: zero3.gather_full_fp32(layer.delta_values) for name, layer in layers.items()}
+    if rank == 0:
+        shapes = {name: list(layer.shape) for name, layer in layers.items()}
+        meta = {"base_model_name_or_path": config.model, "metric": config.metric, "selection": config.selection,
+                "density": k / sum(s.numel for s in scores.values()),
+                "target_modules": config.target_modules or "all-linear", "train_config": asdict(config)}
+        save_adapter(Path(config.output_dir) / "adapter", indices, values, shapes, meta)
+    barrier()
+    return RunResult(engine, layers, hf_ds_config)
+
+
+def main(argv: Sequence[str]) -> int:
+    config, explicit = parse_config(argv)
+    run(plan_run(config, explicit))
+    return 0

@@ -1,0 +1,124 @@
+"""Exact, deterministic top-k over scores spread across ranks, without gathering them.
+
+A radix select: each round all-reduces a 256-bin histogram of the next 8 bits of an order-preserving
+integer key, narrowing to the k-th largest score. Ties at that score are then broken by position
+(module order, then lower flat index) with a second radix select over position keys. The rounds and the
+histogram size are fixed, so one selection communicates the same bytes whatever the model size.
+"""
+
+from __future__ import annotations
+
+from typing import Callable
+
+import torch
+import torch.distributed as dist
+
+from .config import ConfigError
+from .salience import ShardScores
+
+AllReduce = Callable[[torch.Tensor], object]
+_SCORE_BITS = 32
+_FLAT_INDEX_BITS = 40  # weights of up to 2^40 elements
+_POSITION_BITS = 64 - 8  # module index in the top 16 bits; a multiple of 8 keeps rounds whole
+
+
+def _all_reduce(tensor: torch.Tensor) -> None:
+    if dist.is_initialized() and dist.get_world_size() > 1:
+        dist.all_reduce(tensor)
+
+
+def score_keys(scores: torch.Tensor) -> torch.Tensor:
+    """Map fp32 scores to int64 keys in [0, 2^32) with the same order."""
+    bits = scores.float().contiguous().view(torch.int32).to(torch.int64)
+    magnitude = bits & 0x7FFFFFFF
+    return torch.where(bits < 0, 0x7FFFFFFF - magnitude, 0x80000000 + magnitude)
+
+
+def _radix_select(key_shards: list[Callable[[], torch.Tensor]], k: int, bits: int, largest: bool,
+                  all_reduce: AllReduce) -> tuple[int, int]:
+    """The k-th key (k-th largest if `largest`, else k-th smallest) over all ranks, and how many keys
+    equal to it belong to the top k."""
+    prefix, remaining = 0, k
+    for shift in range(bits - 8, -1, -8):
+        hist = torch.zeros(256, dtype=torch.int64)
+        for make_keys in key_shards:
+            keys = make_keys()
+            keys = keys[(keys >> (shift + 8)) == (prefix >> (shift + 8))]
+            hist += torch.bincount((keys >> shift) & 0xFF, minlength=256)
+        all_reduce(hist)
+        ordered = hist.flip(0) if largest else hist
+        cumulative = ordered.cumsum(0)
+        b = int(torch.searchsorted(cumulative, torch.tensor(remaining)))
+        remaining -= int(cumulative[b] - ordered[b])
+        prefix |= (255 - b if largest else b) << shift
+    return prefix, remaining
+
+
+def _select(shards: list[tuple[int, ShardScores]], k: int, all_reduce: AllReduce) -> list[torch.Tensor]:
+    """Top-k over the given (module position, shard) pairs; returns the selected flat indices per shard."""
+    total = torch.tensor(sum(s.scores.numel() for _, s in shards), dtype=torch.int64)
+    all_reduce(total)
+    check_k(k, total.item())
+    for _, s in shards:
+        if torch.isnan(s.scores).any():
+            raise ConfigError("salience scores contain NaN: check the model and calibration data")
+
+    threshold, ties_needed = _radix_select([lambda s=s: score_keys(s.scores) for _, s in shards],
+                                           k, _SCORE_BITS, True, all_reduce)
+
+    def tie_positions(position: int, s: ShardScores) -> torch.Tensor:
+        flat = torch.nonzero(score_keys(s.scores) == threshold).view(-1) + s.start
+        return (position << _FLAT_INDEX_BITS) | flat
+
+    last_tie, _ = _radix_select([lambda p=p, s=s: tie_positions(p, s) for p, s in shards],
+                                ties_needed, _POSITION_BITS, False, all_reduce)
+    selected = []
+    for position, s in shards:
+        keys = score_keys(s.scores)
+        flat = torch.arange(s.start, s.start + s.scores.numel(), dtype=torch.int64)
+        tie_ok = ((position << _FLAT_INDEX_BITS) | flat) <= last_tie
+        selected.append(flat[(keys > threshold) | ((keys == threshold) & tie_ok)])
+    return selected
+
+
+def check_k(k: int, total_elements: int) -> None:
+    if not 1 <= k <= total_elements:
+        raise ConfigError(f"k = {k} is outside [1, {total_elements}] targeted elements: change --density or "
+                          "--num_trainable")
+
+
+def num_to_select(density: float, num_trainable: int | None, total_elements: int) -> int:
+    k = num_trainable if num_trainable is not None else max(1, round(density * total_elements))
+    check_k(k, total_elements)
+    return k
+
+
+def select_global(scores: dict[str, ShardScores], k: int,
+                  all_reduce: AllReduce = _all_reduce) -> dict[str, torch.Tensor]:
+    """One top-k over all targeted weights together. Returns this rank's selected flat indices per weight."""
+    selected = _select(list(enumerate(scores.values())), k, all_reduce)
+    return dict(zip(scores, selected))
+
+
+def select_local(scores: dict[str, ShardScores], density: float,
+                 all_reduce: AllReduce = _all_reduce) -> dict[str, torch.Tensor]:
+    """The same fraction inside each weight: k_w = max(1, round(density * numel_w))."""
+    return {name: _select([(0, s)], max(1, round(density * s.numel)), all_reduce)[0]
+            for name, s in scores.items()}
+
+
+def gather_indices(selected: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Every rank's selected indices, joined into each weight's full sorted index list on every rank."""
+    if not (dist.is_initialized() and dist.get_world_size() > 1):
+        return dict(selected)
+    world = dist.get_world_size()
+    counts = torch.tensor([t.numel() for t in selected.values()], dtype=torch.int64)
+    all_counts = [torch.empty_like(counts) for _ in range(world)]
+    dist.all_gather(all_counts, counts)
+    longest = max(int(c.sum()) for c in all_counts)
+    mine = torch.cat([*selected.values(), torch.zeros(0, dtype=torch.int64)])
+    padded = [torch.empty(longest, dtype=torch.int64) for _ in range(world)]
+    dist.all_gather(padded, torch.nn.functional.pad(mine, (0, longest - mine.numel())))
+    # Rank r holds flat range [r * ps, (r + 1) * ps), so joining in rank order keeps indices sorted.
+    per_rank = [flat[: int(c.sum())].split(c.tolist()) for flat, c in zip(padded, all_counts)]
+    return {name: torch.cat([parts[i] for parts in per_rank]) for i, name in enumerate(selected)}

@@ -1,0 +1,83 @@
+"""The only module that touches DeepSpeed ZeRO-3 internals (ds_tensor, ds_numel, partition layout).
+
+ZeRO-3 splits a weight's flattened elements into world_size equal slices of ceil(numel / world_size);
+rank r holds elements [r * ps, (r + 1) * ps) in `param.ds_tensor`, the last rank's tail being padding.
+"""
+
+from __future__ import annotations
+
+import contextlib
+
+import deepspeed
+import torch
+import torch.distributed as dist
+from deepspeed.utils import safe_get_full_fp32_param
+
+
+def is_partitioned(param: torch.nn.Parameter) -> bool:
+    return hasattr(param, "ds_tensor")
+
+
+def full_numel(param: torch.nn.Parameter) -> int:
+    return param.ds_numel if is_partitioned(param) else param.numel()
+
+
+def full_shape(param: torch.nn.Parameter) -> torch.Size:
+    return param.ds_shape if is_partitioned(param) else param.shape
+
+
+def _partition(param: torch.nn.Parameter) -> tuple[int, int, object]:
+    """(rank within the parameter's group, slice size, group)."""
+    group = param.ds_process_group
+    return dist.get_rank(group), param.ds_tensor.numel(), group
+
+
+def shard_numel(param: torch.nn.Parameter) -> int:
+    """Elements this rank holds for `param`, padding included (ds_tensor's size)."""
+    return param.ds_tensor.numel() if is_partitioned(param) else param.numel()
+
+
+def shard_range(param: torch.nn.Parameter) -> tuple[int, int]:
+    """[start, stop) of the real (non-padding) flat elements this rank holds."""
+    if not is_partitioned(param):
+        return 0, param.numel()
+    rank, size, _ = _partition(param)
+    start = rank * size
+    return min(start, param.ds_numel), min(start + size, param.ds_numel)
+
+
+def local_shard(param: torch.nn.Parameter) -> torch.Tensor:
+    """This rank's flat slice of `param` (padding included), without gathering."""
+    return param.ds_tensor if is_partitioned(param) else param.detach().view(-1)
+
+
+def reduce_scatter_add(accumulator: torch.Tensor, full_flat: torch.Tensor, param: torch.nn.Parameter) -> None:
+    """accumulator += this rank's slice of the sum over ranks of `full_flat` (a full-size flat tensor)."""
+    if not is_partitioned(param):
+        if dist.is_initialized() and dist.get_world_size() > 1:
+            dist.all_reduce(full_flat)
+        accumulator += full_flat
+        return
+    rank, size, group = _partition(param)
+    world = dist.get_world_size(group)
+    padded = torch.nn.functional.pad(full_flat, (0, size * world - full_flat.numel()))
+    mine = torch.empty(size, dtype=padded.dtype, device=padded.device)
+    dist.reduce_scatter_tensor(mine, padded, group=group)
+    accumulator += mine
+
+
+def gather_full_fp32(param: torch.nn.Parameter) -> torch.Tensor:
+    """The whole trained parameter (its fp32 master copy), on every rank. A collective."""
+    return safe_get_full_fp32_param(param).detach().cpu()
+
+
+@contextlib.contextmanager
+def gathered(params, modifier_rank: int | None = None):
+    """Gather partitioned parameters whole for the duration of the block (a collective)."""
+    with deepspeed.zero.GatheredParameters(list(params), modifier_rank=modifier_rank):
+        yield
+
+
+def partitioned_init(ds_config: dict):
+    """Context in which new modules' parameters are partitioned as they are created."""
+    return deepspeed.zero.Init(config_dict_or_path=ds_config)
