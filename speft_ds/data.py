@@ -12,6 +12,8 @@ from .losses import IGNORE_INDEX
 
 
 def load_raw_dataset(config: TrainConfig) -> datasets.Dataset:
+    # Every rank loads before the process group exists, so the library's own bars would print N times.
+    datasets.disable_progress_bars()
     if looks_like_local_file(config.dataset):
         builder = LOCAL_DATA_SUFFIXES[Path(config.dataset).suffix.lower()]
         try:
@@ -106,7 +108,9 @@ def train_micro_batches(n_train: int, epoch: int, seed: int, rank: int, world_si
                         micro_batch_size: int) -> list[list[int]]:
     """Training order for one epoch: a seeded permutation cut into global micro-batches of
     micro_batch_size x world_size examples (the last partial one dropped); rank r takes the r-th slice."""
-    order = torch.randperm(n_train, generator=torch.Generator().manual_seed(seed + epoch)).tolist()
+    generator = torch.Generator().manual_seed(seed)
+    for _ in range(epoch + 1):  # epoch e uses the (e+1)-th permutation of one seeded stream
+        order = torch.randperm(n_train, generator=generator).tolist()
     global_size = micro_batch_size * world_size
     return [order[start + rank * micro_batch_size: start + (rank + 1) * micro_batch_size]
             for start in range(0, n_train - global_size + 1, global_size)]

@@ -37,7 +37,7 @@ class _SparseDeltaProduct(torch.autograd.Function):
         if ctx.needs_input_grad[1]:
             out_features, in_features = ctx.shape
             # A dense per-layer dW transient, read at the selected entries only.
-            grad_w = grad_out.reshape(-1, out_features).t() @ x.reshape(-1, in_features)
+            grad_w = grad_out.reshape(-1, out_features).t().to(x.dtype) @ x.reshape(-1, in_features)
             grad_values = grad_w.view(-1)[indices].to(values.dtype)
         return grad_x, grad_values, None, None, None
 
@@ -53,7 +53,7 @@ class SparseDeltaLinear(nn.Module):
 
     def __init__(self, base_layer: nn.Module, indices: torch.Tensor, values: torch.Tensor | None = None):
         super().__init__()
-        self.base_layer = base_layer
+        self.base_layer = base_layer.requires_grad_(False)
         self.shape = (base_layer.out_features, base_layer.in_features)
         self.register_buffer("delta_indices", indices.to(torch.int64), persistent=False)
         if values is None:

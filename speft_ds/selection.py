@@ -28,8 +28,8 @@ def _all_reduce(tensor: torch.Tensor) -> None:
 
 
 def score_keys(scores: torch.Tensor) -> torch.Tensor:
-    """Map fp32 scores to int64 keys in [0, 2^32) with the same order."""
-    bits = scores.float().contiguous().view(torch.int32).to(torch.int64)
+    """Map fp32 scores to int64 keys in [0, 2^32) with the same order (-0.0 and 0.0 share a key)."""
+    bits = (scores.float() + 0.0).contiguous().view(torch.int32).to(torch.int64)
     magnitude = bits & 0x7FFFFFFF
     return torch.where(bits < 0, 0x7FFFFFFF - magnitude, 0x80000000 + magnitude)
 

@@ -1,0 +1,162 @@
+"""The full recipe on 2 real ZeRO-3 ranks (gloo): what the optimizer holds, the training step against a
+dense single-process reference, and the adapter written under ZeRO-3."""
+
+from __future__ import annotations
+
+import json
+import math
+from itertools import islice
+from pathlib import Path
+
+import pytest
+import torch
+import torch.nn.functional as F
+from safetensors.torch import load_file
+from torch import nn
+from torch.func import functional_call
+from transformers import AutoModelForCausalLM
+
+from speft_ds import load_adapter, merge_adapter
+from speft_ds.config import EMBEDDED_DATASET, SHIPPED_DS_CONFIG, TrainConfig
+from speft_ds.data import load_raw_dataset, tokenize_dataset, train_eval_split, train_micro_batches
+from speft_ds.model import load_tokenizer
+from tests.distributed.harness import run_ranks
+from tests.models import write_tiny_llama
+
+WORLD = 2
+STEPS, MICRO_BATCH, GRAD_ACC, LR, MAX_NORM = 4, 2, 2, 1e-2, 1.0
+
+
+def _worker(rank, world_size, argv, probe_ids):
+    from speft_ds.cli import parse_config
+    from speft_ds.recipe import plan_run, run
+
+    config, explicit = parse_config(argv)
+    result = run(plan_run(config, explicit))
+    engine, optimizer = result.engine, result.engine.optimizer
+    params = dict(engine.module.named_parameters())
+    trained = {id(p) for group in optimizer.fp16_groups for p in group}
+    engine.eval()
+    with torch.no_grad():
+        logits = engine(input_ids=probe_ids).logits
+    return {
+        "trainable": {n: p.ds_numel for n, p in params.items() if p.requires_grad},
+        "optimizer_params": {n: p.ds_numel for n, p in params.items() if id(p) in trained},
+        "base_with_grad": [n for n, p in params.items() if not p.requires_grad and p.grad is not None],
+        "fp32_partition_numel": sum(t.numel() for t in optimizer.fp32_partitioned_groups_flat),
+        "optimizer_state_numel": sum(v.numel() for state in optimizer.optimizer.state.values()
+                                     for v in state.values() if torch.is_tensor(v) and v.dim() > 0),
+        "logits": logits,
+    }
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+    root = tmp_path_factory.mktemp("training")
+    model_dir = write_tiny_llama(root / "llama")
+    dataset = root / "data.jsonl"
+    dataset.write_text("".join(islice(EMBEDDED_DATASET.open(), 48)))
+    ds_config = json.loads(SHIPPED_DS_CONFIG.read_text())
+    ds_config["zero_optimization"]["stage3_param_persistence_threshold"] = 0
+    (root / "z3.json").write_text(json.dumps(ds_config))
+    argv = ["--model", str(model_dir), "--dataset", str(dataset), "--ds_config", str(root / "z3.json"),
+            "--output_dir", str(root / "out"), "--max_steps", str(STEPS), "--micro_batch_size", str(MICRO_BATCH),
+            "--gradient_accumulation_steps", str(GRAD_ACC), "--learning_rate", str(LR), "--lr_scheduler", "constant",
+            "--max_grad_norm", str(MAX_NORM), "--calibration_examples", "16", "--density", "0.05",
+            "--seq_len", "48", "--logging_steps", "1", "--val_size", "0.1"]
+    probe_ids = torch.tensor([[1, 20, 31, 42, 53, 64, 75, 86]])
+    results = run_ranks(_worker, WORLD, argv, probe_ids, out_dir=root / "ranks")
+    config = TrainConfig(model=str(model_dir), dataset=str(dataset), seq_len=48, val_size=0.1)
+    return {"root": root, "results": results, "config": config, "probe_ids": probe_ids,
+            "adapter": root / "out" / "adapter", "metrics": root / "out" / "metrics.jsonl"}
+
+
+def _adapter_tensors(adapter_dir: Path):
+    tensors = load_file(str(adapter_dir / "adapter_model.safetensors"))
+    names = json.loads((adapter_dir / "adapter_config.json").read_text())["shapes"]
+    return {n: tensors[f"{n}.indices"] for n in names}, {n: tensors[f"{n}.values"] for n in names}
+
+
+def test_optimizer_holds_exactly_k_values_split_over_ranks(trained):
+    k = json.loads((trained["adapter"] / "adapter_config.json").read_text())["k"]
+    indices, _ = _adapter_tensors(trained["adapter"])
+    assert k == sum(t.numel() for t in indices.values()) > 0
+    for r in trained["results"]:
+        assert all(n.endswith("delta_values") for n in r["trainable"])
+        assert sum(r["trainable"].values()) == k
+        assert r["optimizer_params"] == r["trainable"]
+        assert r["base_with_grad"] == []
+        # ZeRO-3 pads each parameter to a multiple of the world size: at most one element per rank each.
+        assert k / WORLD <= r["fp32_partition_numel"] <= math.ceil(k / WORLD) + len(r["trainable"])
+        assert r["optimizer_state_numel"] == 2 * r["fp32_partition_numel"]  # AdamW: exp_avg + exp_avg_sq
+
+
+def dense_reference_training(config: TrainConfig, indices: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Train dense deltas D (gradient masked to `indices`) in one process, the way 2 data-parallel ranks do:
+    per step, the mean over ranks and accumulation steps of each micro-batch's mean token loss."""
+    model = AutoModelForCausalLM.from_pretrained(config.model, dtype=torch.float32).requires_grad_(False)
+    tokenizer = load_tokenizer(config)
+    train_set, _ = train_eval_split(tokenize_dataset(load_raw_dataset(config), tokenizer, config),
+                                    config.val_size, config.seed)
+    weights = {n: model.get_submodule(n).weight for n in indices}
+    deltas = {n: torch.zeros_like(w, requires_grad=True) for n, w in weights.items()}
+    masks = {n: torch.zeros(w.numel()).index_fill_(0, indices[n], 1.0).view_as(w) for n, w in weights.items()}
+    optimizer = torch.optim.AdamW(list(deltas.values()), lr=LR, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.0)
+    per_rank = [train_micro_batches(len(train_set), 0, config.seed, r, WORLD, MICRO_BATCH) for r in range(WORLD)]
+    for step in range(STEPS):
+        for micro in range(step * GRAD_ACC, (step + 1) * GRAD_ACC):
+            for rank in range(WORLD):
+                examples = [train_set[i] for i in per_rank[rank][micro]]
+                length = max(len(e["input_ids"]) for e in examples)
+                ids = torch.tensor([e["input_ids"] + [0] * (length - len(e["input_ids"])) for e in examples])
+                labels = torch.tensor([e["labels"] + [-100] * (length - len(e["labels"])) for e in examples])
+                lengths = torch.tensor([len(e["input_ids"]) for e in examples])
+                mask = torch.arange(length) < lengths[:, None]
+                merged = {f"{n}.weight": weights[n] + deltas[n] for n in deltas}
+                logits = functional_call(model, merged, (ids,), {"attention_mask": mask.long()}).logits
+                loss = F.cross_entropy(logits[:, :-1].reshape(-1, logits.size(-1)), labels[:, 1:].reshape(-1),
+                                       ignore_index=-100)
+                (loss / (WORLD * GRAD_ACC)).backward()
+        for n, d in deltas.items():
+            d.grad *= masks[n]
+        torch.nn.utils.clip_grad_norm_(list(deltas.values()), MAX_NORM)
+        optimizer.step()
+        optimizer.zero_grad()
+    return {n: weights[n] + deltas[n].detach() for n in deltas}
+
+
+def test_trained_weights_match_dense_reference(trained):
+    indices, values = _adapter_tensors(trained["adapter"])
+    assert all(v.abs().max() > 0 for v in values.values()), "values never moved from zero"
+    reference = dense_reference_training(trained["config"], indices)
+    base = AutoModelForCausalLM.from_pretrained(trained["config"].model, dtype=torch.float32)
+    for name, ref_weight in reference.items():
+        weight = base.get_submodule(name).weight.detach().clone()
+        weight.view(-1)[indices[name]] += values[name]
+        torch.testing.assert_close(weight, ref_weight, rtol=1e-5, atol=1e-6)
+
+
+def test_adapter_written_under_zero3_reproduces_trained_logits(trained):
+    trained_logits = trained["results"][0]["logits"]
+    torch.testing.assert_close(trained["results"][1]["logits"], trained_logits)
+    base = AutoModelForCausalLM.from_pretrained(trained["config"].model, dtype=torch.float32).eval()
+    base_logits = base(trained["probe_ids"]).logits.detach()
+    loaded = load_adapter(AutoModelForCausalLM.from_pretrained(trained["config"].model, dtype=torch.float32).eval(),
+                          trained["adapter"])
+    merged = merge_adapter(AutoModelForCausalLM.from_pretrained(trained["config"].model, dtype=torch.float32).eval(),
+                           trained["adapter"])
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(trained["probe_ids"]).logits, trained_logits, rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(merged(trained["probe_ids"]).logits, trained_logits, rtol=1e-5, atol=1e-5)
+    assert (base_logits - trained_logits).abs().max() > 1e-3, "the adapter changes nothing"
+    assert not any(isinstance(m, nn.Linear) and type(m).__name__ == "SparseDeltaLinear" for m in merged.modules())
+
+
+def test_metrics_log_has_every_step_and_the_phases(trained):
+    records = [json.loads(line) for line in trained["metrics"].read_text().splitlines()]
+    assert [r["step"] for r in records if "step" in r] == list(range(1, STEPS + 1))
+    assert all({"loss", "lr", "step_time_s"} <= set(r) for r in records if "step" in r)
+    events = {r["event"]: r for r in records if "event" in r}
+    assert events["salience"]["examples"] == 16 and events["salience"]["wall_time_s"] > 0
+    assert events["selection"]["k"] == sum(t.numel() for t in _adapter_tensors(trained["adapter"])[0].values())
+    assert math.isfinite(events["eval"]["eval_loss"])

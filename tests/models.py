@@ -1,0 +1,23 @@
+"""Small LLaMA models for tests, written as ordinary HF model directories."""
+
+from pathlib import Path
+
+import torch
+from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
+
+from speft_ds.config import EMBEDDED_MODEL
+
+
+def write_tiny_llama(path: Path, num_layers: int = 2, seed: int = 0) -> Path:
+    """hidden 33 / intermediate 45: the MLP weights have an odd element count, so 2-rank partitions pad."""
+    tokenizer = AutoTokenizer.from_pretrained(EMBEDDED_MODEL)
+    config = LlamaConfig(vocab_size=len(tokenizer), hidden_size=33, intermediate_size=45, head_dim=8,
+                         num_hidden_layers=num_layers, num_attention_heads=3, num_key_value_heads=1,
+                         max_position_embeddings=128, tie_word_embeddings=False,
+                         bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
+                         pad_token_id=tokenizer.pad_token_id)
+    torch.manual_seed(seed)
+    model = LlamaForCausalLM(config)
+    model.save_pretrained(path, safe_serialization=True)
+    tokenizer.save_pretrained(path)
+    return path

@@ -1,0 +1,96 @@
+"""Bad input: one clear line, exit code 2, nothing written, before any model is loaded."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from speft_ds.cli import run_main
+from speft_ds.config import EMBEDDED_DATASET, SHIPPED_DS_CONFIG
+from speft_ds.recipe import main
+from tests.distributed.harness import free_port
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture
+def bad_files(tmp_path):
+    (tmp_path / "broken.json").write_text("{ not json")
+    stage2 = json.loads(SHIPPED_DS_CONFIG.read_text())
+    stage2["zero_optimization"]["stage"] = 2
+    (tmp_path / "stage2.json").write_text(json.dumps(stage2))
+    (tmp_path / "fields.jsonl").write_text('{"question": "1 + 1?", "answer": "2"}\n' * 4)
+    return tmp_path
+
+
+CASES = {
+    "density_zero": (["--density", "0"], "--density"),
+    "density_above_one": (["--density", "1.5"], "--density"),
+    "k_zero": (["--num_trainable", "0"], "--num_trainable"),
+    "unknown_metric": (["--metric", "nope"], "--metric"),
+    "target_matches_nothing": (["--target_modules", "no_such_proj"], "--target_modules"),
+    "missing_dataset_file": (["--dataset", "{tmp}/missing.jsonl"], "does not exist"),
+    "missing_field": (["--dataset", "{tmp}/fields.jsonl"], "no field"),
+    "unreadable_ds_config": (["--ds_config", "{tmp}/broken.json"], "not readable JSON"),
+    "missing_ds_config": (["--ds_config", "{tmp}/none.json"], "--ds_config"),
+    "zero_stage_2": (["--ds_config", "{tmp}/stage2.json"], "stage 2"),
+}
+
+
+@pytest.mark.parametrize("case", sorted(CASES))
+def test_bad_input_is_one_line_and_exit_2(case, bad_files, capsys, monkeypatch):
+    monkeypatch.delenv("LOCAL_RANK", raising=False)
+    args, expected = CASES[case]
+    out_dir = bad_files / "out"
+    argv = [a.format(tmp=bad_files) for a in args] + ["--output_dir", str(out_dir)]
+    assert run_main(main, argv) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("error: ") and expected in err[0], err
+    assert not out_dir.exists()
+
+
+def test_concrete_ds_config_value_disagreeing_with_flag(bad_files, capsys, monkeypatch):
+    monkeypatch.delenv("LOCAL_RANK", raising=False)
+    ds = json.loads(SHIPPED_DS_CONFIG.read_text())
+    ds["train_micro_batch_size_per_gpu"] = 4
+    (bad_files / "mbs4.json").write_text(json.dumps(ds))
+    argv = ["--ds_config", str(bad_files / "mbs4.json"), "--micro_batch_size", "2",
+            "--output_dir", str(bad_files / "out")]
+    assert run_main(main, argv) == 2
+    assert "train_micro_batch_size_per_gpu=4" in capsys.readouterr().err
+
+
+def test_existing_adapter_is_not_overwritten(tmp_path, capsys, monkeypatch):
+    monkeypatch.delenv("LOCAL_RANK", raising=False)
+    (tmp_path / "adapter").mkdir()
+    (tmp_path / "adapter" / "mine.txt").write_text("keep")
+    assert run_main(main, ["--output_dir", str(tmp_path)]) == 2
+    assert "--overwrite_output_dir" in capsys.readouterr().err
+    assert (tmp_path / "adapter" / "mine.txt").read_text() == "keep"
+
+
+def _env():
+    return {**os.environ, "DS_ACCELERATOR": "cpu", "OMP_NUM_THREADS": "1"}
+
+
+def test_plain_python_reports_bad_input(tmp_path):
+    proc = subprocess.run([sys.executable, "launch/train.py", "--density", "2", "--output_dir", str(tmp_path / "o")],
+                          cwd=REPO, capture_output=True, text=True, env=_env(), timeout=300)
+    assert proc.returncode == 2
+    assert proc.stderr.strip().splitlines() == ["error: --density 2.0 is outside (0, 1]: pass a fraction such as 0.01"]
+    assert not (tmp_path / "o").exists()
+
+
+def test_launcher_reports_bad_input_once(tmp_path):
+    proc = subprocess.run(["deepspeed", "--num_gpus", "2", "--master_port", str(free_port()), "launch/train.py",
+                           "--dataset", str(tmp_path / "missing.jsonl"), "--output_dir", str(tmp_path / "o")],
+                          cwd=REPO, capture_output=True, text=True, env=_env(), timeout=300)
+    assert proc.returncode == 2
+    lines = [l for l in (proc.stdout + proc.stderr).splitlines() if "error: " in l]
+    assert len(lines) == 1 and "missing.jsonl does not exist" in lines[0]
+    assert "Traceback" not in proc.stdout + proc.stderr

@@ -1,0 +1,1 @@
+# A package, so these test modules never clash with same-named files elsewhere under tests/.
