@@ -19,20 +19,20 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from .config import ConfigError
-from .delta import SparseDeltaLinear
+from .delta import sparse_delta_layer
 
 WEIGHTS_NAME = "adapter_model.safetensors"
 CONFIG_NAME = "adapter_config.json"
 
 
 def inject_sparse_deltas(model: nn.Module, indices: dict[str, torch.Tensor],
-                         values: dict[str, torch.Tensor] | None = None) -> dict[str, SparseDeltaLinear]:
-    """Replace each named linear layer by a SparseDeltaLinear wrapping it; returns the new layers."""
+                         values: dict[str, torch.Tensor] | None = None) -> dict[str, nn.Module]:
+    """Replace each named linear or embedding layer by its sparse-delta layer; returns the new layers."""
     layers = {}
     for name, idx in indices.items():
         parent_name, _, child_name = name.rpartition(".")
         parent = model.get_submodule(parent_name)
-        layer = SparseDeltaLinear(getattr(parent, child_name), idx, None if values is None else values[name])
+        layer = sparse_delta_layer(getattr(parent, child_name), idx, None if values is None else values[name])
         setattr(parent, child_name, layer)
         layers[name] = layer
     return layers
@@ -96,7 +96,7 @@ def _check_shapes(model: nn.Module, adapter_config: dict) -> None:
                               "use the base model the adapter was trained on")
 
 
-def _inject_from_file(model: nn.Module, path: str | Path) -> dict[str, SparseDeltaLinear]:
+def _inject_from_file(model: nn.Module, path: str | Path) -> dict[str, nn.Module]:
     indices, values, adapter_config = read_adapter(path)
     _check_shapes(model, adapter_config)
     return inject_sparse_deltas(model, indices, values)

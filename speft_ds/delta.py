@@ -1,7 +1,7 @@
-"""The sparse-delta layer: a frozen linear layer plus trainable values at fixed flat indices.
+"""Sparse-delta layers: a frozen linear or embedding layer plus trainable values at fixed flat indices.
 
 Effective weight: W + scatter(indices, values). The forward is the base layer's own output plus the
-delta's product, so the base layer stays whatever it is (a ZeRO-3 partitioned Linear today, a
+delta's contribution, so the base layer stays whatever it is (a ZeRO-3 partitioned layer today, a
 quantized one later) and autograd keeps no dense copy of the weight for the backward pass.
 """
 
@@ -13,13 +13,28 @@ from torch import nn
 
 
 def dense_delta(values: torch.Tensor, indices: torch.Tensor, shape: tuple[int, int]) -> torch.Tensor:
-    """scatter(indices, values) as a dense [out, in] tensor."""
+    """scatter(indices, values) as a dense tensor of `shape`."""
     delta = values.new_zeros(shape[0] * shape[1])
     delta[indices] = values
     return delta.view(shape)
 
 
-class _SparseDeltaProduct(torch.autograd.Function):
+def linear_weight_grad(x: torch.Tensor, grad_out: torch.Tensor, shape: tuple[int, int]) -> torch.Tensor:
+    """dL/dW of y = x W^T: grad_out^T x over all leading dimensions."""
+    return grad_out.reshape(-1, shape[0]).t().to(x.dtype) @ x.reshape(-1, shape[1])
+
+
+def embedding_weight_grad(ids: torch.Tensor, grad_out: torch.Tensor, shape: tuple[int, int]) -> torch.Tensor:
+    """dL/dW of y = W[ids]: each looked-up row receives its output gradient."""
+    return grad_out.new_zeros(shape).index_add_(0, ids.reshape(-1), grad_out.reshape(-1, shape[1]))
+
+
+def weight_grad_fn(module: nn.Module):
+    """The dense weight gradient formula for a supported layer type (from its input and output gradient)."""
+    return embedding_weight_grad if isinstance(module, nn.Embedding) else linear_weight_grad
+
+
+class _SparseDeltaLinearFn(torch.autograd.Function):
     """x @ dense(delta)^T whose backward rebuilds the dense delta instead of saving it."""
 
     @staticmethod
@@ -35,33 +50,50 @@ class _SparseDeltaProduct(torch.autograd.Function):
         if ctx.needs_input_grad[0]:
             grad_x = grad_out @ dense_delta(values.to(grad_out.dtype), indices, ctx.shape)
         if ctx.needs_input_grad[1]:
-            out_features, in_features = ctx.shape
             # A dense per-layer dW transient, read at the selected entries only.
-            grad_w = grad_out.reshape(-1, out_features).t().to(x.dtype) @ x.reshape(-1, in_features)
-            grad_values = grad_w.view(-1)[indices].to(values.dtype)
+            grad_values = linear_weight_grad(x, grad_out, ctx.shape).view(-1)[indices].to(values.dtype)
         return grad_x, grad_values, None, None, None
+
+
+class _SparseDeltaEmbeddingFn(torch.autograd.Function):
+    """dense(delta)[ids]; the backward forms a per-layer dW transient and reads it at the indices."""
+
+    @staticmethod
+    def forward(ctx, ids, values, indices, num_embeddings: int, embedding_dim: int):
+        ctx.save_for_backward(ids, values, indices)
+        ctx.shape = (num_embeddings, embedding_dim)
+        return F.embedding(ids, dense_delta(values, indices, ctx.shape))
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        ids, values, indices = ctx.saved_tensors
+        grad_w = embedding_weight_grad(ids, grad_out, ctx.shape)
+        return None, grad_w.view(-1)[indices].to(values.dtype), None, None, None
 
 
 def sparse_delta_linear(x: torch.Tensor, values: torch.Tensor, indices: torch.Tensor,
                         shape: tuple[int, int]) -> torch.Tensor:
     """The delta's contribution x @ scatter(indices, values)^T: the one place a faster path plugs in."""
-    return _SparseDeltaProduct.apply(x, values, indices, shape[0], shape[1])
+    return _SparseDeltaLinearFn.apply(x, values, indices, shape[0], shape[1])
 
 
-class SparseDeltaLinear(nn.Module):
-    """Wraps a frozen linear layer; `delta_values` are the only trainable parameters."""
+class _SparseDeltaLayer(nn.Module):
+    """A frozen base layer whose `delta_values` at `delta_indices` are the only trainable parameters."""
 
-    def __init__(self, base_layer: nn.Module, indices: torch.Tensor, values: torch.Tensor | None = None):
+    def __init__(self, base_layer: nn.Module, indices: torch.Tensor, values: torch.Tensor | None,
+                 shape: tuple[int, int]):
         super().__init__()
         self.base_layer = base_layer.requires_grad_(False)
-        self.shape = (base_layer.out_features, base_layer.in_features)
+        self.shape = shape
         self.register_buffer("delta_indices", indices.to(torch.int64), persistent=False)
         if values is None:
             values = torch.zeros(indices.numel(), dtype=torch.float32)
         self.delta_values = nn.Parameter(values.detach().clone())
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.base_layer(x) + sparse_delta_linear(x, self.delta_values, self.delta_indices, self.shape)
+    @property
+    def weight(self) -> nn.Parameter:
+        """The frozen base weight, for code that reads `layer.weight` (dtype, device, tying)."""
+        return self.base_layer.weight
 
     def get_delta_weight(self) -> torch.Tensor:
         return dense_delta(self.delta_values.detach(), self.delta_indices, self.shape)
@@ -72,3 +104,27 @@ class SparseDeltaLinear(nn.Module):
         weight = self.base_layer.weight
         weight.view(-1).index_add_(0, self.delta_indices, self.delta_values.detach().to(weight.dtype))
         return self.base_layer
+
+
+class SparseDeltaLinear(_SparseDeltaLayer):
+    def __init__(self, base_layer: nn.Module, indices: torch.Tensor, values: torch.Tensor | None = None):
+        super().__init__(base_layer, indices, values, (base_layer.out_features, base_layer.in_features))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.base_layer(x) + sparse_delta_linear(x, self.delta_values, self.delta_indices, self.shape)
+
+
+class SparseDeltaEmbedding(_SparseDeltaLayer):
+    def __init__(self, base_layer: nn.Embedding, indices: torch.Tensor, values: torch.Tensor | None = None):
+        super().__init__(base_layer, indices, values, (base_layer.num_embeddings, base_layer.embedding_dim))
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        delta = _SparseDeltaEmbeddingFn.apply(ids, self.delta_values, self.delta_indices, *self.shape)
+        return self.base_layer(ids) + delta.to(self.base_layer.weight.dtype)
+
+
+def sparse_delta_layer(base_layer: nn.Module, indices: torch.Tensor,
+                       values: torch.Tensor | None = None) -> _SparseDeltaLayer:
+    """Wrap a linear or embedding layer in its sparse-delta layer."""
+    wrapper = SparseDeltaEmbedding if isinstance(base_layer, nn.Embedding) else SparseDeltaLinear
+    return wrapper(base_layer, indices, values)

@@ -30,29 +30,29 @@ def skeleton_model(model_config) -> nn.Module:
         return AutoModelForCausalLM.from_config(model_config)
 
 
+SUPPORTED_TARGETS = (nn.Linear, nn.Embedding)
+
+
 def find_targets(model: nn.Module, spec: str | None) -> dict[str, nn.Module]:
-    """Targeted linear layers by name, in `named_modules()` order.
+    """Targeted layers by name, in `named_modules()` order.
 
     Default: every Linear except the output embedding (lm_head), i.e. the linears of the decoder blocks.
+    Named targets may be any linear or embedding layer, lm_head and embed_tokens included.
     """
-    output_embeddings = model.get_output_embeddings()
-    pattern = target_pattern(spec) if spec is not None else None
-    targets, non_linear = {}, []
-    for name, module in model.named_modules():
-        if pattern is None:
-            if isinstance(module, nn.Linear) and module is not output_embeddings:
-                targets[name] = module
-        elif pattern.fullmatch(name) and isinstance(module, nn.Linear):
-            targets[name] = module
-        elif pattern.fullmatch(name):
-            non_linear.append(name)
-    if non_linear:
-        raise ConfigError(f"--target_modules matches modules that are not linear layers ({', '.join(non_linear[:3])}): "
-                          "name linear layers only")
-    if not targets:
-        raise ConfigError(f"--target_modules '{spec}' matches no linear layer of the model: use names such as "
+    if spec is None:
+        output_embeddings = model.get_output_embeddings()
+        return {name: module for name, module in model.named_modules()
+                if isinstance(module, nn.Linear) and module is not output_embeddings}
+    pattern = target_pattern(spec)
+    matched = {name: module for name, module in model.named_modules() if pattern.fullmatch(name)}
+    unsupported = [name for name, module in matched.items() if not isinstance(module, SUPPORTED_TARGETS)]
+    if unsupported:
+        raise ConfigError(f"--target_modules matches modules that are neither linear nor embedding layers "
+                          f"({', '.join(unsupported[:3])}): name those layers only")
+    if not matched:
+        raise ConfigError(f"--target_modules '{spec}' matches no layer of the model: use names such as "
                           "q_proj,v_proj or a regex over full module names")
-    return targets
+    return matched
 
 
 def load_model(config: TrainConfig, ds_config: dict, dtype: torch.dtype) -> tuple[nn.Module, HfDeepSpeedConfig]:

@@ -38,6 +38,7 @@ class Plan:
     ds_config: dict
     bf16: bool
     k: int
+    targeted_elements: int
     total_steps: int
     tokenizer: object
     train_set: object
@@ -66,7 +67,8 @@ def plan_run(config: TrainConfig, explicit: set[str]) -> Plan:
     get_metric(config.metric)
     model_config = load_model_config(config)
     targets = find_targets(skeleton_model(model_config), config.target_modules)
-    k = num_to_select(config.density, config.num_trainable, sum(m.weight.numel() for m in targets.values()))
+    targeted_elements = sum(m.weight.numel() for m in targets.values())
+    k = num_to_select(config.density, config.num_trainable, targeted_elements)
     _check_output_dir(config)
 
     accelerator = get_accelerator()
@@ -84,7 +86,7 @@ def plan_run(config: TrainConfig, explicit: set[str]) -> Plan:
     total_steps = config.max_steps if config.max_steps > 0 else max(1, int(config.epochs * steps_per_epoch))
     ds_config = fill_auto(ds_config, config, world_size=world_size, hidden_size=model_config.hidden_size,
                           total_steps=total_steps, bf16=bf16)
-    return Plan(config, ds_config, bf16, k, total_steps, tokenizer, train_set, eval_set)
+    return Plan(config, ds_config, bf16, k, targeted_elements, total_steps, tokenizer, train_set, eval_set)
 
 
 def _micro_batch_stream(plan: Plan, rank: int, world_size: int):
@@ -138,18 +140,10 @@ def evaluate(engine, plan: Plan, rank: int, world_size: int) -> float:
     return (totals[0] / totals[1].clamp(min=1)).item()
 
 
-def run(plan: Plan) -> RunResult:
+def select_masks(model, plan: Plan, log: MetricsLog, rank: int, world_size: int) -> dict[str, torch.Tensor]:
+    """Salience per shard over the calibration subset, then the top-k: each weight's selected flat indices."""
     config = plan.config
-    init_distributed()
-    rank, world_size = dist.get_rank(), dist.get_world_size()
-    logging.getLogger("DeepSpeed").setLevel(logging.WARNING)
-    torch.manual_seed(config.seed)
-    log = MetricsLog(Path(config.output_dir) / "metrics.jsonl", enabled=rank == 0)
-
-    model, hf_ds_config = load_model(config, plan.ds_config, torch.bfloat16 if plan.bf16 else torch.float32)
-    engine = deepspeed.initialize(model=model, config=salience_ds_config(plan.ds_config))[0]
     targets = find_targets(model, config.target_modules)
-
     started = time.perf_counter()
     calibration = calibration_indices(len(plan.train_set), config.calibration_examples, config.seed)
     batches = rank_batches(plan.train_set, calibration, rank, world_size, config.micro_batch_size,
@@ -162,13 +156,40 @@ def run(plan: Plan) -> RunResult:
     if config.selection == "global":
         selected = select_global(scores, plan.k)
     else:
-        total = sum(s.numel for s in scores.values())
-        selected = select_local(scores, plan.k / total if config.num_trainable else config.density)
+        selected = select_local(scores, plan.k / plan.targeted_elements if config.num_trainable else config.density)
     # A weight with no selected entry gets no delta (ZeRO-3 cannot partition an empty parameter).
     indices = {name: idx for name, idx in gather_indices(selected).items() if idx.numel() > 0}
-    k = sum(t.numel() for t in indices.values())
-    log.write({"event": "selection", "selection": config.selection, "k": k,
+    log.write({"event": "selection", "selection": config.selection, "k": sum(t.numel() for t in indices.values()),
                "wall_time_s": time.perf_counter() - started})
+    return indices
+
+
+def save_trained_adapter(layers: dict, indices: dict[str, torch.Tensor], plan: Plan, rank: int) -> None:
+    """Gather the partitioned values (a collective) and let rank 0 write the adapter."""
+    config = plan.config
+    values = {name: zero3.gather_full_fp32(layer.delta_values) for name, layer in layers.items()}
+    if rank == 0:
+        k = sum(t.numel() for t in indices.values())
+        meta = {"base_model_name_or_path": config.model, "metric": config.metric, "selection": config.selection,
+                "density": k / plan.targeted_elements, "target_modules": config.target_modules or "all-linear",
+                "train_config": asdict(config)}
+        shapes = {name: list(layer.shape) for name, layer in layers.items()}
+        save_adapter(Path(config.output_dir) / "adapter", indices, values, shapes, meta)
+    barrier()
+
+
+def run(plan: Plan) -> RunResult:
+    config = plan.config
+    init_distributed()
+    rank, world_size = dist.get_rank(), dist.get_world_size()
+    logging.getLogger("DeepSpeed").setLevel(logging.WARNING)
+    torch.manual_seed(config.seed)
+    log = MetricsLog(Path(config.output_dir) / "metrics.jsonl", enabled=rank == 0)
+
+    model, hf_ds_config = load_model(config, plan.ds_config, torch.bfloat16 if plan.bf16 else torch.float32)
+    # No optimizer: this engine only gathers the partitioned weights around each layer's forward and backward.
+    engine = deepspeed.initialize(model=model, config=salience_ds_config(plan.ds_config))[0]
+    indices = select_masks(model, plan, log, rank, world_size)
     engine.destroy()
 
     with zero3.partitioned_init(plan.ds_config):
@@ -181,15 +202,7 @@ def run(plan: Plan) -> RunResult:
     train_loop(engine, plan, log, rank, world_size)
     log.write({"event": "eval", "eval_loss": evaluate(engine, plan, rank, world_size),
                "examples": len(plan.eval_set)})
-
-    values = {name: zero3.gather_full_fp32(layer.delta_values) for name, layer in layers.items()}
-    if rank == 0:
-        shapes = {name: list(layer.shape) for name, layer in layers.items()}
-        meta = {"base_model_name_or_path": config.model, "metric": config.metric, "selection": config.selection,
-                "density": k / sum(s.numel for s in scores.values()),
-                "target_modules": config.target_modules or "all-linear", "train_config": asdict(config)}
-        save_adapter(Path(config.output_dir) / "adapter", indices, values, shapes, meta)
-    barrier()
+    save_trained_adapter(layers, indices, plan, rank)
     return RunResult(engine, layers, hf_ds_config)
 
 

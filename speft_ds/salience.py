@@ -18,6 +18,7 @@ from tqdm import tqdm
 
 from . import zero3
 from .config import ConfigError
+from .delta import weight_grad_fn
 from .losses import causal_lm_loss_sum
 
 # name -> score(accumulated signed gradient shard, weight shard) -> score shard
@@ -54,7 +55,10 @@ class ShardScores:
 
 
 class _ShardGradientAccumulator:
-    """Hooks that add each targeted layer's dW slice into a per-shard fp32 accumulator."""
+    """Hooks that add each targeted layer's dW slice into a per-shard fp32 accumulator.
+
+    dW comes from the layer's input and output gradient (dY^T X for a linear layer), so the frozen
+    weight itself never needs a gradient."""
 
     def __init__(self, targets: dict[str, nn.Module]):
         self.targets = targets
@@ -65,15 +69,16 @@ class _ShardGradientAccumulator:
     def _forward_hook(self, name: str):
         def hook(module, inputs, output):
             if output.requires_grad:
-                x = inputs[0].detach()
+                x = inputs[0].detach()  # the embedding's token ids, or the linear layer's input
                 output.register_hook(lambda grad_out: self._accumulate(name, x, grad_out))
         return hook
 
     def _accumulate(self, name: str, x: torch.Tensor, grad_out: torch.Tensor) -> None:
-        weight = self.targets[name].weight
-        out_features, in_features = zero3.full_shape(weight)
-        grad_w = grad_out.reshape(-1, out_features).t().float() @ x.reshape(-1, in_features).float()
-        zero3.reduce_scatter_add(self.accumulators[name], grad_w.view(-1), weight)
+        module = self.targets[name]
+        grad_fn = weight_grad_fn(module)
+        inputs = x.float() if x.is_floating_point() else x
+        grad_w = grad_fn(inputs, grad_out.float(), tuple(zero3.full_shape(module.weight)))
+        zero3.reduce_scatter_add(self.accumulators[name], grad_w.view(-1), module.weight)
 
     def remove(self) -> None:
         for handle in self._handles:
@@ -95,9 +100,10 @@ def compute_salience(model: nn.Module, targets: dict[str, nn.Module], batches: l
     if total_tokens.item() == 0:
         raise ConfigError("the calibration examples have no loss tokens: check --response_field / --seq_len")
 
-    accumulator = _ShardGradientAccumulator(targets)
     # The base weights stay frozen, so gradients reach the layers only if the embedding output asks for one.
+    # Registered before the accumulator's hooks, so an embedding target already sees it.
     embed_hook = model.get_input_embeddings().register_forward_hook(lambda m, i, out: out.requires_grad_(True))
+    accumulator = _ShardGradientAccumulator(targets)
     was_training = model.training
     model.eval()  # no dropout: the score is the gradient of the model as it is
     try:

@@ -8,8 +8,9 @@ from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
 from speft_ds.config import EMBEDDED_MODEL
 
 
-def write_tiny_llama(path: Path, num_layers: int = 2, seed: int = 0) -> Path:
-    """hidden 33 / intermediate 45: the MLP weights have an odd element count, so 2-rank partitions pad."""
+def write_tiny_llama(path: Path, num_layers: int = 2, seed: int = 0, max_shard_size: str | None = None) -> Path:
+    """hidden 33 / intermediate 45: the MLP weights have an odd element count, so 2-rank partitions pad.
+    With `max_shard_size` the weights are split over several safetensors files plus an index."""
     tokenizer = AutoTokenizer.from_pretrained(EMBEDDED_MODEL)
     config = LlamaConfig(vocab_size=len(tokenizer), hidden_size=33, intermediate_size=45, head_dim=8,
                          num_hidden_layers=num_layers, num_attention_heads=3, num_key_value_heads=1,
@@ -18,6 +19,6 @@ def write_tiny_llama(path: Path, num_layers: int = 2, seed: int = 0) -> Path:
                          pad_token_id=tokenizer.pad_token_id)
     torch.manual_seed(seed)
     model = LlamaForCausalLM(config)
-    model.save_pretrained(path, safe_serialization=True)
+    model.save_pretrained(path, safe_serialization=True, **({"max_shard_size": max_shard_size} if max_shard_size else {}))
     tokenizer.save_pretrained(path)
     return path

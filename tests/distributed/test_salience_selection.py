@@ -40,6 +40,9 @@ def _examples(vocab: int, n: int = 11, seed: int = 1) -> list[dict]:
     return examples
 
 
+EDGE_TARGETS = "embed_tokens,lm_head,q_proj"  # named targets beyond the default decoder linears
+
+
 def _salience_and_selection(model_dir: str, examples: list[dict], rank: int, world_size: int, all_reduce):
     from speft_ds.config import TrainConfig
     from speft_ds.data import rank_batches
@@ -67,7 +70,9 @@ def _salience_and_selection(model_dir: str, examples: list[dict], rank: int, wor
         all_reduce(tensor)
 
     selected = select_global(scores, k, all_reduce=counting_all_reduce)
+    edge_scores = compute_salience(model, find_targets(model, EDGE_TARGETS), batches, "gradient", show_progress=False)
     result = {
+        "edge_scores": {n: (s.start, s.scores.clone()) for n, s in edge_scores.items()},
         "k": k,
         "selection_bytes": bytes_sent[0],
         "scores": {n: (s.start, s.scores.clone(), s.numel, s.accumulator_numel) for n, s in scores.items()},
@@ -104,10 +109,10 @@ def setup(tmp_path_factory):
     return {"model": model, "examples": examples, "two": two, "one": one}
 
 
-def dense_reference_scores(model: nn.Module, examples: list[dict]) -> dict[str, torch.Tensor]:
-    """|d loss / d W| for every decoder linear, loss = summed token loss / total loss tokens."""
+def dense_reference_scores(model: nn.Module, examples: list[dict], names: list[str]) -> dict[str, torch.Tensor]:
+    """|d loss / d W| for the named modules, loss = summed token loss / total loss tokens."""
     model.requires_grad_(False)
-    linears = {n: m for n, m in model.named_modules() if isinstance(m, nn.Linear) and n != "lm_head"}
+    linears = {n: model.get_submodule(n) for n in names}
     for m in linears.values():
         m.weight.requires_grad_(True)
         m.weight.grad = None
@@ -135,7 +140,19 @@ def reference_top_k(scores: list[torch.Tensor], k: int) -> tuple[list[set], floa
 
 @pytest.fixture(scope="module")
 def reference(setup):
-    return dense_reference_scores(setup["model"], setup["examples"])
+    names = [n for n, m in setup["model"].named_modules() if isinstance(m, nn.Linear) and n != "lm_head"]
+    return dense_reference_scores(setup["model"], setup["examples"], names)
+
+
+def test_embedding_and_lm_head_targets_match_dense_reference(setup):
+    names = ["model.embed_tokens", "model.layers.0.self_attn.q_proj", "model.layers.1.self_attn.q_proj", "lm_head"]
+    reference = dense_reference_scores(setup["model"], setup["examples"], names)
+    for rank_result in setup["two"]:
+        assert list(rank_result["edge_scores"]) == names
+        for name, (start, scores) in rank_result["edge_scores"].items():
+            ref = reference[name]
+            torch.testing.assert_close(scores, ref[start:start + scores.numel()], rtol=1e-5,
+                                       atol=1e-5 * ref.abs().max().item())
 
 
 def test_targets_are_really_partitioned(setup):

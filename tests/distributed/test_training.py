@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import json
 import math
+import subprocess
+import sys
 from itertools import islice
 from pathlib import Path
 
@@ -19,10 +21,12 @@ from transformers import AutoModelForCausalLM
 from speft_ds import load_adapter, merge_adapter
 from speft_ds.config import EMBEDDED_DATASET, SHIPPED_DS_CONFIG, TrainConfig
 from speft_ds.data import load_raw_dataset, tokenize_dataset, train_eval_split, train_micro_batches
+from speft_ds.delta import SparseDeltaEmbedding, SparseDeltaLinear
 from speft_ds.model import load_tokenizer
 from tests.distributed.harness import run_ranks
 from tests.models import write_tiny_llama
 
+REPO = Path(__file__).resolve().parents[2]
 WORLD = 2
 STEPS, MICRO_BATCH, GRAD_ACC, LR, MAX_NORM = 4, 2, 2, 1e-2, 1.0
 
@@ -50,10 +54,11 @@ def _worker(rank, world_size, argv, probe_ids):
     }
 
 
-@pytest.fixture(scope="module")
-def trained(tmp_path_factory):
+@pytest.fixture(scope="module", params=[None, "embed_tokens,lm_head,q_proj"], ids=["decoder-linears", "edge-targets"])
+def trained(request, tmp_path_factory):
     root = tmp_path_factory.mktemp("training")
-    model_dir = write_tiny_llama(root / "llama")
+    model_dir = write_tiny_llama(root / "llama", max_shard_size="40KB")
+    assert (model_dir / "model.safetensors.index.json").is_file()
     dataset = root / "data.jsonl"
     dataset.write_text("".join(islice(EMBEDDED_DATASET.open(), 48)))
     ds_config = json.loads(SHIPPED_DS_CONFIG.read_text())
@@ -64,6 +69,8 @@ def trained(tmp_path_factory):
             "--gradient_accumulation_steps", str(GRAD_ACC), "--learning_rate", str(LR), "--lr_scheduler", "constant",
             "--max_grad_norm", str(MAX_NORM), "--calibration_examples", "16", "--density", "0.05",
             "--seq_len", "48", "--logging_steps", "1", "--val_size", "0.1"]
+    if request.param:
+        argv += ["--target_modules", request.param]
     probe_ids = torch.tensor([[1, 20, 31, 42, 53, 64, 75, 86]])
     results = run_ranks(_worker, WORLD, argv, probe_ids, out_dir=root / "ranks")
     config = TrainConfig(model=str(model_dir), dataset=str(dataset), seq_len=48, val_size=0.1)
@@ -149,7 +156,7 @@ def test_adapter_written_under_zero3_reproduces_trained_logits(trained):
         torch.testing.assert_close(loaded(trained["probe_ids"]).logits, trained_logits, rtol=1e-5, atol=1e-5)
         torch.testing.assert_close(merged(trained["probe_ids"]).logits, trained_logits, rtol=1e-5, atol=1e-5)
     assert (base_logits - trained_logits).abs().max() > 1e-3, "the adapter changes nothing"
-    assert not any(isinstance(m, nn.Linear) and type(m).__name__ == "SparseDeltaLinear" for m in merged.modules())
+    assert not any(isinstance(m, (SparseDeltaLinear, SparseDeltaEmbedding)) for m in merged.modules())
 
 
 def test_metrics_log_has_every_step_and_the_phases(trained):
@@ -160,3 +167,19 @@ def test_metrics_log_has_every_step_and_the_phases(trained):
     assert events["salience"]["examples"] == 16 and events["salience"]["wall_time_s"] > 0
     assert events["selection"]["k"] == sum(t.numel() for t in _adapter_tensors(trained["adapter"])[0].values())
     assert math.isfinite(events["eval"]["eval_loss"])
+
+
+def test_merge_cli_writes_a_model_from_pretrained_loads(trained):
+    out = trained["root"] / "merged"
+    proc = subprocess.run([sys.executable, "launch/merge.py", "--model", trained["config"].model,
+                           "--adapter", str(trained["adapter"]), "--out", str(out)],
+                          cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    merged = AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32).eval()
+    with torch.no_grad():
+        torch.testing.assert_close(merged(trained["probe_ids"]).logits, trained["results"][0]["logits"],
+                                   rtol=1e-5, atol=1e-5)
+    again = subprocess.run([sys.executable, "launch/merge.py", "--model", trained["config"].model,
+                            "--adapter", str(trained["adapter"]), "--out", str(out)],
+                           cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert again.returncode == 2 and "already exists" in again.stderr

@@ -8,7 +8,7 @@ import torch
 from transformers import AutoTokenizer
 
 from speft_ds.config import EMBEDDED_MODEL, TrainConfig
-from speft_ds.data import rank_batches, tokenize_example, train_micro_batches
+from speft_ds.data import load_raw_dataset, rank_batches, tokenize_example, train_micro_batches
 
 IGNORE = -100
 PROMPT = "Question: Sam fills 10 bags with 9 apples each. How many apples are in the bags?\nAnswer:"
@@ -161,3 +161,21 @@ def test_train_micro_batches_depend_on_seed_and_epoch():
     assert train_micro_batches(64, 1, 7, 0, 2, 4) != base
     assert train_micro_batches(64, 0, 8, 0, 2, 4) != base
     assert train_micro_batches(64, 0, 7, 1, 2, 4) != base
+
+
+@pytest.mark.parametrize("suffix", [".jsonl", ".json", ".parquet", ".csv"])
+def test_local_dataset_formats_load_the_same_rows(tmp_path, suffix):
+    """Every local format the CLI accepts is read through `datasets` with the same rows and fields."""
+    rows = [{"prompt": f"Question {i}?", "response": f" answer {i}"} for i in range(5)]
+    path = tmp_path / f"data{suffix}"
+    table = datasets.Dataset.from_list(rows)
+    if suffix == ".jsonl":
+        table.to_json(path, lines=True)
+    elif suffix == ".json":
+        table.to_json(path, lines=False)
+    elif suffix == ".parquet":
+        table.to_parquet(path)
+    else:
+        table.to_csv(path, index=False)
+    loaded = load_raw_dataset(TrainConfig(dataset=str(path)))
+    assert loaded.to_list() == rows

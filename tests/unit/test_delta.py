@@ -7,7 +7,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from speft_ds.delta import SparseDeltaLinear
+from speft_ds.delta import SparseDeltaEmbedding, SparseDeltaLinear
 
 
 def make_base(out_features: int, in_features: int, gen: torch.Generator, dtype=torch.float32) -> nn.Linear:
@@ -235,3 +235,28 @@ def test_backward_under_autocast():
     D = reference_dense(values, indices, (6, 8)).requires_grad_(True)
     F.linear(x, base.weight + D, base.bias).sum().backward()
     torch.testing.assert_close(layer.delta_values.grad, D.grad.reshape(-1)[indices], atol=0.1, rtol=0.02)
+
+
+@pytest.mark.parametrize("seed,vocab,dim,kind", index_cases())
+def test_embedding_forward_and_value_grads_match_dense_reference(seed, vocab, dim, kind):
+    """SparseDeltaEmbedding: output == F.embedding(ids, W + D); value grads == dense dW at the indices."""
+    gen = torch.Generator().manual_seed(100 + seed)
+    base = nn.Embedding(vocab, dim)
+    with torch.no_grad():
+        base.weight.copy_(torch.randn(vocab, dim, generator=gen))
+    indices = build_indices(kind, vocab, dim, gen)
+    values = torch.randn(indices.numel(), generator=gen)
+    layer = SparseDeltaEmbedding(base, indices, values)
+    assert not base.weight.requires_grad
+    ids = torch.randint(0, vocab, (3, 5), generator=gen)
+    upstream = torch.randn(3, 5, dim, generator=gen)
+
+    out = layer(ids)
+    (out * upstream).sum().backward()
+
+    weight = (base.weight.detach() + reference_dense(values, indices, (vocab, dim))).requires_grad_(True)
+    ref_out = F.embedding(ids, weight)
+    (ref_out * upstream).sum().backward()
+    torch.testing.assert_close(out, ref_out)
+    torch.testing.assert_close(layer.delta_values.grad, weight.grad.view(-1)[indices])
+    assert base.weight.grad is None
