@@ -16,6 +16,9 @@ EMBEDDED_MODEL = PACKAGE_DIR / "assets" / "tiny-llama"
 EMBEDDED_DATASET = PACKAGE_DIR / "assets" / "arithmetic.jsonl"
 SHIPPED_DS_CONFIG = PACKAGE_DIR.parent / "ds_configs" / "z3.json"
 
+# The metrics speft_ds.salience registers; named here so flags are checked without importing DeepSpeed.
+METRIC_NAMES = ("random", "magnitude", "gradient", "snip", "force", "taylor", "fisher", "synflow", "grasp")
+
 LOCAL_DATA_SUFFIXES = {".jsonl": "json", ".json": "json", ".parquet": "parquet", ".csv": "csv"}
 
 
@@ -40,7 +43,7 @@ class TrainConfig:
     ds_config: str = _field(str(SHIPPED_DS_CONFIG), "DeepSpeed JSON config; 'auto' values are filled from these flags.")
     trust_remote_code: bool = _field(False, "Allow model code from the model directory (off by default).")
     # --- salience and selection
-    metric: str = _field("gradient", "Salience metric.", choices=("gradient",))
+    metric: str = _field("gradient", "Salience metric (the paper's best: gradient).", choices=METRIC_NAMES)
     calibration_examples: int = _field(1024, "Training examples drawn (with --seed) for the salience pass.")
     selection: str = _field("global", "One top-k over all targeted weights, or the same fraction per weight.",
                             choices=("global", "local"))

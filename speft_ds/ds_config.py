@@ -115,5 +115,8 @@ def _walk(node, prefix=""):
 
 
 def salience_ds_config(ds: dict) -> dict:
-    """The config for the salience pass: the same partitioning, no optimizer or scheduler."""
-    return {key: value for key, value in ds.items() if key not in ("optimizer", "scheduler")}
+    """The config for the salience pass: no optimizer or scheduler, and every weight partitioned (none kept
+    whole as 'persistent'), so each rank's shard is the only copy and metrics may modify it in place."""
+    ds = {key: value for key, value in ds.items() if key not in ("optimizer", "scheduler")}
+    ds["zero_optimization"] = {**ds["zero_optimization"], "stage3_param_persistence_threshold": 0}
+    return ds

@@ -148,7 +148,7 @@ def select_masks(model, plan: Plan, log: MetricsLog, rank: int, world_size: int)
     calibration = calibration_indices(len(plan.train_set), config.calibration_examples, config.seed)
     batches = rank_batches(plan.train_set, calibration, rank, world_size, config.micro_batch_size,
                            pad_token_id(plan.tokenizer))
-    scores = compute_salience(model, targets, batches, config.metric, show_progress=rank == 0)
+    scores = compute_salience(model, targets, batches, config.metric, seed=config.seed, show_progress=rank == 0)
     log.write({"event": "salience", "metric": config.metric, "examples": len(calibration),
                "wall_time_s": time.perf_counter() - started})
 

@@ -1,45 +1,112 @@
-"""Salience scores, computed per ZeRO-3 shard.
+"""Salience metrics: a registry of per-element scores over statistics accumulated per ZeRO-3 shard.
 
-Each rank keeps one fp32 accumulator the size of its own partition of each targeted weight. A layer's
-weight gradient dW = dY^T X is formed from the activations its hooks see, reduce-scattered at once so
-every rank adds only its slice, and dropped: nothing full-size outlives one layer's backward, and the
-frozen base weights never get requires_grad or a .grad.
+A metric declares which statistics it needs (see shard_grads.py); compute_salience runs only those
+passes and hands the metric one weight's shard at a time, so no rank ever holds a full score tensor.
 """
 
 from __future__ import annotations
 
+import zlib
 from dataclasses import dataclass
-from typing import Callable, Iterable
+from typing import Callable
 
 import torch
-import torch.distributed as dist
 from torch import nn
-from tqdm import tqdm
 
-from . import zero3
+from . import shard_grads, zero3
 from .config import ConfigError
-from .delta import weight_grad_fn
-from .losses import causal_lm_loss_sum
-
-# name -> score(accumulated signed gradient shard, weight shard) -> score shard
-MetricFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
-METRICS: dict[str, MetricFn] = {}
 
 
-def register_metric(name: str):
-    def register(fn: MetricFn) -> MetricFn:
-        METRICS[name] = fn
+@dataclass
+class ShardStats:
+    """What a metric may read for one weight: this rank's real (non-padding) elements, from flat `start`."""
+    name: str
+    start: int
+    weight: torch.Tensor                       # W
+    seed: int
+    grad: torch.Tensor | None = None           # g, the calibration-loss gradient
+    grad_sq: torch.Tensor | None = None        # mean over examples of the per-example gradient squared
+    synflow_grad: torch.Tensor | None = None   # SynFlow's gradient (non-negative weights, linearised model)
+    hessian_grad: torch.Tensor | None = None   # H g
+
+
+@dataclass(frozen=True)
+class Metric:
+    score: Callable[[ShardStats], torch.Tensor]
+    needs: tuple[str, ...]  # ShardStats fields beyond the weight
+
+
+METRICS: dict[str, Metric] = {}
+
+
+def register_metric(name: str, needs: tuple[str, ...] = ()):
+    def register(fn: Callable[[ShardStats], torch.Tensor]):
+        METRICS[name] = Metric(fn, needs)
         return fn
     return register
 
 
-@register_metric("gradient")
-def gradient_score(grad: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+def _mix32(h: torch.Tensor) -> torch.Tensor:
+    """MurmurHash3's 32-bit finaliser on int64 tensors holding values below 2^32."""
+    mask = 0xFFFFFFFF
+    h = h ^ (h >> 16)
+    h = (h * 0x85EBCA6B) & mask
+    h = h ^ (h >> 13)
+    h = (h * 0xC2B2AE35) & mask
+    return h ^ (h >> 16)
+
+
+@register_metric("random")
+def random_score(s: ShardStats) -> torch.Tensor:
+    """Uniform in [0, 1), a hash of (seed, module name, flat index): the same for any world size."""
+    key = (zlib.crc32(s.name.encode()) ^ _mix32(torch.tensor(s.seed & 0xFFFFFFFF)).item()) & 0xFFFFFFFF
+    flat = torch.arange(s.start, s.start + s.weight.numel(), dtype=torch.int64)
+    h = _mix32(_mix32((flat >> 32) ^ key) ^ (flat & 0xFFFFFFFF))
+    return (h >> 8).float() / float(1 << 24)
+
+
+@register_metric("magnitude")
+def magnitude_score(s: ShardStats) -> torch.Tensor:
+    return s.weight.abs()
+
+
+@register_metric("gradient", needs=("grad",))
+def gradient_score(s: ShardStats) -> torch.Tensor:
     # |mean gradient| (abs after accumulation), as the paper's reference code does.
-    return grad.abs()
+    return s.grad.abs()
 
 
-def get_metric(name: str) -> MetricFn:
+@register_metric("snip", needs=("grad",))
+def snip_score(s: ShardStats) -> torch.Tensor:
+    return (s.weight * s.grad).abs()
+
+
+@register_metric("force", needs=("grad",))
+def force_score(s: ShardStats) -> torch.Tensor:
+    return -(s.weight * s.grad)
+
+
+@register_metric("taylor", needs=("grad",))
+def taylor_score(s: ShardStats) -> torch.Tensor:
+    return (s.weight * s.grad).square()
+
+
+@register_metric("fisher", needs=("grad_sq",))
+def fisher_score(s: ShardStats) -> torch.Tensor:
+    return s.grad_sq
+
+
+@register_metric("synflow", needs=("synflow_grad",))
+def synflow_score(s: ShardStats) -> torch.Tensor:
+    return (s.weight.abs() * s.synflow_grad).abs()
+
+
+@register_metric("grasp", needs=("grad", "hessian_grad"))
+def grasp_score(s: ShardStats) -> torch.Tensor:
+    return -(s.hessian_grad * s.weight)
+
+
+def get_metric(name: str) -> Metric:
     if name not in METRICS:
         raise ConfigError(f"unknown --metric '{name}': choose one of {', '.join(sorted(METRICS))}")
     return METRICS[name]
@@ -51,76 +118,40 @@ class ShardScores:
     start: int
     scores: torch.Tensor
     numel: int  # elements of the whole weight
-    accumulator_numel: int  # elements of the fp32 accumulator this rank kept (its ZeRO-3 slice, padding included)
+    accumulator_numel: int  # elements of the largest fp32 accumulator this rank kept for it (0: none)
 
 
-class _ShardGradientAccumulator:
-    """Hooks that add each targeted layer's dW slice into a per-shard fp32 accumulator.
-
-    dW comes from the layer's input and output gradient (dY^T X for a linear layer), so the frozen
-    weight itself never needs a gradient."""
-
-    def __init__(self, targets: dict[str, nn.Module]):
-        self.targets = targets
-        self.accumulators = {name: torch.zeros(zero3.shard_numel(m.weight), dtype=torch.float32)
-                             for name, m in targets.items()}
-        self._handles = [m.register_forward_hook(self._forward_hook(name)) for name, m in targets.items()]
-
-    def _forward_hook(self, name: str):
-        def hook(module, inputs, output):
-            if output.requires_grad:
-                x = inputs[0].detach()  # the embedding's token ids, or the linear layer's input
-                output.register_hook(lambda grad_out: self._accumulate(name, x, grad_out))
-        return hook
-
-    def _accumulate(self, name: str, x: torch.Tensor, grad_out: torch.Tensor) -> None:
-        module = self.targets[name]
-        grad_fn = weight_grad_fn(module)
-        inputs = x.float() if x.is_floating_point() else x
-        grad_w = grad_fn(inputs, grad_out.float(), tuple(zero3.full_shape(module.weight)))
-        zero3.reduce_scatter_add(self.accumulators[name], grad_w.view(-1), module.weight)
-
-    def remove(self) -> None:
-        for handle in self._handles:
-            handle.remove()
+def _statistics(needs: tuple[str, ...], model: nn.Module, targets: dict[str, nn.Module], batches: list[dict],
+                show_progress: bool) -> dict[str, dict[str, torch.Tensor]]:
+    stats = {}
+    if "grad" in needs:
+        stats["grad"] = shard_grads.gradient(model, targets, batches, show_progress)
+    if "grad_sq" in needs:
+        stats["grad_sq"] = shard_grads.mean_squared_example_gradient(model, targets, batches, show_progress)
+    if "synflow_grad" in needs:
+        stats["synflow_grad"] = shard_grads.synflow_gradient(model, targets)
+    if "hessian_grad" in needs:
+        stats["hessian_grad"] = shard_grads.hessian_gradient(model, targets, batches, stats["grad"], show_progress)
+    return stats
 
 
 def compute_salience(model: nn.Module, targets: dict[str, nn.Module], batches: list[dict],
-                     metric: str = "gradient", show_progress: bool = True) -> dict[str, ShardScores]:
+                     metric: str = "gradient", seed: int = 0, show_progress: bool = True) -> dict[str, ShardScores]:
     """Score every targeted weight on this rank's shard.
 
-    `batches` are this rank's calibration micro-batches (every rank must pass the same number). The loss
-    is the summed token loss over the whole calibration set on all ranks, divided by its total number
-    of loss tokens, so the scores do not depend on micro-batch size or world size.
+    `batches` are this rank's calibration micro-batches (every rank must pass the same number).
     """
-    score_fn = get_metric(metric)
-    total_tokens = torch.tensor(sum(int((b["labels"][:, 1:] != -100).sum()) for b in batches), dtype=torch.int64)
-    if dist.is_initialized():
-        dist.all_reduce(total_tokens)
-    if total_tokens.item() == 0:
+    chosen = get_metric(metric)
+    if chosen.needs and shard_grads.calibration_tokens(batches) == 0:
         raise ConfigError("the calibration examples have no loss tokens: check --response_field / --seq_len")
-
-    # The base weights stay frozen, so gradients reach the layers only if the embedding output asks for one.
-    # Registered before the accumulator's hooks, so an embedding target already sees it.
-    embed_hook = model.get_input_embeddings().register_forward_hook(lambda m, i, out: out.requires_grad_(True))
-    accumulator = _ShardGradientAccumulator(targets)
-    was_training = model.training
-    model.eval()  # no dropout: the score is the gradient of the model as it is
-    try:
-        for batch in tqdm(batches, desc="salience", disable=not show_progress):
-            logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
-            loss_sum, _ = causal_lm_loss_sum(logits, batch["labels"])
-            (loss_sum / total_tokens.item()).backward()
-    finally:
-        embed_hook.remove()
-        accumulator.remove()
-        model.train(was_training)
-
+    stats = _statistics(chosen.needs, model, targets, batches, show_progress)
     scores = {}
     for name, module in targets.items():
         start, stop = zero3.shard_range(module.weight)
         n = stop - start
-        weight_shard = zero3.local_shard(module.weight)[:n].float()
-        scores[name] = ShardScores(start, score_fn(accumulator.accumulators[name][:n], weight_shard),
-                                   zero3.full_numel(module.weight), accumulator.accumulators[name].numel())
+        shard = ShardStats(name, start, zero3.local_shard(module.weight)[:n].float(), seed,
+                           **{key: per_name[name][:n] for key, per_name in stats.items()})
+        accumulator_numel = max((per_name[name].numel() for per_name in stats.values()), default=0)
+        scores[name] = ShardScores(start, chosen.score(shard).float(), zero3.full_numel(module.weight),
+                                   accumulator_numel)
     return scores

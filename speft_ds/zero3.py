@@ -11,6 +11,7 @@ import contextlib
 import deepspeed
 import torch
 import torch.distributed as dist
+from deepspeed.runtime.zero.partition_parameters import ZeroParamStatus
 from deepspeed.utils import safe_get_full_fp32_param
 
 
@@ -72,10 +73,24 @@ def gather_full_fp32(param: torch.nn.Parameter) -> torch.Tensor:
 
 
 @contextlib.contextmanager
-def gathered(params, modifier_rank: int | None = None):
-    """Gather partitioned parameters whole for the duration of the block (a collective)."""
-    with deepspeed.zero.GatheredParameters(list(params), modifier_rank=modifier_rank):
+def preserved_shards(params):
+    """Let the block change parameters in place through `local_shard`; restore them bit-exactly after.
+
+    Only for partitioned parameters that are not gathered at the time: their shard is then the only
+    copy ZeRO-3 gathers from.
+    """
+    params = list(params)
+    for param in params:
+        if not is_partitioned(param) or param.ds_status != ZeroParamStatus.NOT_AVAILABLE:
+            raise RuntimeError(f"parameter {param.ds_id if is_partitioned(param) else '?'} is not a released "
+                               "ZeRO-3 partition; its shard cannot be modified alone")
+    saved = [param.ds_tensor.detach().clone() for param in params]
+    try:
         yield
+    finally:
+        with torch.no_grad():
+            for param, original in zip(params, saved):
+                param.ds_tensor.copy_(original)
 
 
 def partitioned_init(ds_config: dict):

@@ -17,27 +17,9 @@ from transformers import AutoModelForCausalLM
 
 from tests.distributed.harness import run_ranks
 from tests.models import write_tiny_llama
+from tests.references import MICRO_BATCH, dense_gradient, random_examples, reference_top_k, zero3_config
 
 DENSITY = 0.05
-MICRO_BATCH = 2
-
-
-def _ds_config(world_size: int) -> dict:
-    return {"train_micro_batch_size_per_gpu": MICRO_BATCH, "gradient_accumulation_steps": 1,
-            "train_batch_size": MICRO_BATCH * world_size, "bf16": {"enabled": False},
-            "zero_optimization": {"stage": 3, "stage3_param_persistence_threshold": 0}}
-
-
-def _examples(vocab: int, n: int = 11, seed: int = 1) -> list[dict]:
-    """Random token sequences of varied length; the first few tokens of each carry no loss (a 'prompt')."""
-    g = torch.Generator().manual_seed(seed)
-    examples = []
-    for _ in range(n):
-        length = int(torch.randint(6, 20, (1,), generator=g))
-        ids = torch.randint(3, vocab, (length,), generator=g).tolist()
-        prompt = int(torch.randint(1, 4, (1,), generator=g))
-        examples.append({"input_ids": ids, "labels": [-100] * prompt + ids[prompt:]})
-    return examples
 
 
 EDGE_TARGETS = "embed_tokens,lm_head,q_proj"  # named targets beyond the default decoder linears
@@ -50,8 +32,8 @@ def _salience_and_selection(model_dir: str, examples: list[dict], rank: int, wor
     from speft_ds.salience import compute_salience
     from speft_ds.selection import gather_indices, num_to_select, select_global, select_local
 
-    model, hf_ds_config = load_model(TrainConfig(model=model_dir), _ds_config(world_size), torch.float32)
-    engine = deepspeed.initialize(model=model, config=_ds_config(world_size))[0]
+    model, hf_ds_config = load_model(TrainConfig(model=model_dir), zero3_config(world_size), torch.float32)
+    engine = deepspeed.initialize(model=model, config=zero3_config(world_size))[0]
     targets = find_targets(model, None)
     batches = rank_batches(examples, list(range(len(examples))), rank, world_size, MICRO_BATCH, pad_id=0)
 
@@ -103,50 +85,21 @@ def setup(tmp_path_factory):
     model_dir = write_tiny_llama(root / "llama2", num_layers=2)
     deep_dir = write_tiny_llama(root / "llama8", num_layers=8)
     model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
-    examples = _examples(model.config.vocab_size)
+    examples = random_examples(model.config.vocab_size)
     two = run_ranks(_worker, 2, str(model_dir), str(deep_dir), examples, out_dir=root / "two")
     one = run_ranks(_worker, 1, str(model_dir), str(deep_dir), examples, out_dir=root / "one")
     return {"model": model, "examples": examples, "two": two, "one": one}
 
 
-def dense_reference_scores(model: nn.Module, examples: list[dict], names: list[str]) -> dict[str, torch.Tensor]:
-    """|d loss / d W| for the named modules, loss = summed token loss / total loss tokens."""
-    model.requires_grad_(False)
-    linears = {n: model.get_submodule(n) for n in names}
-    for m in linears.values():
-        m.weight.requires_grad_(True)
-        m.weight.grad = None
-    total = sum(sum(1 for t in e["labels"][1:] if t != -100) for e in examples)
-    for e in examples:
-        logits = model(torch.tensor([e["input_ids"]])).logits[0]
-        loss = F.cross_entropy(logits[:-1], torch.tensor(e["labels"][1:]), ignore_index=-100, reduction="sum")
-        (loss / total).backward()
-    scores = {n: m.weight.grad.abs().flatten().clone() for n, m in linears.items()}
-    model.requires_grad_(False)
-    return scores
-
-
-def reference_top_k(scores: list[torch.Tensor], k: int) -> tuple[list[set], float]:
-    """Top-k of the concatenation: score descending, then (module order, flat index) ascending."""
-    flat = torch.cat(scores)
-    order = torch.sort(-flat, stable=True).indices[:k]
-    offsets = torch.tensor([0] + [s.numel() for s in scores]).cumsum(0)
-    chosen = [set() for _ in scores]
-    for pos in order.tolist():
-        module = int(torch.searchsorted(offsets, pos, right=True)) - 1
-        chosen[module].add(pos - int(offsets[module]))
-    return chosen, float(flat[order[-1]])
-
-
 @pytest.fixture(scope="module")
 def reference(setup):
     names = [n for n, m in setup["model"].named_modules() if isinstance(m, nn.Linear) and n != "lm_head"]
-    return dense_reference_scores(setup["model"], setup["examples"], names)
+    return {n: g.abs() for n, g in dense_gradient(setup["model"], setup["examples"], names).items()}
 
 
 def test_embedding_and_lm_head_targets_match_dense_reference(setup):
     names = ["model.embed_tokens", "model.layers.0.self_attn.q_proj", "model.layers.1.self_attn.q_proj", "lm_head"]
-    reference = dense_reference_scores(setup["model"], setup["examples"], names)
+    reference = {n: g.abs() for n, g in dense_gradient(setup["model"], setup["examples"], names).items()}
     for rank_result in setup["two"]:
         assert list(rank_result["edge_scores"]) == names
         for name, (start, scores) in rank_result["edge_scores"].items():

@@ -1,0 +1,177 @@
+"""Gradient statistics of frozen weights, accumulated per ZeRO-3 shard.
+
+Each rank keeps one fp32 accumulator the size of its own partition of each targeted weight. A layer's
+weight gradient (dY^T X for a linear layer) is formed from the activations its hooks see,
+reduce-scattered at once so every rank adds only its slice, and dropped: nothing full-size outlives one
+layer's backward, and the frozen base weights never get requires_grad or a .grad.
+
+Every pass here returns, per target name, this rank's accumulator (ds_tensor-sized, padding included).
+"""
+
+from __future__ import annotations
+
+import contextlib
+from typing import Callable
+
+import torch
+import torch.distributed as dist
+from torch import nn
+from tqdm import tqdm
+
+from . import zero3
+from .delta import weight_grad_fn
+from .losses import causal_lm_loss_sum, per_example_mean_loss_sum
+
+LossFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]  # (logits, labels) -> scalar loss
+
+
+class _ShardAccumulator:
+    """Hooks adding each targeted layer's dW slice (or, per example, dW squared) into fp32 accumulators."""
+
+    def __init__(self, targets: dict[str, nn.Module], per_example_squares: bool):
+        self.targets = targets
+        self.per_example_squares = per_example_squares
+        self.accumulators = {name: torch.zeros(zero3.shard_numel(m.weight), dtype=torch.float32)
+                             for name, m in targets.items()}
+        self._handles = [m.register_forward_hook(self._forward_hook(name)) for name, m in targets.items()]
+
+    def _forward_hook(self, name: str):
+        def hook(module, inputs, output):
+            if output.requires_grad:
+                x = inputs[0].detach()  # the embedding's token ids, or the linear layer's input
+                output.register_hook(lambda grad_out: self._accumulate(name, x, grad_out))
+        return hook
+
+    def _accumulate(self, name: str, x: torch.Tensor, grad_out: torch.Tensor) -> None:
+        module = self.targets[name]
+        grad_fn, shape = weight_grad_fn(module), tuple(zero3.full_shape(module.weight))
+        x = x.float() if x.is_floating_point() else x
+        grad_out = grad_out.float()
+        if self.per_example_squares:
+            grad_w = sum(grad_fn(x[i], grad_out[i], shape).square() for i in range(x.shape[0]))
+        else:
+            grad_w = grad_fn(x, grad_out, shape)
+        zero3.reduce_scatter_add(self.accumulators[name], grad_w.view(-1), module.weight)
+
+    def remove(self) -> None:
+        for handle in self._handles:
+            handle.remove()
+
+
+@contextlib.contextmanager
+def _accumulating(model: nn.Module, targets: dict[str, nn.Module], per_example_squares: bool = False):
+    # The base weights stay frozen, so gradients reach the layers only if the embedding output asks for one.
+    # Registered before the accumulator's hooks, so an embedding target already sees it.
+    embed_hook = model.get_input_embeddings().register_forward_hook(lambda m, i, out: out.requires_grad_(True))
+    accumulator = _ShardAccumulator(targets, per_example_squares)
+    was_training = model.training
+    model.eval()  # no dropout: the statistics are of the model as it is
+    try:
+        yield accumulator.accumulators
+    finally:
+        embed_hook.remove()
+        accumulator.remove()
+        model.train(was_training)
+
+
+def _backward_over(model: nn.Module, batches: list[dict], loss_fn: LossFn, desc: str, show_progress: bool) -> None:
+    for batch in tqdm(batches, desc=desc, disable=not show_progress):
+        logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+        loss_fn(logits, batch["labels"]).backward()
+
+
+def global_count(local: int) -> int:
+    total = torch.tensor(local, dtype=torch.int64)
+    if dist.is_initialized():
+        dist.all_reduce(total)
+    return int(total)
+
+
+def calibration_tokens(batches: list[dict]) -> int:
+    """Loss tokens in the whole calibration set, over all ranks."""
+    return global_count(sum(int((b["labels"][:, 1:] != -100).sum()) for b in batches))
+
+
+def calibration_examples(batches: list[dict]) -> int:
+    """Examples with at least one loss token, over all ranks (filler batches have none)."""
+    return global_count(sum(int((b["labels"][:, 1:] != -100).any(dim=1).sum()) for b in batches))
+
+
+def gradient(model: nn.Module, targets: dict[str, nn.Module], batches: list[dict],
+             show_progress: bool = False) -> dict[str, torch.Tensor]:
+    """g = d(summed token loss / total loss tokens of the calibration set)/dW: independent of how the
+    calibration set is cut into micro-batches and ranks."""
+    total_tokens = calibration_tokens(batches)
+    with _accumulating(model, targets) as accumulators:
+        _backward_over(model, batches, lambda logits, labels: causal_lm_loss_sum(logits, labels)[0] / total_tokens,
+                       "salience", show_progress)
+    return accumulators
+
+
+def mean_squared_example_gradient(model: nn.Module, targets: dict[str, nn.Module], batches: list[dict],
+                                  show_progress: bool = False) -> dict[str, torch.Tensor]:
+    """(1/N) sum_i (d loss_i / dW)^2, loss_i the mean token loss of example i (the empirical Fisher)."""
+    with _accumulating(model, targets, per_example_squares=True) as accumulators:
+        _backward_over(model, batches, per_example_mean_loss_sum, "salience (fisher)", show_progress)
+    n = calibration_examples(batches)
+    return {name: acc / max(n, 1) for name, acc in accumulators.items()}
+
+
+_ACTIVATION_MODULES = ("torch.nn.modules.activation", "transformers.activations")
+
+
+def synflow_gradient(model: nn.Module, targets: dict[str, nn.Module]) -> dict[str, torch.Tensor]:
+    """d sum(logits)/dW for the model with every weight made non-negative, activation modules replaced by
+    the identity and an all-ones input embedding of one token (SynFlow, as the paper's code computes it).
+    Attention's softmax stays; over a single token it is 1 anyway."""
+    params = list(model.parameters())
+    identity_hooks = [m.register_forward_hook(lambda m, inputs, out: inputs[0]) for m in model.modules()
+                      if type(m).__module__ in _ACTIVATION_MODULES]
+    world = dist.get_world_size() if dist.is_initialized() else 1
+    try:
+        with zero3.preserved_shards(params), _accumulating(model, targets) as accumulators:
+            with torch.no_grad():
+                for param in params:
+                    zero3.local_shard(param).abs_()
+            hidden = model.get_input_embeddings().embedding_dim
+            dtype = zero3.local_shard(params[0]).dtype
+            ones = torch.ones(1, 1, hidden, dtype=dtype, requires_grad=True)
+            # Every rank runs the same pass (ZeRO-3 gathers collectively); the reduce-scatter sums them.
+            (model(inputs_embeds=ones).logits.float().sum() / world).backward()
+    finally:
+        for hook in identity_hooks:
+            hook.remove()
+    return accumulators
+
+
+def _global_norm(shards: list[torch.Tensor]) -> float:
+    total = torch.tensor(sum(float(s.double().square().sum()) for s in shards), dtype=torch.float64)
+    if dist.is_initialized():
+        dist.all_reduce(total)
+    return float(total.sqrt())
+
+
+# Perturbation size of the finite difference, relative to the targeted weights' norm: large enough that
+# fp32 rounding of the two gradients stays small against their difference, small enough that the
+# central difference's O(step^2) error is negligible (see tests/distributed/test_metrics.py).
+HESSIAN_STEP = 1e-3
+
+
+def hessian_gradient(model: nn.Module, targets: dict[str, nn.Module], batches: list[dict],
+                     grad: dict[str, torch.Tensor], show_progress: bool = False) -> dict[str, torch.Tensor]:
+    """H g (H: Hessian of the calibration loss over the targeted weights) by a central difference of
+    gradients, (g(W + eps g) - g(W - eps g)) / (2 eps), with each rank nudging only its own shards and
+    the weights restored bit-exactly afterwards."""
+    ranges = {name: zero3.shard_range(m.weight) for name, m in targets.items()}
+    valid = {name: grad[name][:stop - start] for name, (start, stop) in ranges.items()}
+    weights = [zero3.local_shard(m.weight)[:stop - start] for m, (start, stop) in zip(targets.values(), ranges.values())]
+    eps = HESSIAN_STEP * _global_norm(weights) / max(_global_norm(list(valid.values())), 1e-30)
+    gradients = []
+    for sign in (1.0, -1.0):
+        with zero3.preserved_shards(m.weight for m in targets.values()):
+            with torch.no_grad():
+                for name, module in targets.items():
+                    shard = zero3.local_shard(module.weight)
+                    shard[:valid[name].numel()] += (sign * eps * valid[name]).to(shard.dtype)
+            gradients.append(gradient(model, targets, batches, show_progress))
+    return {name: (gradients[0][name] - gradients[1][name]) / (2 * eps) for name in targets}

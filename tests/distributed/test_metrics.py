@@ -1,0 +1,135 @@
+"""Every salience metric on 2 real ZeRO-3 ranks (gloo), shard by shard, against dense plain-torch references."""
+
+from __future__ import annotations
+
+import math
+
+import deepspeed
+import pytest
+import torch
+from transformers import AutoModelForCausalLM
+
+from speft_ds.config import METRIC_NAMES
+from tests.distributed.harness import run_ranks
+from tests.models import write_tiny_llama
+from tests.references import (MICRO_BATCH, decoder_linears, dense_fisher, dense_gradient, dense_hessian_gradient,
+                              dense_synflow, random_examples, zero3_config)
+
+SEED = 5
+# The bound this project states for grasp's finite-difference Hessian-gradient product (norm-wise, fp32).
+GRASP_BOUND = 1e-3
+
+
+def _worker(rank, world_size, model_dir, examples):
+    from speft_ds.config import TrainConfig
+    from speft_ds.data import rank_batches
+    from speft_ds.ds_config import salience_ds_config
+    from speft_ds.model import find_targets, load_model
+    from speft_ds.salience import compute_salience
+
+    config = salience_ds_config(zero3_config(world_size))
+    model, hf_ds_config = load_model(TrainConfig(model=model_dir), config, torch.float32)
+    engine = deepspeed.initialize(model=model, config=config)[0]
+    targets = find_targets(model, None)
+    batches = rank_batches(examples, list(range(len(examples))), rank, world_size, MICRO_BATCH, pad_id=0)
+    shards = {name: [m.weight.ds_tensor.clone() for m in targets.values()] for name in ("before",)}
+    result = {}
+    for metric in (*METRIC_NAMES, "gradient"):  # gradient again: the weights must be restored bit-exactly
+        scores = compute_salience(model, targets, batches, metric, seed=SEED, show_progress=False)
+        result.setdefault(metric, {n: (s.start, s.scores) for n, s in scores.items()})
+        result[f"{metric}/last"] = {n: (s.start, s.scores) for n, s in scores.items()}
+    result["restored"] = all(torch.equal(before, m.weight.ds_tensor)
+                             for before, m in zip(shards["before"], targets.values()))
+    engine.destroy()
+    del hf_ds_config
+    return result
+
+
+@pytest.fixture(scope="module")
+def setup(tmp_path_factory):
+    root = tmp_path_factory.mktemp("metrics")
+    model_dir = write_tiny_llama(root / "llama")
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
+    examples = random_examples(model.config.vocab_size)
+    two = run_ranks(_worker, 2, str(model_dir), examples, out_dir=root / "two")
+    one = run_ranks(_worker, 1, str(model_dir), examples, out_dir=root / "one")
+    names = decoder_linears(model)
+    weights = {n: model.get_submodule(n).weight.detach().flatten() for n in names}
+    grad = dense_gradient(model, examples, names)
+    reference = {
+        "magnitude": {n: w.abs() for n, w in weights.items()},
+        "gradient": {n: g.abs() for n, g in grad.items()},
+        "snip": {n: (weights[n] * g).abs() for n, g in grad.items()},
+        "force": {n: -(weights[n] * g) for n, g in grad.items()},
+        "taylor": {n: (weights[n] * g) ** 2 for n, g in grad.items()},
+        "fisher": dense_fisher(model, examples, names),
+    }
+    # SynFlow's all-ones input is a worst case for fp32 (RMSNorm's backward cancels almost everything):
+    # two fp32 evaluations differ far more than 1e-5, so the reference is fp64.
+    synflow32 = dense_synflow(model, names)
+    model64 = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float64).eval()
+    synflow64 = dense_synflow(model64, names)
+    # Double backward needs eager attention (SDPA on CPU has no second derivative).
+    eager = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32, attn_implementation="eager").eval()
+    hessian_grad = dense_hessian_gradient(eager, examples, names)
+    reference["grasp"] = {n: -(hg * weights[n]) for n, hg in hessian_grad.items()}
+    return {"two": two, "one": one, "reference": reference, "names": names, "synflow32": synflow32,
+            "synflow64": synflow64}
+
+
+def _whole(rank_results: list, metric: str, name: str) -> torch.Tensor:
+    """Join the ranks' shards of one weight, checking each starts where ZeRO-3's partition does."""
+    numel = sum(r[metric][name][1].numel() for r in rank_results)
+    slice_size = math.ceil(numel / len(rank_results))
+    for rank, r in enumerate(rank_results):
+        assert r[metric][name][0] == min(rank * slice_size, numel)
+    return torch.cat([r[metric][name][1] for r in rank_results])
+
+
+@pytest.mark.parametrize("metric", ["magnitude", "gradient", "snip", "force", "taylor", "fisher"])
+def test_metric_shards_match_dense_reference(setup, metric):
+    for name in setup["names"]:
+        ref = setup["reference"][metric][name]
+        for world in ("two", "one"):
+            got = _whole(setup[world], metric, name)
+            torch.testing.assert_close(got, ref, rtol=1e-5, atol=1e-5 * ref.abs().max().item(),
+                                       msg=lambda m: f"{metric} {name} ({world} ranks): {m}")
+
+
+def test_synflow_as_close_to_fp64_as_an_fp32_reference_is(setup):
+    def error(scores, ref):
+        return ((scores.double() - ref).abs().max() / ref.abs().max()).item()
+
+    for name in setup["names"]:
+        ref64 = setup["synflow64"][name]
+        if ref64.abs().max() == 0:  # q/k projections: one token's softmax passes no gradient to them
+            assert all(_whole(setup[w], "synflow", name).abs().max() == 0 for w in ("two", "one"))
+            continue
+        fp32_floor = error(setup["synflow32"][name], ref64)
+        for world in ("two", "one"):
+            assert error(_whole(setup[world], "synflow", name), ref64) <= max(1e-5, 2 * fp32_floor), name
+
+
+def test_grasp_within_stated_bound_of_exact_double_backward(setup):
+    errors = []
+    for world in ("two", "one"):
+        got = torch.cat([_whole(setup[world], "grasp", n) for n in setup["names"]])
+        ref = torch.cat([setup["reference"]["grasp"][n] for n in setup["names"]])
+        errors.append(((got - ref).norm() / ref.norm()).item())
+    print(f"grasp norm-wise relative error vs exact double backward: {errors}")
+    assert max(errors) <= GRASP_BOUND, errors
+
+
+def test_random_scores_do_not_depend_on_world_size(setup):
+    for name in setup["names"]:
+        two, one = _whole(setup["two"], "random", name), _whole(setup["one"], "random", name)
+        assert torch.equal(two, one)
+        assert ((two >= 0) & (two < 1)).all() and two.std() > 0.2
+
+
+def test_weights_restored_bit_exactly_after_synflow_and_grasp(setup):
+    for world in ("two", "one"):
+        for r in setup[world]:
+            assert r["restored"]
+            for name in setup["names"]:
+                assert torch.equal(r["gradient"][name][1], r["gradient/last"][name][1])

@@ -1,0 +1,115 @@
+"""Dense single-process references in plain torch (no speft_ds code), and the inputs they share."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+MICRO_BATCH = 2
+
+
+def zero3_config(world_size: int) -> dict:
+    return {"train_micro_batch_size_per_gpu": MICRO_BATCH, "gradient_accumulation_steps": 1,
+            "train_batch_size": MICRO_BATCH * world_size, "bf16": {"enabled": False},
+            "zero_optimization": {"stage": 3, "stage3_param_persistence_threshold": 0}}
+
+
+def random_examples(vocab: int, n: int = 11, seed: int = 1) -> list[dict]:
+    """Random token sequences of varied length; the first few tokens of each carry no loss (a 'prompt')."""
+    g = torch.Generator().manual_seed(seed)
+    examples = []
+    for _ in range(n):
+        length = int(torch.randint(6, 20, (1,), generator=g))
+        ids = torch.randint(3, vocab, (length,), generator=g).tolist()
+        prompt = int(torch.randint(1, 4, (1,), generator=g))
+        examples.append({"input_ids": ids, "labels": [-100] * prompt + ids[prompt:]})
+    return examples
+
+
+def dense_gradient(model: nn.Module, examples: list[dict], names: list[str]) -> dict[str, torch.Tensor]:
+    """d loss / d W (flattened) for the named modules, loss = summed token loss / total loss tokens."""
+    model.requires_grad_(False)
+    linears = {n: model.get_submodule(n) for n in names}
+    for m in linears.values():
+        m.weight.requires_grad_(True)
+        m.weight.grad = None
+    total = sum(sum(1 for t in e["labels"][1:] if t != -100) for e in examples)
+    for e in examples:
+        logits = model(torch.tensor([e["input_ids"]])).logits[0]
+        loss = F.cross_entropy(logits[:-1], torch.tensor(e["labels"][1:]), ignore_index=-100, reduction="sum")
+        (loss / total).backward()
+    scores = {n: m.weight.grad.flatten().clone() for n, m in linears.items()}
+    model.requires_grad_(False)
+    return scores
+
+
+def reference_top_k(scores: list[torch.Tensor], k: int) -> tuple[list[set], float]:
+    """Top-k of the concatenation: score descending, then (module order, flat index) ascending."""
+    flat = torch.cat(scores)
+    order = torch.sort(-flat, stable=True).indices[:k]
+    offsets = torch.tensor([0] + [s.numel() for s in scores]).cumsum(0)
+    chosen = [set() for _ in scores]
+    for pos in order.tolist():
+        module = int(torch.searchsorted(offsets, pos, right=True)) - 1
+        chosen[module].add(pos - int(offsets[module]))
+    return chosen, float(flat[order[-1]])
+
+
+def decoder_linears(model: nn.Module) -> list[str]:
+    return [n for n, m in model.named_modules() if isinstance(m, nn.Linear) and n != "lm_head"]
+
+
+def dense_fisher(model: nn.Module, examples: list[dict], names: list[str]) -> dict[str, torch.Tensor]:
+    """(1/N) sum_i (d loss_i / dW)^2, loss_i = mean token loss of example i, one backward per example."""
+    model.requires_grad_(False)
+    weights = {n: model.get_submodule(n).weight.requires_grad_(True) for n in names}
+    total = {n: torch.zeros(w.numel()) for n, w in weights.items()}
+    for e in examples:
+        logits = model(torch.tensor([e["input_ids"]])).logits[0]
+        loss = F.cross_entropy(logits[:-1], torch.tensor(e["labels"][1:]), ignore_index=-100)
+        grads = torch.autograd.grad(loss, list(weights.values()))
+        for n, g in zip(weights, grads):
+            total[n] += g.flatten().square()
+    model.requires_grad_(False)
+    return {n: t / len(examples) for n, t in total.items()}
+
+
+def dense_synflow(model: nn.Module, names: list[str]) -> dict[str, torch.Tensor]:
+    """|W * g'| with every parameter made non-negative, F.silu replaced by the identity (as the paper's
+    code patches torch.nn.functional) and one all-ones input embedding; g' = d sum(logits) / dW."""
+    saved = {n: p.detach().clone() for n, p in model.named_parameters()}
+    silu = F.silu
+    try:
+        F.silu = lambda x, inplace=False: x
+        with torch.no_grad():
+            for p in model.parameters():
+                p.abs_()
+        weights = [model.get_submodule(n).weight.requires_grad_(True) for n in names]
+        ones = torch.ones(1, 1, model.config.hidden_size, dtype=model.dtype)
+        grads = torch.autograd.grad(model(inputs_embeds=ones).logits.sum(), weights)
+        scores = {n: (w.detach() * g).abs().flatten() for n, w, g in zip(names, weights, grads)}
+    finally:
+        F.silu = silu
+        model.requires_grad_(False)
+        with torch.no_grad():
+            for n, p in model.named_parameters():
+                p.copy_(saved[n])
+    return scores
+
+
+def dense_hessian_gradient(model: nn.Module, examples: list[dict], names: list[str]) -> dict[str, torch.Tensor]:
+    """H g exactly, by double backward: g = d loss / dW (loss as in dense_gradient), H g = d (g . stop(g)) / dW."""
+    model.requires_grad_(False)
+    weights = [model.get_submodule(n).weight.requires_grad_(True) for n in names]
+    total = sum(sum(1 for t in e["labels"][1:] if t != -100) for e in examples)
+    loss = 0
+    for e in examples:
+        logits = model(torch.tensor([e["input_ids"]])).logits[0]
+        loss = loss + F.cross_entropy(logits[:-1], torch.tensor(e["labels"][1:]), ignore_index=-100,
+                                      reduction="sum") / total
+    grads = torch.autograd.grad(loss, weights, create_graph=True)
+    dot = sum((g * g.detach()).sum() for g in grads)
+    hessian_grads = torch.autograd.grad(dot, weights)
+    model.requires_grad_(False)
+    return {n: hg.flatten() for n, hg in zip(names, hessian_grads)}
