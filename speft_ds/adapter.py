@@ -54,8 +54,8 @@ def save_adapter(path: str | Path, indices: dict[str, torch.Tensor], values: dic
     path = Path(path)
     tensors = {}
     for name in indices:
-        tensors[f"{name}.indices"] = indices[name].to(torch.int64).contiguous()
-        tensors[f"{name}.values"] = values[name].float().contiguous()
+        tensors[f"{name}.indices"] = indices[name].to(torch.int64).cpu().contiguous()
+        tensors[f"{name}.values"] = values[name].float().cpu().contiguous()
     adapter_config = {"peft_type": "SPEFT", **meta, "k": sum(t.numel() for t in indices.values()),
                       "shapes": {name: shapes[name] for name in indices}, "versions": _versions()}
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -64,9 +64,14 @@ def save_adapter(path: str | Path, indices: dict[str, torch.Tensor], values: dic
     try:
         save_file(tensors, str(tmp / WEIGHTS_NAME), metadata={"format": "pt"})
         (tmp / CONFIG_NAME).write_text(json.dumps(adapter_config, indent=2) + "\n")
-        if path.exists():
-            shutil.rmtree(path)
+        # Move any old adapter aside first, so at every moment one complete adapter exists.
+        old = path.with_name(f".{path.name}.old") if path.exists() else None
+        if old is not None:
+            shutil.rmtree(old, ignore_errors=True)
+            os.replace(path, old)
         os.replace(tmp, path)
+        if old is not None:
+            shutil.rmtree(old)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise

@@ -21,8 +21,6 @@ def _parse_bool(text: str) -> bool:
 
 
 def _value_type(annotation) -> Callable:
-    if isinstance(annotation, str):
-        annotation = eval(annotation, vars(typing))  # annotations are strings under `from __future__`
     args = [a for a in typing.get_args(annotation) if a is not type(None)]
     base = args[0] if args else annotation
     return _parse_bool if base is bool else base
@@ -31,8 +29,9 @@ def _value_type(annotation) -> Callable:
 def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(prog="train.py", description="Salience-aware sparse fine-tuning under DeepSpeed ZeRO-3.",
                      argument_default=argparse.SUPPRESS)
+    hints = typing.get_type_hints(TrainConfig)
     for f in fields(TrainConfig):
-        value_type = _value_type(f.type)
+        value_type = _value_type(hints[f.name])
         kwargs = dict(help=f"{f.metadata['help']} (default: {f.default})", type=value_type)
         if value_type is _parse_bool:
             kwargs.update(nargs="?", const=True, metavar="BOOL")

@@ -78,6 +78,8 @@ class TrainConfig:
         if self.num_trainable is not None and self.num_trainable < 1:
             raise ConfigError(f"--num_trainable {self.num_trainable} selects nothing: pass a count >= 1 "
                               "or use --density")
+        if self.num_trainable is not None and self.selection == "local":
+            raise ConfigError("--num_trainable picks an exact global count; with --selection local use --density")
         for name in ("calibration_examples", "micro_batch_size", "gradient_accumulation_steps",
                      "seq_len", "logging_steps"):
             if getattr(self, name) < 1:
@@ -95,6 +97,9 @@ class TrainConfig:
         if not Path(self.model, "config.json").is_file():
             raise ConfigError(f"--model {self.model} is not a model directory (no config.json): "
                               "pass a local HF model directory")
+        if not any(Path(self.model).glob("*.safetensors")):
+            raise ConfigError(f"--model {self.model} has no .safetensors weights: convert the checkpoint with "
+                              "save_pretrained(safe_serialization=True)")
         if not Path(self.ds_config).is_file():
             raise ConfigError(f"--ds_config {self.ds_config} does not exist: pass a DeepSpeed JSON file")
         if looks_like_local_file(self.dataset) and not Path(self.dataset).is_file():
@@ -109,14 +114,15 @@ def looks_like_local_file(dataset: str) -> bool:
     return Path(dataset).suffix.lower() in LOCAL_DATA_SUFFIXES
 
 
-_REGEX_CHARS = set(".*+?()[]{}|^$\\")
+_REGEX_CHARS = set("*+?()[]{}|^$\\")  # not '.': "self_attn.q_proj" is a dotted name
 
 
 def target_pattern(spec: str) -> re.Pattern:
     """Turn --target_modules into one regex over full module names.
 
-    Plain names match the last name component (PEFT's list form); anything with regex characters is a
-    regex matched against the whole module name (PEFT's string form).
+    Plain (possibly dotted) names match the end of a module name on a component boundary (PEFT's list
+    form); anything with other regex characters is a regex matched against the whole module name (PEFT's
+    string form).
     """
     if _REGEX_CHARS & set(spec):
         try:

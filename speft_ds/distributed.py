@@ -37,10 +37,6 @@ def init_distributed() -> None:
     deepspeed.init_distributed(dist_backend=backend)
 
 
-def is_main_process() -> bool:
-    return not dist.is_initialized() or dist.get_rank() == 0
-
-
-def barrier() -> None:
-    if dist.is_initialized():
-        dist.barrier()
+def device() -> torch.device:
+    """Where this rank computes, and where tensors given to collectives live (NCCL needs the GPU)."""
+    return torch.device(get_accelerator().current_device_name())

@@ -21,6 +21,9 @@ _MIRRORED = {
 
 def read_ds_config(path: str) -> dict:
     ds = read_json(path, "--ds_config")
+    if not isinstance(ds, dict) or not isinstance(ds.get("zero_optimization", {}), dict):
+        raise ConfigError(f"--ds_config {path} is not a DeepSpeed config (a JSON object with a "
+                          '"zero_optimization" object): fix the file')
     stage = ds.get("zero_optimization", {}).get("stage")
     if stage != 3:
         raise ConfigError(f"--ds_config {path} uses ZeRO stage {stage}: speft-ds needs "
@@ -64,6 +67,9 @@ def reconcile(ds: dict, config: TrainConfig, explicit: set[str], bf16: bool) -> 
             raise ConfigError(f"--{name} {getattr(config, name)} disagrees with {'.'.join(path)}={value} in "
                               f"--ds_config: set it to \"auto\" or drop the flag")
         updates[name] = value
+    if "scheduler" in ds and "lr_scheduler" in explicit:
+        raise ConfigError("--lr_scheduler cannot apply: --ds_config has its own \"scheduler\" block; remove "
+                          "the block or the flag")
     ds_bf16 = _get(ds, ("bf16", "enabled"))
     if ds_bf16 not in (None, "auto"):
         if "bf16" in explicit and ds_bf16 != bf16:
@@ -96,7 +102,9 @@ def fill_auto(ds: dict, config: TrainConfig, *, world_size: int, hidden_size: in
     zero = ds["zero_optimization"]
     for key, value in (("reduce_bucket_size", hidden_size * hidden_size),
                        ("stage3_prefetch_bucket_size", int(0.9 * hidden_size * hidden_size)),
-                       ("stage3_param_persistence_threshold", 10 * hidden_size)):
+                       # 0, not HF's 10 x hidden: the per-layer delta values are small parameters, and
+                       # anything under the threshold would be kept whole on every rank.
+                       ("stage3_param_persistence_threshold", 0)):
         if zero.get(key) == "auto":
             zero[key] = value
     leftover = [key for key, value in _walk(ds) if value == "auto"]

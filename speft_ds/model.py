@@ -24,10 +24,10 @@ def load_tokenizer(config: TrainConfig):
         raise ConfigError(f"--model {config.model} has no usable tokenizer ({err}): add tokenizer files") from None
 
 
-def skeleton_model(model_config) -> nn.Module:
+def skeleton_model(model_config, trust_remote_code: bool = False) -> nn.Module:
     """The model's module tree on the meta device: names and shapes, no memory, no weights read."""
     with torch.device("meta"):
-        return AutoModelForCausalLM.from_config(model_config)
+        return AutoModelForCausalLM.from_config(model_config, trust_remote_code=trust_remote_code)
 
 
 SUPPORTED_TARGETS = (nn.Linear, nn.Embedding)
@@ -36,13 +36,16 @@ SUPPORTED_TARGETS = (nn.Linear, nn.Embedding)
 def find_targets(model: nn.Module, spec: str | None) -> dict[str, nn.Module]:
     """Targeted layers by name, in `named_modules()` order.
 
-    Default: every Linear except the output embedding (lm_head), i.e. the linears of the decoder blocks.
-    Named targets may be any linear or embedding layer, lm_head and embed_tokens included.
+    Default: every Linear inside the decoder blocks (the model's ModuleLists). Named targets may be any
+    linear or embedding layer, lm_head and embed_tokens included.
     """
     if spec is None:
-        output_embeddings = model.get_output_embeddings()
-        return {name: module for name, module in model.named_modules()
-                if isinstance(module, nn.Linear) and module is not output_embeddings}
+        blocks = tuple(f"{name}." for name, module in model.named_modules() if isinstance(module, nn.ModuleList))
+        targets = {name: module for name, module in model.named_modules()
+                   if isinstance(module, nn.Linear) and name.startswith(blocks)}
+        if not targets:
+            raise ConfigError("the model has no linear layer inside decoder blocks: name targets with --target_modules")
+        return targets
     pattern = target_pattern(spec)
     matched = {name: module for name, module in model.named_modules() if pattern.fullmatch(name)}
     unsupported = [name for name, module in matched.items() if not isinstance(module, SUPPORTED_TARGETS)]

@@ -22,7 +22,7 @@ from .cli import parse_config
 from .config import ConfigError, TrainConfig
 from .data import (calibration_indices, collate, load_raw_dataset, pad_token_id, rank_batches,
                    tokenize_dataset, train_eval_split, train_micro_batches)
-from .distributed import barrier, init_distributed, world_size_from_env
+from .distributed import device, init_distributed, world_size_from_env
 from .ds_config import fill_auto, read_ds_config, reconcile, resolve_bf16, salience_ds_config
 from .losses import causal_lm_loss_sum
 from .metrics_log import MetricsLog
@@ -66,7 +66,7 @@ def plan_run(config: TrainConfig, explicit: set[str]) -> Plan:
     ds_config = read_ds_config(config.ds_config)
     get_metric(config.metric)
     model_config = load_model_config(config)
-    targets = find_targets(skeleton_model(model_config), config.target_modules)
+    targets = find_targets(skeleton_model(model_config, config.trust_remote_code), config.target_modules)
     targeted_elements = sum(m.weight.numel() for m in targets.values())
     k = num_to_select(config.density, config.num_trainable, targeted_elements)
     _check_output_dir(config)
@@ -95,8 +95,12 @@ def _micro_batch_stream(plan: Plan, rank: int, world_size: int):
                                        plan.config.micro_batch_size)
 
 
+def _on_device(batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    return {key: value.to(device()) for key, value in batch.items()}
+
+
 def _mean_over_ranks(value: float) -> float:
-    tensor = torch.tensor(value, dtype=torch.float64)
+    tensor = torch.tensor(value, dtype=torch.float64, device=device())
     dist.all_reduce(tensor)
     return tensor.item() / dist.get_world_size()
 
@@ -111,7 +115,7 @@ def train_loop(engine, plan: Plan, log: MetricsLog, rank: int, world_size: int) 
         started = time.perf_counter()
         step_loss = 0.0
         for _ in range(config.gradient_accumulation_steps):
-            batch = collate([plan.train_set[i] for i in next(stream)], pad_id)
+            batch = _on_device(collate([plan.train_set[i] for i in next(stream)], pad_id))
             logits = engine(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
             loss_sum, tokens = causal_lm_loss_sum(logits, batch["labels"])
             loss = loss_sum / max(tokens, 1)
@@ -121,8 +125,8 @@ def train_loop(engine, plan: Plan, log: MetricsLog, rank: int, world_size: int) 
         losses.append(step_loss)
         times.append(time.perf_counter() - started)
         if step % config.logging_steps == 0 or step == plan.total_steps:
-            log.write({"step": step, "loss": _mean_over_ranks(sum(losses) / len(losses)), "lr": lr,
-                       "step_time_s": sum(times) / len(times)})
+            mean_loss = _mean_over_ranks(sum(losses) / len(losses))  # a collective: every rank calls it
+            log.write({"step": step, "loss": mean_loss, "lr": lr, "step_time_s": sum(times) / len(times)})
             losses, times = [], []
 
 
@@ -131,11 +135,11 @@ def evaluate(engine, plan: Plan, rank: int, world_size: int) -> float:
     batches = rank_batches(plan.eval_set, list(range(len(plan.eval_set))), rank, world_size,
                            plan.config.micro_batch_size, pad_token_id(plan.tokenizer))
     engine.eval()
-    totals = torch.zeros(2, dtype=torch.float64)
-    for batch in batches:
+    totals = torch.zeros(2, dtype=torch.float64, device=device())
+    for batch in map(_on_device, batches):
         logits = engine(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
         loss_sum, tokens = causal_lm_loss_sum(logits, batch["labels"])
-        totals += torch.tensor([loss_sum.item(), tokens], dtype=torch.float64)
+        totals += torch.tensor([loss_sum.item(), tokens], dtype=torch.float64, device=device())
     dist.all_reduce(totals)
     return (totals[0] / totals[1].clamp(min=1)).item()
 
@@ -156,7 +160,7 @@ def select_masks(model, plan: Plan, log: MetricsLog, rank: int, world_size: int)
     if config.selection == "global":
         selected = select_global(scores, plan.k)
     else:
-        selected = select_local(scores, plan.k / plan.targeted_elements if config.num_trainable else config.density)
+        selected = select_local(scores, config.density)
     # A weight with no selected entry gets no delta (ZeRO-3 cannot partition an empty parameter).
     indices = {name: idx for name, idx in gather_indices(selected).items() if idx.numel() > 0}
     log.write({"event": "selection", "selection": config.selection, "k": sum(t.numel() for t in indices.values()),
@@ -168,14 +172,22 @@ def save_trained_adapter(layers: dict, indices: dict[str, torch.Tensor], plan: P
     """Gather the partitioned values (a collective) and let rank 0 write the adapter."""
     config = plan.config
     values = {name: zero3.gather_full_fp32(layer.delta_values) for name, layer in layers.items()}
+    saved = torch.ones(1, device=device())
     if rank == 0:
         k = sum(t.numel() for t in indices.values())
         meta = {"base_model_name_or_path": config.model, "metric": config.metric, "selection": config.selection,
                 "density": k / plan.targeted_elements, "target_modules": config.target_modules or "all-linear",
                 "train_config": asdict(config)}
         shapes = {name: list(layer.shape) for name, layer in layers.items()}
-        save_adapter(Path(config.output_dir) / "adapter", indices, values, shapes, meta)
-    barrier()
+        try:
+            save_adapter(Path(config.output_dir) / "adapter", indices, values, shapes, meta)
+        except BaseException:
+            saved.zero_()
+            dist.broadcast(saved, src=0)  # release the other ranks before raising
+            raise
+    dist.broadcast(saved, src=0)
+    if not saved.item():
+        raise RuntimeError("rank 0 failed to write the adapter (its error is in rank 0's output)")
 
 
 def run(plan: Plan) -> RunResult:

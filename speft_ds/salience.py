@@ -60,7 +60,7 @@ def _mix32(h: torch.Tensor) -> torch.Tensor:
 def random_score(s: ShardStats) -> torch.Tensor:
     """Uniform in [0, 1), a hash of (seed, module name, flat index): the same for any world size."""
     key = (zlib.crc32(s.name.encode()) ^ _mix32(torch.tensor(s.seed & 0xFFFFFFFF)).item()) & 0xFFFFFFFF
-    flat = torch.arange(s.start, s.start + s.weight.numel(), dtype=torch.int64)
+    flat = torch.arange(s.start, s.start + s.weight.numel(), dtype=torch.int64, device=s.weight.device)
     h = _mix32(_mix32((flat >> 32) ^ key) ^ (flat & 0xFFFFFFFF))
     return (h >> 8).float() / float(1 << 24)
 

@@ -35,12 +35,12 @@ def score_keys(scores: torch.Tensor) -> torch.Tensor:
 
 
 def _radix_select(key_shards: list[Callable[[], torch.Tensor]], k: int, bits: int, largest: bool,
-                  all_reduce: AllReduce) -> tuple[int, int]:
+                  all_reduce: AllReduce, device: torch.device) -> tuple[int, int]:
     """The k-th key (k-th largest if `largest`, else k-th smallest) over all ranks, and how many keys
     equal to it belong to the top k."""
     prefix, remaining = 0, k
     for shift in range(bits - 8, -1, -8):
-        hist = torch.zeros(256, dtype=torch.int64)
+        hist = torch.zeros(256, dtype=torch.int64, device=device)
         for make_keys in key_shards:
             keys = make_keys()
             keys = keys[(keys >> (shift + 8)) == (prefix >> (shift + 8))]
@@ -48,7 +48,7 @@ def _radix_select(key_shards: list[Callable[[], torch.Tensor]], k: int, bits: in
         all_reduce(hist)
         ordered = hist.flip(0) if largest else hist
         cumulative = ordered.cumsum(0)
-        b = int(torch.searchsorted(cumulative, torch.tensor(remaining)))
+        b = int(torch.searchsorted(cumulative, torch.tensor(remaining, device=device)))
         remaining -= int(cumulative[b] - ordered[b])
         prefix |= (255 - b if largest else b) << shift
     return prefix, remaining
@@ -56,26 +56,29 @@ def _radix_select(key_shards: list[Callable[[], torch.Tensor]], k: int, bits: in
 
 def _select(shards: list[tuple[int, ShardScores]], k: int, all_reduce: AllReduce) -> list[torch.Tensor]:
     """Top-k over the given (module position, shard) pairs; returns the selected flat indices per shard."""
-    total = torch.tensor(sum(s.scores.numel() for _, s in shards), dtype=torch.int64)
+    device = shards[0][1].scores.device
+    total = torch.tensor(sum(s.scores.numel() for _, s in shards), dtype=torch.int64, device=device)
     all_reduce(total)
     check_k(k, total.item())
-    for _, s in shards:
-        if torch.isnan(s.scores).any():
-            raise ConfigError("salience scores contain NaN: check the model and calibration data")
+    has_nan = torch.tensor(int(any(torch.isnan(s.scores).any() for _, s in shards)), dtype=torch.int64,
+                           device=device)
+    all_reduce(has_nan)  # every rank raises together, none waits in a collective the others left
+    if has_nan.item():
+        raise ConfigError("salience scores contain NaN: check the model and calibration data")
 
     threshold, ties_needed = _radix_select([lambda s=s: score_keys(s.scores) for _, s in shards],
-                                           k, _SCORE_BITS, True, all_reduce)
+                                           k, _SCORE_BITS, True, all_reduce, device)
 
     def tie_positions(position: int, s: ShardScores) -> torch.Tensor:
         flat = torch.nonzero(score_keys(s.scores) == threshold).view(-1) + s.start
         return (position << _FLAT_INDEX_BITS) | flat
 
     last_tie, _ = _radix_select([lambda p=p, s=s: tie_positions(p, s) for p, s in shards],
-                                ties_needed, _POSITION_BITS, False, all_reduce)
+                                ties_needed, _POSITION_BITS, False, all_reduce, device)
     selected = []
     for position, s in shards:
         keys = score_keys(s.scores)
-        flat = torch.arange(s.start, s.start + s.scores.numel(), dtype=torch.int64)
+        flat = torch.arange(s.start, s.start + s.scores.numel(), dtype=torch.int64, device=device)
         tie_ok = ((position << _FLAT_INDEX_BITS) | flat) <= last_tie
         selected.append(flat[(keys > threshold) | ((keys == threshold) & tie_ok)])
     return selected
@@ -112,12 +115,13 @@ def gather_indices(selected: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]
     if not (dist.is_initialized() and dist.get_world_size() > 1):
         return dict(selected)
     world = dist.get_world_size()
-    counts = torch.tensor([t.numel() for t in selected.values()], dtype=torch.int64)
+    device = next(iter(selected.values())).device
+    counts = torch.tensor([t.numel() for t in selected.values()], dtype=torch.int64, device=device)
     all_counts = [torch.empty_like(counts) for _ in range(world)]
     dist.all_gather(all_counts, counts)
     longest = max(int(c.sum()) for c in all_counts)
-    mine = torch.cat([*selected.values(), torch.zeros(0, dtype=torch.int64)])
-    padded = [torch.empty(longest, dtype=torch.int64) for _ in range(world)]
+    mine = torch.cat([*selected.values(), torch.zeros(0, dtype=torch.int64, device=device)])
+    padded = [torch.empty(longest, dtype=torch.int64, device=device) for _ in range(world)]
     dist.all_gather(padded, torch.nn.functional.pad(mine, (0, longest - mine.numel())))
     # Rank r holds flat range [r * ps, (r + 1) * ps), so joining in rank order keeps indices sorted.
     per_rank = [flat[: int(c.sum())].split(c.tolist()) for flat, c in zip(padded, all_counts)]

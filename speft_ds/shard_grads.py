@@ -20,6 +20,7 @@ from tqdm import tqdm
 
 from . import zero3
 from .delta import weight_grad_fn
+from .distributed import device as comm_device
 from .losses import causal_lm_loss_sum, per_example_mean_loss_sum
 
 LossFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]  # (logits, labels) -> scalar loss
@@ -31,7 +32,8 @@ class _ShardAccumulator:
     def __init__(self, targets: dict[str, nn.Module], per_example_squares: bool):
         self.targets = targets
         self.per_example_squares = per_example_squares
-        self.accumulators = {name: torch.zeros(zero3.shard_numel(m.weight), dtype=torch.float32)
+        self.accumulators = {name: torch.zeros(zero3.shard_numel(m.weight), dtype=torch.float32,
+                                               device=zero3.local_shard(m.weight).device)
                              for name, m in targets.items()}
         self._handles = [m.register_forward_hook(self._forward_hook(name)) for name, m in targets.items()]
 
@@ -76,12 +78,13 @@ def _accumulating(model: nn.Module, targets: dict[str, nn.Module], per_example_s
 
 def _backward_over(model: nn.Module, batches: list[dict], loss_fn: LossFn, desc: str, show_progress: bool) -> None:
     for batch in tqdm(batches, desc=desc, disable=not show_progress):
+        batch = {key: value.to(comm_device()) for key, value in batch.items()}
         logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
         loss_fn(logits, batch["labels"]).backward()
 
 
 def global_count(local: int) -> int:
-    total = torch.tensor(local, dtype=torch.int64)
+    total = torch.tensor(local, dtype=torch.int64, device=comm_device())
     if dist.is_initialized():
         dist.all_reduce(total)
     return int(total)
@@ -134,8 +137,8 @@ def synflow_gradient(model: nn.Module, targets: dict[str, nn.Module]) -> dict[st
                 for param in params:
                     zero3.local_shard(param).abs_()
             hidden = model.get_input_embeddings().embedding_dim
-            dtype = zero3.local_shard(params[0]).dtype
-            ones = torch.ones(1, 1, hidden, dtype=dtype, requires_grad=True)
+            shard = zero3.local_shard(params[0])
+            ones = torch.ones(1, 1, hidden, dtype=shard.dtype, device=shard.device, requires_grad=True)
             # Every rank runs the same pass (ZeRO-3 gathers collectively); the reduce-scatter sums them.
             (model(inputs_embeds=ones).logits.float().sum() / world).backward()
     finally:
@@ -145,7 +148,8 @@ def synflow_gradient(model: nn.Module, targets: dict[str, nn.Module]) -> dict[st
 
 
 def _global_norm(shards: list[torch.Tensor]) -> float:
-    total = torch.tensor(sum(float(s.double().square().sum()) for s in shards), dtype=torch.float64)
+    total = torch.tensor(sum(float(s.double().square().sum()) for s in shards), dtype=torch.float64,
+                         device=comm_device())
     if dist.is_initialized():
         dist.all_reduce(total)
     return float(total.sqrt())

@@ -9,6 +9,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch.distributed
 
 from speft_ds.cli import run_main
 from speft_ds.config import EMBEDDED_DATASET, SHIPPED_DS_CONFIG
@@ -25,6 +26,13 @@ def bad_files(tmp_path):
     stage2["zero_optimization"]["stage"] = 2
     (tmp_path / "stage2.json").write_text(json.dumps(stage2))
     (tmp_path / "fields.jsonl").write_text('{"question": "1 + 1?", "answer": "2"}\n' * 4)
+    (tmp_path / "list.json").write_text("[]")
+    with_scheduler = json.loads(SHIPPED_DS_CONFIG.read_text())
+    with_scheduler["scheduler"] = {"type": "WarmupLR", "params": {"warmup_num_steps": "auto"}}
+    (tmp_path / "with_scheduler.json").write_text(json.dumps(with_scheduler))
+    (tmp_path / "bin_model").mkdir()
+    (tmp_path / "bin_model" / "config.json").write_text("{}")
+    (tmp_path / "bin_model" / "pytorch_model.bin").write_bytes(b"")
     return tmp_path
 
 
@@ -39,6 +47,11 @@ CASES = {
     "unreadable_ds_config": (["--ds_config", "{tmp}/broken.json"], "not readable JSON"),
     "missing_ds_config": (["--ds_config", "{tmp}/none.json"], "--ds_config"),
     "zero_stage_2": (["--ds_config", "{tmp}/stage2.json"], "stage 2"),
+    "ds_config_not_an_object": (["--ds_config", "{tmp}/list.json"], "not a DeepSpeed config"),
+    "model_without_safetensors": (["--model", "{tmp}/bin_model"], "no .safetensors"),
+    "local_selection_with_exact_count": (["--selection", "local", "--num_trainable", "10"], "--density"),
+    "lr_scheduler_with_ds_scheduler": (["--ds_config", "{tmp}/with_scheduler.json", "--lr_scheduler", "linear"],
+                                       "scheduler"),
 }
 
 
@@ -52,6 +65,7 @@ def test_bad_input_is_one_line_and_exit_2(case, bad_files, capsys, monkeypatch):
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and err[0].startswith("error: ") and expected in err[0], err
     assert not out_dir.exists()
+    assert not torch.distributed.is_initialized()  # refused before any process group (or model) exists
 
 
 def test_concrete_ds_config_value_disagreeing_with_flag(bad_files, capsys, monkeypatch):

@@ -32,6 +32,8 @@ STEPS, MICRO_BATCH, GRAD_ACC, LR, MAX_NORM = 4, 2, 2, 1e-2, 1.0
 
 
 def _worker(rank, world_size, argv, probe_ids):
+    from deepspeed.utils import safe_get_full_grad
+
     from speft_ds.cli import parse_config
     from speft_ds.recipe import plan_run, run
 
@@ -46,7 +48,7 @@ def _worker(rank, world_size, argv, probe_ids):
     return {
         "trainable": {n: p.ds_numel for n, p in params.items() if p.requires_grad},
         "optimizer_params": {n: p.ds_numel for n, p in params.items() if id(p) in trained},
-        "base_with_grad": [n for n, p in params.items() if not p.requires_grad and p.grad is not None],
+        "base_with_grad": [n for n, p in params.items() if not p.requires_grad and safe_get_full_grad(p) is not None],
         "fp32_partition_numel": sum(t.numel() for t in optimizer.fp32_partitioned_groups_flat),
         "optimizer_state_numel": sum(v.numel() for state in optimizer.optimizer.state.values()
                                      for v in state.values() if torch.is_tensor(v) and v.dim() > 0),
