@@ -3,17 +3,16 @@
     python launch/merge.py --model BASE_DIR --adapter OUTPUT_DIR/adapter --out MERGED_DIR
 """
 
-import argparse
 import shutil
 import sys
 from pathlib import Path
 
-from speft_ds.cli import run_main
+from speft_ds.cli import Parser, run_main
 from speft_ds.config import ConfigError
 
 
 def main(argv) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = Parser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", required=True, help="Base HF model directory the adapter was trained on.")
     parser.add_argument("--adapter", required=True, help="Adapter directory (adapter_model.safetensors + adapter_config.json).")
     parser.add_argument("--out", required=True, help="New directory for the merged model (must not exist).")
@@ -34,9 +33,12 @@ def main(argv) -> int:
     merge_adapter(model, args.adapter)
     tmp = out.with_name(f".{out.name}.tmp")
     shutil.rmtree(tmp, ignore_errors=True)
-    model.save_pretrained(tmp, safe_serialization=True)
-    AutoTokenizer.from_pretrained(args.model, trust_remote_code=args.trust_remote_code).save_pretrained(tmp)
-    tmp.rename(out)
+    try:
+        model.save_pretrained(tmp, safe_serialization=True)
+        AutoTokenizer.from_pretrained(args.model, trust_remote_code=args.trust_remote_code).save_pretrained(tmp)
+        tmp.rename(out)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
     print(f"merged model written to {out}")
     return 0
 

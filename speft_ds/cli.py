@@ -27,7 +27,7 @@ def _value_type(annotation) -> Callable:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = _Parser(prog="train.py", description="Salience-aware sparse fine-tuning under DeepSpeed ZeRO-3.",
+    parser = Parser(prog="train.py", description="Salience-aware sparse fine-tuning under DeepSpeed ZeRO-3.",
                      argument_default=argparse.SUPPRESS)
     hints = typing.get_type_hints(TrainConfig)
     for f in fields(TrainConfig):
@@ -39,7 +39,9 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-class _Parser(argparse.ArgumentParser):
+class Parser(argparse.ArgumentParser):
+    """An ArgumentParser whose usage errors are one-line ConfigErrors (exit code 2 through run_main)."""
+
     def error(self, message):
         raise ConfigError(f"{message}: see --help")
 
