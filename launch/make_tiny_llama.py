@@ -8,7 +8,13 @@ The model is briefly pretrained on generated sentences and equations, never on t
 format, so that fine-tuning on the dataset has something to learn.
 """
 
-from __future__ import annotations
+import os
+import sys
+
+# launch/inspect.py shares its name with the standard library's `inspect` (which torch imports): keep this
+# folder off the import path.
+sys.path = [p for p in sys.path if os.path.abspath(p or ".") != os.path.dirname(os.path.abspath(__file__))]
+
 
 import argparse
 import json

@@ -3,8 +3,14 @@
     python launch/merge.py --model BASE_DIR --adapter OUTPUT_DIR/adapter --out MERGED_DIR
 """
 
-import shutil
+import os
 import sys
+
+# launch/inspect.py shares its name with the standard library's `inspect` (which torch imports): keep this
+# folder off the import path.
+sys.path = [p for p in sys.path if os.path.abspath(p or ".") != os.path.dirname(os.path.abspath(__file__))]
+
+import shutil
 from pathlib import Path
 
 from speft_ds.cli import Parser, run_main

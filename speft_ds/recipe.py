@@ -28,7 +28,7 @@ from .losses import causal_lm_loss_sum
 from .metrics_log import MetricsLog
 from .model import find_targets, load_model, load_model_config, load_tokenizer, skeleton_model
 from .salience import compute_salience, get_metric
-from .selection import gather_indices, num_to_select, select_global, select_local
+from .selection import gather_indices, num_to_select, score_summary, select_global, select_local
 
 
 @dataclass
@@ -144,8 +144,10 @@ def evaluate(engine, plan: Plan, rank: int, world_size: int) -> float:
     return (totals[0] / totals[1].clamp(min=1)).item()
 
 
-def select_masks(model, plan: Plan, log: MetricsLog, rank: int, world_size: int) -> dict[str, torch.Tensor]:
-    """Salience per shard over the calibration subset, then the top-k: each weight's selected flat indices."""
+def select_masks(model, plan: Plan, log: MetricsLog, rank: int,
+                 world_size: int) -> tuple[dict[str, torch.Tensor], dict]:
+    """Salience per shard over the calibration subset, then the top-k: each weight's selected flat indices,
+    and a summary of the score distribution."""
     config = plan.config
     targets = find_targets(model, config.target_modules)
     started = time.perf_counter()
@@ -161,14 +163,16 @@ def select_masks(model, plan: Plan, log: MetricsLog, rank: int, world_size: int)
         selected = select_global(scores, plan.k)
     else:
         selected = select_local(scores, config.density)
+    summary = score_summary(scores, selected)
     # A weight with no selected entry gets no delta (ZeRO-3 cannot partition an empty parameter).
     indices = {name: idx for name, idx in gather_indices(selected).items() if idx.numel() > 0}
     log.write({"event": "selection", "selection": config.selection, "k": sum(t.numel() for t in indices.values()),
                "wall_time_s": time.perf_counter() - started})
-    return indices
+    return indices, summary
 
 
-def save_trained_adapter(layers: dict, indices: dict[str, torch.Tensor], plan: Plan, rank: int) -> None:
+def save_trained_adapter(layers: dict, indices: dict[str, torch.Tensor], score_summary: dict, plan: Plan,
+                         rank: int) -> None:
     """Gather the partitioned values (a collective) and let rank 0 write the adapter."""
     config = plan.config
     values = {name: zero3.gather_full_fp32(layer.delta_values) for name, layer in layers.items()}
@@ -177,7 +181,7 @@ def save_trained_adapter(layers: dict, indices: dict[str, torch.Tensor], plan: P
         k = sum(t.numel() for t in indices.values())
         meta = {"base_model_name_or_path": config.model, "metric": config.metric, "selection": config.selection,
                 "density": k / plan.targeted_elements, "target_modules": config.target_modules or "all-linear",
-                "train_config": asdict(config)}
+                "salience_summary": score_summary, "train_config": asdict(config)}
         shapes = {name: list(layer.shape) for name, layer in layers.items()}
         try:
             save_adapter(Path(config.output_dir) / "adapter", indices, values, shapes, meta)
@@ -201,7 +205,7 @@ def run(plan: Plan) -> RunResult:
     model, hf_ds_config = load_model(config, plan.ds_config, torch.bfloat16 if plan.bf16 else torch.float32)
     # No optimizer: this engine only gathers the partitioned weights around each layer's forward and backward.
     engine = deepspeed.initialize(model=model, config=salience_ds_config(plan.ds_config))[0]
-    indices = select_masks(model, plan, log, rank, world_size)
+    indices, summary = select_masks(model, plan, log, rank, world_size)
     engine.destroy()
 
     with zero3.partitioned_init(plan.ds_config):
@@ -214,7 +218,7 @@ def run(plan: Plan) -> RunResult:
     train_loop(engine, plan, log, rank, world_size)
     log.write({"event": "eval", "eval_loss": evaluate(engine, plan, rank, world_size),
                "examples": len(plan.eval_set)})
-    save_trained_adapter(layers, indices, plan, rank)
+    save_trained_adapter(layers, indices, summary, plan, rank)
     return RunResult(engine, layers, hf_ds_config)
 
 

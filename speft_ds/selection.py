@@ -126,3 +126,30 @@ def gather_indices(selected: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]
     # Rank r holds flat range [r * ps, (r + 1) * ps), so joining in rank order keeps indices sorted.
     per_rank = [flat[: int(c.sum())].split(c.tolist()) for flat, c in zip(padded, all_counts)]
     return {name: torch.cat([parts[i] for parts in per_rank]) for i, name in enumerate(selected)}
+
+
+# Score histogram bins: log10 |score| from 1e-12 to 1e4, 64 bins; smaller magnitudes land in the first.
+_LOG10_LOW, _LOG10_HIGH, _BINS = -12.0, 4.0, 64
+
+
+def score_summary(scores: dict[str, ShardScores], selected: dict[str, torch.Tensor]) -> dict:
+    """A compact, all-reduced summary of the score distribution (never the scores themselves): histograms
+    of log10 |score| for positive and negative scores, the zero count, and the lowest selected score."""
+    device = next(iter(scores.values())).scores.device
+    counts = torch.zeros(2 * _BINS + 1, dtype=torch.int64, device=device)
+    lowest = torch.tensor(float("inf"), device=device)
+    for name, s in scores.items():
+        nonzero = s.scores[s.scores != 0]
+        logs = nonzero.abs().log10().clamp(_LOG10_LOW, _LOG10_HIGH - 1e-6)
+        bins = ((logs - _LOG10_LOW) / (_LOG10_HIGH - _LOG10_LOW) * _BINS).long()
+        counts[:_BINS] += torch.bincount(bins[nonzero > 0], minlength=_BINS)
+        counts[_BINS:2 * _BINS] += torch.bincount(bins[nonzero < 0], minlength=_BINS)
+        counts[-1] += int((s.scores == 0).sum())
+        if selected[name].numel():
+            lowest = torch.minimum(lowest, s.scores[selected[name] - s.start].min())
+    _all_reduce(counts)
+    if dist.is_initialized() and dist.get_world_size() > 1:
+        dist.all_reduce(lowest, op=dist.ReduceOp.MIN)
+    return {"log10_edges": torch.linspace(_LOG10_LOW, _LOG10_HIGH, _BINS + 1).tolist(),
+            "positive": counts[:_BINS].tolist(), "negative": counts[_BINS:2 * _BINS].tolist(),
+            "zero": int(counts[-1]), "lowest_selected": lowest.item()}

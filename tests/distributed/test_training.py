@@ -10,6 +10,7 @@ import sys
 from itertools import islice
 from pathlib import Path
 
+import matplotlib.pyplot
 import pytest
 import torch
 import torch.nn.functional as F
@@ -185,3 +186,23 @@ def test_merge_cli_writes_a_model_from_pretrained_loads(trained):
                             "--adapter", str(trained["adapter"]), "--out", str(out)],
                            cwd=REPO, capture_output=True, text=True, timeout=300)
     assert again.returncode == 2 and "already exists" in again.stderr
+
+
+def test_inspect_prints_the_adapters_table_and_writes_a_png(trained):
+    png = trained["root"] / "mask.png"
+    proc = subprocess.run([sys.executable, "launch/inspect.py", str(trained["adapter"]), "--out", str(png)],
+                          cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    indices, _ = _adapter_tensors(trained["adapter"])
+    adapter_config = json.loads((trained["adapter"] / "adapter_config.json").read_text())
+    table = {line.split()[0]: line.split() for line in proc.stdout.splitlines()}
+    for name, idx in indices.items():
+        shape = adapter_config["shapes"][name]
+        assert table[name][1:3] == [f"{shape[0]}x{shape[1]}", str(idx.numel())]
+    image = matplotlib.pyplot.imread(png)
+    assert image.ndim == 3 and image.shape[0] > 100 and image.shape[1] > 100
+
+    summary = adapter_config["salience_summary"]
+    targeted = round(adapter_config["k"] / adapter_config["density"])
+    assert sum(summary["positive"]) + sum(summary["negative"]) + summary["zero"] == targeted
+    assert summary["lowest_selected"] > 0
