@@ -52,6 +52,12 @@ class TrainConfig:
     target_modules: Optional[str] = _field(
         None, "Comma-separated module names (matched on the last name component) or one regex matched against "
               "full module names. Default: every Linear inside the decoder blocks.")
+    mask_update_steps: int = _field(0, "Update the mask every N optimizer steps; 0 keeps the first one (static, "
+                                       "the paper's best).")
+    mask_update: str = _field("reselect", "reselect: fold the deltas into W and select k anew (the paper's); "
+                                          "drop_regrow: replace the --regrow_fraction smallest entries.",
+                              choices=("reselect", "drop_regrow"))
+    regrow_fraction: float = _field(0.1, "Fraction of the k entries dropped and regrown per drop_regrow update.")
     # --- training
     micro_batch_size: int = _field(8, "Examples per rank per micro-step (train_micro_batch_size_per_gpu).")
     gradient_accumulation_steps: int = _field(1, "Micro-steps per optimizer step.")
@@ -84,6 +90,11 @@ class TrainConfig:
                      "seq_len", "logging_steps"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"--{name} must be >= 1, got {getattr(self, name)}")
+        if not 0.0 < self.regrow_fraction <= 1.0:
+            raise ConfigError(f"--regrow_fraction {self.regrow_fraction} is outside (0, 1]: pass a fraction such "
+                              "as 0.1")
+        if self.mask_update_steps < 0:
+            raise ConfigError(f"--mask_update_steps must be >= 0 (0: static mask), got {self.mask_update_steps}")
         if not 0.0 < self.val_size < 1.0:
             raise ConfigError(f"--val_size {self.val_size} is outside (0, 1): pass a fraction such as 0.05")
         if self.max_steps == 0 or (self.max_steps < 0 and self.epochs <= 0):

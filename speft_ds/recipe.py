@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import time
+import warnings
 from dataclasses import asdict, dataclass
 from itertools import count
 from pathlib import Path
@@ -16,7 +17,7 @@ from deepspeed.accelerator import get_accelerator
 from tqdm import tqdm
 from transformers import get_scheduler
 
-from . import zero3
+from . import masks, zero3
 from .adapter import inject_sparse_deltas, save_adapter
 from .cli import parse_config
 from .config import ConfigError, TrainConfig
@@ -39,6 +40,8 @@ class Plan:
     bf16: bool
     k: int
     targeted_elements: int
+    target_names: list[str]
+    target_shapes: dict[str, tuple[int, int]]
     total_steps: int
     tokenizer: object
     train_set: object
@@ -86,7 +89,9 @@ def plan_run(config: TrainConfig, explicit: set[str]) -> Plan:
     total_steps = config.max_steps if config.max_steps > 0 else max(1, int(config.epochs * steps_per_epoch))
     ds_config = fill_auto(ds_config, config, world_size=world_size, hidden_size=model_config.hidden_size,
                           total_steps=total_steps, bf16=bf16)
-    return Plan(config, ds_config, bf16, k, targeted_elements, total_steps, tokenizer, train_set, eval_set)
+    return Plan(config, ds_config, bf16, k, targeted_elements, list(targets),
+                {name: tuple(m.weight.shape) for name, m in targets.items()}, total_steps, tokenizer, train_set,
+                eval_set)
 
 
 def _micro_batch_stream(plan: Plan, rank: int, world_size: int):
@@ -105,12 +110,12 @@ def _mean_over_ranks(value: float) -> float:
     return tensor.item() / dist.get_world_size()
 
 
-def train_loop(engine, plan: Plan, log: MetricsLog, rank: int, world_size: int) -> None:
+def train_steps(engine, plan: Plan, stream, steps: range, log: MetricsLog, progress: tqdm) -> None:
+    """Optimizer steps `steps` (numbered from 1), drawing micro-batches from `stream`."""
     config, pad_id = plan.config, pad_token_id(plan.tokenizer)
-    stream = _micro_batch_stream(plan, rank, world_size)
     losses, times = [], []
     engine.train()
-    for step in tqdm(range(1, plan.total_steps + 1), desc="train", disable=rank != 0):
+    for step in steps:
         lr = engine.get_lr()[0]
         started = time.perf_counter()
         step_loss = 0.0
@@ -124,7 +129,8 @@ def train_loop(engine, plan: Plan, log: MetricsLog, rank: int, world_size: int) 
             step_loss += loss.item() / config.gradient_accumulation_steps
         losses.append(step_loss)
         times.append(time.perf_counter() - started)
-        if step % config.logging_steps == 0 or step == plan.total_steps:
+        progress.update()
+        if step % config.logging_steps == 0 or step == steps[-1]:
             mean_loss = _mean_over_ranks(sum(losses) / len(losses))  # a collective: every rank calls it
             log.write({"step": step, "loss": mean_loss, "lr": lr, "step_time_s": sum(times) / len(times)})
             losses, times = [], []
@@ -144,19 +150,32 @@ def evaluate(engine, plan: Plan, rank: int, world_size: int) -> float:
     return (totals[0] / totals[1].clamp(min=1)).item()
 
 
-def select_masks(model, plan: Plan, log: MetricsLog, rank: int,
-                 world_size: int) -> tuple[dict[str, torch.Tensor], dict]:
-    """Salience per shard over the calibration subset, then the top-k: each weight's selected flat indices,
-    and a summary of the score distribution."""
+def _targets(model, plan: Plan) -> dict:
+    """The targeted layers by their original names (the base layer where a sparse-delta layer wraps one)."""
+    return {name: getattr(model.get_submodule(name), "base_layer", model.get_submodule(name))
+            for name in plan.target_names}
+
+
+def score(model, plan: Plan, log: MetricsLog, rank: int, world_size: int, calibration_round: int) -> dict:
+    """Salience per shard over calibration subset number `calibration_round` (0: the first mask)."""
     config = plan.config
-    targets = find_targets(model, config.target_modules)
     started = time.perf_counter()
-    calibration = calibration_indices(len(plan.train_set), config.calibration_examples, config.seed)
+    calibration = calibration_indices(len(plan.train_set), config.calibration_examples,
+                                      config.seed + calibration_round)
     batches = rank_batches(plan.train_set, calibration, rank, world_size, config.micro_batch_size,
                            pad_token_id(plan.tokenizer))
-    scores = compute_salience(model, targets, batches, config.metric, seed=config.seed, show_progress=rank == 0)
+    scores = compute_salience(model, _targets(model, plan), batches, config.metric, seed=config.seed,
+                              show_progress=rank == 0)
     log.write({"event": "salience", "metric": config.metric, "examples": len(calibration),
                "wall_time_s": time.perf_counter() - started})
+    return scores
+
+
+def select_masks(model, plan: Plan, log: MetricsLog, rank: int, world_size: int,
+                 calibration_round: int = 0) -> tuple[dict[str, torch.Tensor], dict]:
+    """Salience, then the top-k: each weight's selected flat indices, and a summary of the scores."""
+    config = plan.config
+    scores = score(model, plan, log, rank, world_size, calibration_round)
 
     started = time.perf_counter()
     if config.selection == "global":
@@ -164,25 +183,116 @@ def select_masks(model, plan: Plan, log: MetricsLog, rank: int,
     else:
         selected = select_local(scores, config.density)
     summary = score_summary(scores, selected)
-    # A weight with no selected entry gets no delta (ZeRO-3 cannot partition an empty parameter).
-    indices = {name: idx for name, idx in gather_indices(selected).items() if idx.numel() > 0}
+    indices = _nonempty(gather_indices(selected))
     log.write({"event": "selection", "selection": config.selection, "k": sum(t.numel() for t in indices.values()),
                "wall_time_s": time.perf_counter() - started})
     return indices, summary
 
 
-def save_trained_adapter(layers: dict, indices: dict[str, torch.Tensor], score_summary: dict, plan: Plan,
-                         rank: int) -> None:
-    """Gather the partitioned values (a collective) and let rank 0 write the adapter."""
+def _nonempty(indices: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    # A weight with no selected entry gets no delta (ZeRO-3 cannot partition an empty parameter).
+    return {name: idx for name, idx in indices.items() if idx.numel() > 0}
+
+
+def _training_engine(model, layers: dict, plan: Plan, completed_steps: int):
+    """A DeepSpeed engine training only the delta values; the LR schedule resumes at `completed_steps`."""
+    config = plan.config
+
+    def lr_scheduler(optimizer):
+        scheduler = get_scheduler(config.lr_scheduler, optimizer, num_warmup_steps=config.warmup_steps,
+                                  num_training_steps=plan.total_steps)
+        with warnings.catch_warnings():  # stepping the schedule alone, before any optimizer step, is the point
+            warnings.simplefilter("ignore", UserWarning)
+            for _ in range(completed_steps):
+                scheduler.step()
+        return scheduler
+
+    engine, *_ = deepspeed.initialize(model=model, config=plan.ds_config,
+                                      lr_scheduler=None if "scheduler" in plan.ds_config else lr_scheduler,
+                                      model_parameters=[layer.delta_values for layer in layers.values()])
+    return engine
+
+
+def _inject(model, plan: Plan, indices: dict, values: dict | None = None) -> dict:
+    with zero3.partitioned_init(plan.ds_config):
+        return inject_sparse_deltas(model, indices, values)
+
+
+def reselect(engine, model, layers: dict, indices: dict, folded: masks.FoldedDeltas, plan: Plan, log: MetricsLog,
+             rank: int, world_size: int, update: int, completed_steps: int):
+    """The paper's dynamic mask: fold every delta into W, select k anew on fresh calibration data, and
+    train new zero deltas with a fresh optimizer."""
+    values = {name: zero3.gather_full_fp32(layer.delta_values) for name, layer in layers.items()}
+    engine.destroy()
+    folded.fold(layers, indices, values)
+    masks.unwrap(model, layers)
+    salience_engine = deepspeed.initialize(model=model, config=salience_ds_config(plan.ds_config))[0]
+    indices, summary = select_masks(model, plan, log, rank, world_size, calibration_round=update)
+    salience_engine.destroy()
+    layers = _inject(model, plan, indices)
+    return _training_engine(model, layers, plan, completed_steps), layers, indices, summary
+
+
+def drop_regrow(engine, model, layers: dict, indices: dict, folded: masks.FoldedDeltas, plan: Plan,
+                log: MetricsLog, rank: int, world_size: int, update: int, completed_steps: int):
+    """Fold the regrow_fraction of entries with the smallest |value| into W and regrow as many by salience
+    among unselected entries; kept entries keep values and AdamW moments, grown ones start from zero."""
+    k = sum(t.numel() for t in indices.values())
+    n_swap = max(1, round(plan.config.regrow_fraction * k))
+    kept_state = {name: {"value": zero3.gather_full_fp32(layer.delta_values), **zero3.adam_moments(layer.delta_values)}
+                  for name, layer in layers.items()}
+    step = zero3.adam_step(engine)
+    engine.destroy()
+
+    keep = masks.largest_magnitudes({name: s["value"] for name, s in kept_state.items()}, k - n_swap)
+    for name in layers:
+        dropped = torch.ones(indices[name].numel(), dtype=torch.bool)
+        dropped[keep[name]] = False
+        folded.fold(layers, {name: indices[name][dropped]}, {name: kept_state[name]["value"][dropped]})
+    masks.unwrap(model, layers)
+    kept = _nonempty({name: indices[name][keep[name]] for name in layers})
+    kept_state = {name: {key: t[keep[name]] for key, t in kept_state[name].items()} for name in kept}
+
+    # Score the model as it now is (W with the dropped entries folded in, plus the kept deltas, frozen).
+    layers = _inject(model, plan, kept, {name: s["value"] for name, s in kept_state.items()})
+    for layer in layers.values():
+        layer.delta_values.requires_grad_(False)
+    salience_engine = deepspeed.initialize(model=model, config=salience_ds_config(plan.ds_config))[0]
+    scores = score(model, plan, log, rank, world_size, calibration_round=update)
+    masks.exclude(scores, kept)
+    selected = select_global(scores, n_swap)
+    summary = score_summary(scores, selected)
+    grown = gather_indices(selected)
+    salience_engine.destroy()
+    masks.unwrap(model, layers)
+
+    indices, state = masks.union(plan.target_names, kept, grown, kept_state)
+    layers = _inject(model, plan, indices, {name: s["value"] for name, s in state.items()})
+    engine = _training_engine(model, layers, plan, completed_steps)
+    zero3.seed_adam_state(engine, step, {layers[name].delta_values: {key: t for key, t in s.items() if key != "value"}
+                                         for name, s in state.items()})
+    return engine, layers, indices, summary
+
+
+MASK_UPDATES = {"reselect": reselect, "drop_regrow": drop_regrow}
+
+
+def save_trained_adapter(layers: dict, indices: dict[str, torch.Tensor], folded: masks.FoldedDeltas,
+                         score_summary: dict, plan: Plan, rank: int) -> None:
+    """Gather the partitioned values (a collective) and let rank 0 write the adapter, relative to the
+    original base model (deltas folded in by mask updates included)."""
     config = plan.config
     values = {name: zero3.gather_full_fp32(layer.delta_values) for name, layer in layers.items()}
     saved = torch.ones(1, device=device())
     if rank == 0:
+        trainable_k = sum(t.numel() for t in indices.values())
+        indices, values = folded.total(plan.target_names, indices, values)
         k = sum(t.numel() for t in indices.values())
         meta = {"base_model_name_or_path": config.model, "metric": config.metric, "selection": config.selection,
-                "density": k / plan.targeted_elements, "target_modules": config.target_modules or "all-linear",
+                "density": k / plan.targeted_elements, "trainable_k": trainable_k,
+                "target_modules": config.target_modules or "all-linear",
                 "salience_summary": score_summary, "train_config": asdict(config)}
-        shapes = {name: list(layer.shape) for name, layer in layers.items()}
+        shapes = {name: list(shape) for name, shape in plan.target_shapes.items() if name in indices}
         try:
             save_adapter(Path(config.output_dir) / "adapter", indices, values, shapes, meta)
         except BaseException:
@@ -208,17 +318,26 @@ def run(plan: Plan) -> RunResult:
     indices, summary = select_masks(model, plan, log, rank, world_size)
     engine.destroy()
 
-    with zero3.partitioned_init(plan.ds_config):
-        layers = inject_sparse_deltas(model, indices)
-    lr_scheduler = None if "scheduler" in plan.ds_config else (
-        lambda optimizer: get_scheduler(config.lr_scheduler, optimizer, num_warmup_steps=config.warmup_steps,
-                                        num_training_steps=plan.total_steps))
-    engine, *_ = deepspeed.initialize(model=model, config=plan.ds_config, lr_scheduler=lr_scheduler,
-                                      model_parameters=[layer.delta_values for layer in layers.values()])
-    train_loop(engine, plan, log, rank, world_size)
+    layers = _inject(model, plan, indices)
+    engine = _training_engine(model, layers, plan, completed_steps=0)
+    folded = masks.FoldedDeltas()
+    stream = _micro_batch_stream(plan, rank, world_size)
+    progress = tqdm(total=plan.total_steps, desc="train", disable=rank != 0)
+    every = config.mask_update_steps or plan.total_steps
+    for first in range(1, plan.total_steps + 1, every):
+        last = min(first + every - 1, plan.total_steps)
+        train_steps(engine, plan, stream, range(first, last + 1), log, progress)
+        if last < plan.total_steps:
+            started = time.perf_counter()
+            engine, layers, indices, summary = MASK_UPDATES[config.mask_update](
+                engine, model, layers, indices, folded, plan, log, rank, world_size, update=last // every,
+                completed_steps=last)
+            log.write({"event": "mask_update", "step": last, "strategy": config.mask_update,
+                       "k": sum(t.numel() for t in indices.values()), "wall_time_s": time.perf_counter() - started})
+    progress.close()
     log.write({"event": "eval", "eval_loss": evaluate(engine, plan, rank, world_size),
                "examples": len(plan.eval_set)})
-    save_trained_adapter(layers, indices, summary, plan, rank)
+    save_trained_adapter(layers, indices, folded, summary, plan, rank)
     return RunResult(engine, layers, hf_ds_config)
 
 

@@ -12,7 +12,7 @@ import deepspeed
 import torch
 import torch.distributed as dist
 from deepspeed.runtime.zero.partition_parameters import ZeroParamStatus
-from deepspeed.utils import safe_get_full_fp32_param
+from deepspeed.utils import safe_get_full_fp32_param, safe_get_full_optimizer_state, safe_set_local_optimizer_state
 
 
 def is_partitioned(param: torch.nn.Parameter) -> bool:
@@ -72,6 +72,53 @@ def gather_full_fp32(param: torch.nn.Parameter) -> torch.Tensor:
     return safe_get_full_fp32_param(param).detach().cpu()
 
 
+def _check_released(param: torch.nn.Parameter) -> None:
+    if not is_partitioned(param) or param.ds_status != ZeroParamStatus.NOT_AVAILABLE:
+        raise RuntimeError(f"parameter {param.ds_id if is_partitioned(param) else '?'} is not a released "
+                           "ZeRO-3 partition; its shard cannot be modified alone")
+
+
+def add_to_shard(param: torch.nn.Parameter, flat_indices: torch.Tensor, values: torch.Tensor) -> None:
+    """param.view(-1)[flat_indices] += values, each rank changing only the entries of its own shard."""
+    _check_released(param)
+    start, stop = shard_range(param)
+    inside = (flat_indices >= start) & (flat_indices < stop)
+    with torch.no_grad():
+        param.ds_tensor.index_add_(0, (flat_indices[inside] - start).to(param.ds_tensor.device),
+                                   values[inside].to(param.ds_tensor))
+
+
+_ADAM_MOMENTS = ("exp_avg", "exp_avg_sq")
+
+
+def adam_moments(param: torch.nn.Parameter) -> dict[str, torch.Tensor]:
+    """The whole AdamW moments of a trained parameter, on every rank (a collective)."""
+    return {key: safe_get_full_optimizer_state(param, key).detach().cpu() for key in _ADAM_MOMENTS}
+
+
+def adam_step(engine) -> int:
+    """The optimizer's step count (one count for every parameter of the engine)."""
+    state = engine.optimizer.optimizer.state[engine.optimizer.fp32_partitioned_groups_flat[0]]
+    return int(state["step"]) if state else 0
+
+
+def seed_adam_state(engine, step: int, moments: dict[torch.nn.Parameter, dict[str, torch.Tensor]]) -> None:
+    """Start a new engine's AdamW at `step`, with the given whole moments per parameter (zero elsewhere).
+
+    torch's AdamW creates its state at the first step; creating it here instead lets kept entries keep
+    their moments and bias correction across a mask update."""
+    optimizer = engine.optimizer
+    for flat in optimizer.fp32_partitioned_groups_flat:
+        optimizer.optimizer.state[flat] = {"step": torch.tensor(float(step)), "exp_avg": torch.zeros_like(flat),
+                                           "exp_avg_sq": torch.zeros_like(flat)}
+    for param, states in moments.items():
+        start, stop = shard_range(param)
+        for key, value in states.items():
+            # This rank's slice, padded like ds_tensor (DeepSpeed's full setter mishandles the padding).
+            local = torch.nn.functional.pad(value.flatten()[start:stop], (0, shard_numel(param) - (stop - start)))
+            safe_set_local_optimizer_state(param, local, key)
+
+
 @contextlib.contextmanager
 def preserved_shards(params):
     """Let the block change parameters in place through `local_shard`; restore them bit-exactly after.
@@ -81,9 +128,7 @@ def preserved_shards(params):
     """
     params = list(params)
     for param in params:
-        if not is_partitioned(param) or param.ds_status != ZeroParamStatus.NOT_AVAILABLE:
-            raise RuntimeError(f"parameter {param.ds_id if is_partitioned(param) else '?'} is not a released "
-                               "ZeRO-3 partition; its shard cannot be modified alone")
+        _check_released(param)
     saved = [param.ds_tensor.detach().clone() for param in params]
     try:
         yield

@@ -1,0 +1,86 @@
+"""Dynamic masks: the pieces of a mask update that do not depend on how the recipe wires engines.
+
+reselect (the paper's): fold every delta into W, score again, select k anew, start from zero deltas.
+drop_regrow: fold the smallest |value| entries into W, regrow as many by salience among entries not
+selected; kept entries keep their values and optimizer moments, new ones start from zero.
+"""
+
+from __future__ import annotations
+
+from collections import defaultdict
+
+import torch
+from torch import nn
+
+from . import zero3
+from .salience import ShardScores
+from .selection import select_global
+
+
+class FoldedDeltas:
+    """Deltas already added into the base weights during training, remembered so that the saved adapter
+    stays relative to the original base model (it then holds up to k entries per update)."""
+
+    def __init__(self):
+        self.parts: dict[str, list[tuple[torch.Tensor, torch.Tensor]]] = defaultdict(list)
+
+    def fold(self, layers: dict[str, nn.Module], indices: dict[str, torch.Tensor],
+             values: dict[str, torch.Tensor]) -> None:
+        """W += scatter(indices, values) for each layer's frozen base weight, shard by shard."""
+        for name in indices:
+            zero3.add_to_shard(layers[name].base_layer.weight, indices[name], values[name])
+            self.parts[name].append((indices[name].cpu(), values[name].float().cpu()))
+
+    def total(self, names: list[str], indices: dict[str, torch.Tensor], values: dict[str, torch.Tensor]
+              ) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
+        """Everything folded plus the current deltas: sorted unique indices per layer, values summed."""
+        all_indices, all_values = {}, {}
+        for name in names:
+            parts = self.parts.get(name, []) + ([(indices[name].cpu(), values[name].cpu())] if name in indices else [])
+            if not parts:
+                continue
+            unique, inverse = torch.unique(torch.cat([i for i, _ in parts]), sorted=True, return_inverse=True)
+            all_indices[name] = unique
+            all_values[name] = torch.zeros(unique.numel()).index_add_(0, inverse, torch.cat([v for _, v in parts]))
+        return all_indices, all_values
+
+
+def unwrap(model: nn.Module, layers: dict[str, nn.Module]) -> None:
+    """Put each sparse-delta layer's base layer back in its place."""
+    for name, layer in layers.items():
+        parent_name, _, child_name = name.rpartition(".")
+        setattr(model.get_submodule(parent_name), child_name, layer.base_layer)
+
+
+def largest_magnitudes(values: dict[str, torch.Tensor], n_keep: int) -> dict[str, torch.Tensor]:
+    """Positions (into each values vector) of the n_keep largest |value| over all layers, ties to the
+    earlier layer, then the lower position. Every rank holds all values, so this needs no communication."""
+    scores = {name: ShardScores(0, v.abs().float(), v.numel(), 0) for name, v in values.items()}
+    return select_global(scores, n_keep, all_reduce=lambda tensor: None)
+
+
+def exclude(scores: dict[str, ShardScores], indices: dict[str, torch.Tensor]) -> None:
+    """Make the given flat indices unselectable (score -inf) in this rank's score shards."""
+    for name, s in scores.items():
+        if name in indices:
+            inside = indices[name][(indices[name] >= s.start) & (indices[name] < s.start + s.scores.numel())]
+            s.scores[inside - s.start] = float("-inf")
+
+
+def union(names: list[str], kept: dict[str, torch.Tensor], grown: dict[str, torch.Tensor],
+          kept_tensors: dict[str, dict[str, torch.Tensor]]) -> tuple[dict[str, torch.Tensor], dict[str, dict]]:
+    """Sorted union of kept and grown indices per layer (in `names` order, empty layers left out), with
+    each kept entry's tensors (values, moments: the same keys for every layer) carried to its new
+    position and zeros for grown entries."""
+    keys = next(iter(kept_tensors.values())).keys() if kept_tensors else ()
+    no_index = torch.zeros(0, dtype=torch.int64)
+    indices, tensors = {}, {}
+    for name in names:
+        old, new = kept.get(name, no_index), grown.get(name, no_index)
+        if old.numel() + new.numel() == 0:
+            continue
+        order = torch.argsort(torch.cat([old, new]))
+        indices[name] = torch.cat([old, new])[order]
+        carried = kept_tensors.get(name, {key: torch.zeros(0) for key in keys})
+        tensors[name] = {key: torch.cat([carried[key], torch.zeros(new.numel())])[order] for key in keys}
+    return indices, tensors
