@@ -9,7 +9,7 @@ import typing
 from dataclasses import MISSING, fields
 from typing import Callable, Sequence
 
-from .config import ConfigError, TrainConfig
+from .config import ConfigError, TrainConfig, TrainingError
 
 
 def _parse_bool(text: str) -> bool:
@@ -35,6 +35,8 @@ def build_parser() -> argparse.ArgumentParser:
         kwargs = dict(help=f"{f.metadata['help']} (default: {f.default})", type=value_type)
         if value_type is _parse_bool:
             kwargs.update(nargs="?", const=True, metavar="BOOL")
+        elif "const" in f.metadata:
+            kwargs.update(nargs="?", const=f.metadata["const"])
         parser.add_argument(f"--{f.name}", **kwargs)
     return parser
 
@@ -61,10 +63,11 @@ def is_reporting_rank() -> bool:
 
 
 def run_main(main: Callable[[Sequence[str]], int], argv: Sequence[str] | None = None) -> int:
-    """Run an entry point: a ConfigError becomes one line on stderr (local rank 0 only) and exit code 2."""
+    """Run an entry point: a ConfigError (exit code 2) or TrainingError (exit code 1) becomes one line on
+    stderr, printed by local rank 0 only."""
     try:
         return main(sys.argv[1:] if argv is None else argv)
-    except ConfigError as err:
+    except (ConfigError, TrainingError) as err:
         if is_reporting_rank():
             print(f"error: {err}", file=sys.stderr)
-        return 2
+        return 2 if isinstance(err, ConfigError) else 1

@@ -26,6 +26,10 @@ class ConfigError(ValueError):
     """Bad user input: reported as one line and exit code 2, before any heavy work starts."""
 
 
+class TrainingError(RuntimeError):
+    """Training cannot go on (a non-finite loss): reported as one line and exit code 1."""
+
+
 def _field(default, help: str, **kwargs):
     return field(default=default, metadata={"help": help, **kwargs})
 
@@ -73,7 +77,11 @@ class TrainConfig:
                        choices=("auto", "true", "false"))
     seed: int = _field(42, "Seed for data order, calibration subset and initialisation.")
     logging_steps: int = _field(5, "Log the mean loss every this many optimizer steps.")
-    output_dir: str = _field("outputs/speft", "Where metrics.jsonl and adapter/ are written.")
+    save_steps: int = _field(0, "Write a checkpoint every N optimizer steps (0: none).")
+    save_total_limit: Optional[int] = _field(None, "Keep only the newest N checkpoints.")
+    resume: Optional[str] = _field(None, "Resume from the latest checkpoint in --output_dir (flag alone) or from "
+                                         "OUTPUT_DIR/checkpoints/step-N.", const="latest")
+    output_dir: str = _field("outputs/speft", "Where metrics.jsonl, checkpoints/ and adapter/ are written.")
     overwrite_output_dir: bool = _field(False, "Replace an adapter already in --output_dir.")
     local_rank: int = _field(-1, "Set by the DeepSpeed launcher.")
 
@@ -93,6 +101,8 @@ class TrainConfig:
         if not 0.0 < self.regrow_fraction <= 1.0:
             raise ConfigError(f"--regrow_fraction {self.regrow_fraction} is outside (0, 1]: pass a fraction such "
                               "as 0.1")
+        if self.save_steps < 0 or (self.save_total_limit is not None and self.save_total_limit < 1):
+            raise ConfigError("--save_steps must be >= 0 and --save_total_limit >= 1")
         if self.mask_update_steps < 0:
             raise ConfigError(f"--mask_update_steps must be >= 0 (0: static mask), got {self.mask_update_steps}")
         if not 0.0 < self.val_size < 1.0:

@@ -24,12 +24,18 @@ class FoldedDeltas:
     def __init__(self):
         self.parts: dict[str, list[tuple[torch.Tensor, torch.Tensor]]] = defaultdict(list)
 
-    def fold(self, layers: dict[str, nn.Module], indices: dict[str, torch.Tensor],
+    def fold(self, weights: dict[str, nn.Parameter], indices: dict[str, torch.Tensor],
              values: dict[str, torch.Tensor]) -> None:
-        """W += scatter(indices, values) for each layer's frozen base weight, shard by shard."""
+        """W += scatter(indices, values) for each named frozen base weight, shard by shard."""
         for name in indices:
-            zero3.add_to_shard(layers[name].base_layer.weight, indices[name], values[name])
+            zero3.add_to_shard(weights[name], indices[name], values[name])
             self.parts[name].append((indices[name].cpu(), values[name].float().cpu()))
+
+    def refold(self, weights: dict[str, nn.Parameter]) -> None:
+        """Apply everything folded so far to freshly loaded base weights (on resume), in the same order."""
+        for name, parts in self.parts.items():
+            for idx, values in parts:
+                zero3.add_to_shard(weights[name], idx, values)
 
     def total(self, names: list[str], indices: dict[str, torch.Tensor], values: dict[str, torch.Tensor]
               ) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:

@@ -7,12 +7,21 @@ from pathlib import Path
 
 
 class MetricsLog:
-    def __init__(self, path: Path, enabled: bool):
+    def __init__(self, path: Path, enabled: bool, resume_step: int | None = None):
+        """A new log, or (resume_step given) the existing one cut after the records of that step, so a
+        resumed run continues it without duplicated or missing steps."""
         self.path = path
         self.enabled = enabled
-        if enabled:
-            path.parent.mkdir(parents=True, exist_ok=True)
-            path.write_text("")
+        if not enabled:
+            return
+        path.parent.mkdir(parents=True, exist_ok=True)
+        kept = []
+        if resume_step is not None and path.exists():
+            for line in path.read_text().splitlines():
+                if json.loads(line).get("step", 0) > resume_step:
+                    break
+                kept.append(line + "\n")
+        path.write_text("".join(kept))
 
     def write(self, record: dict) -> None:
         if self.enabled:

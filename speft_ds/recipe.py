@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import math
 import time
 import warnings
 from dataclasses import asdict, dataclass
@@ -17,10 +18,10 @@ from deepspeed.accelerator import get_accelerator
 from tqdm import tqdm
 from transformers import get_scheduler
 
-from . import masks, zero3
+from . import checkpoint, masks, zero3
 from .adapter import inject_sparse_deltas, save_adapter
 from .cli import parse_config
-from .config import ConfigError, TrainConfig
+from .config import ConfigError, TrainConfig, TrainingError
 from .data import (calibration_indices, collate, load_raw_dataset, pad_token_id, rank_batches,
                    tokenize_dataset, train_eval_split, train_micro_batches)
 from .distributed import device, init_distributed, world_size_from_env
@@ -42,6 +43,7 @@ class Plan:
     targeted_elements: int
     target_names: list[str]
     target_shapes: dict[str, tuple[int, int]]
+    resume_from: tuple | None  # (checkpoint root, tag)
     total_steps: int
     tokenizer: object
     train_set: object
@@ -58,7 +60,9 @@ class RunResult:
 
 def _check_output_dir(config: TrainConfig) -> None:
     out = Path(config.output_dir)
-    existing = [p.name for p in (out / "adapter", out / "metrics.jsonl") if p.exists()]
+    # Resuming continues the run's own metrics.jsonl; anything else there must not be overwritten.
+    kept = (out / "adapter",) if config.resume else (out / "adapter", out / "metrics.jsonl")
+    existing = [p.name for p in kept if p.exists()]
     if existing and not config.overwrite_output_dir:
         raise ConfigError(f"--output_dir {out} already holds {', '.join(existing)}: choose another directory "
                           "or pass --overwrite_output_dir")
@@ -73,6 +77,7 @@ def plan_run(config: TrainConfig, explicit: set[str]) -> Plan:
     targeted_elements = sum(m.weight.numel() for m in targets.values())
     k = num_to_select(config.density, config.num_trainable, targeted_elements)
     _check_output_dir(config)
+    resume_from = checkpoint.find(config.output_dir, config.resume) if config.resume else None
 
     accelerator = get_accelerator()
     bf16 = resolve_bf16(config, accelerator.device_name(), accelerator.is_bf16_supported())
@@ -90,8 +95,8 @@ def plan_run(config: TrainConfig, explicit: set[str]) -> Plan:
     ds_config = fill_auto(ds_config, config, world_size=world_size, hidden_size=model_config.hidden_size,
                           total_steps=total_steps, bf16=bf16)
     return Plan(config, ds_config, bf16, k, targeted_elements, list(targets),
-                {name: tuple(m.weight.shape) for name, m in targets.items()}, total_steps, tokenizer, train_set,
-                eval_set)
+                {name: tuple(m.weight.shape) for name, m in targets.items()}, resume_from, total_steps, tokenizer,
+                train_set, eval_set)
 
 
 def _micro_batch_stream(plan: Plan, rank: int, world_size: int):
@@ -110,8 +115,18 @@ def _mean_over_ranks(value: float) -> float:
     return tensor.item() / dist.get_world_size()
 
 
-def train_steps(engine, plan: Plan, stream, steps: range, log: MetricsLog, progress: tqdm) -> None:
-    """Optimizer steps `steps` (numbered from 1), drawing micro-batches from `stream`."""
+def _stop_unless_finite(loss: float, step: int, plan: Plan) -> None:
+    bad = torch.tensor(float(not math.isfinite(loss)), device=device())
+    dist.all_reduce(bad)  # every rank stops at the same step
+    if bad.item():
+        kept = checkpoint.checkpoint_root(plan.config.output_dir)
+        raise TrainingError(f"the loss is not finite at step {step}: lower --learning_rate or check the data; "
+                            f"no checkpoint is written after this point (the last good one, if any, is in {kept})")
+
+
+def train_steps(engine, plan: Plan, stream, steps: range, log: MetricsLog, progress: tqdm, after_step) -> None:
+    """Optimizer steps `steps` (numbered from 1), drawing micro-batches from `stream`; `after_step(step)` runs
+    after each but the last (the caller handles the end of the range)."""
     config, pad_id = plan.config, pad_token_id(plan.tokenizer)
     losses, times = [], []
     engine.train()
@@ -127,6 +142,7 @@ def train_steps(engine, plan: Plan, stream, steps: range, log: MetricsLog, progr
             engine.backward(loss)
             engine.step()
             step_loss += loss.item() / config.gradient_accumulation_steps
+        _stop_unless_finite(step_loss, step, plan)
         losses.append(step_loss)
         times.append(time.perf_counter() - started)
         progress.update()
@@ -134,6 +150,8 @@ def train_steps(engine, plan: Plan, stream, steps: range, log: MetricsLog, progr
             mean_loss = _mean_over_ranks(sum(losses) / len(losses))  # a collective: every rank calls it
             log.write({"step": step, "loss": mean_loss, "lr": lr, "step_time_s": sum(times) / len(times)})
             losses, times = [], []
+        if step != steps[-1]:
+            after_step(step)
 
 
 @torch.no_grad()
@@ -189,6 +207,10 @@ def select_masks(model, plan: Plan, log: MetricsLog, rank: int, world_size: int,
     return indices, summary
 
 
+def _base_weights(layers: dict) -> dict:
+    return {name: layer.base_layer.weight for name, layer in layers.items()}
+
+
 def _nonempty(indices: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     # A weight with no selected entry gets no delta (ZeRO-3 cannot partition an empty parameter).
     return {name: idx for name, idx in indices.items() if idx.numel() > 0}
@@ -224,7 +246,7 @@ def reselect(engine, model, layers: dict, indices: dict, folded: masks.FoldedDel
     train new zero deltas with a fresh optimizer."""
     values = {name: zero3.gather_full_fp32(layer.delta_values) for name, layer in layers.items()}
     engine.destroy()
-    folded.fold(layers, indices, values)
+    folded.fold(_base_weights(layers), indices, values)
     masks.unwrap(model, layers)
     salience_engine = deepspeed.initialize(model=model, config=salience_ds_config(plan.ds_config))[0]
     indices, summary = select_masks(model, plan, log, rank, world_size, calibration_round=update)
@@ -248,7 +270,7 @@ def drop_regrow(engine, model, layers: dict, indices: dict, folded: masks.Folded
     for name in layers:
         dropped = torch.ones(indices[name].numel(), dtype=torch.bool)
         dropped[keep[name]] = False
-        folded.fold(layers, {name: indices[name][dropped]}, {name: kept_state[name]["value"][dropped]})
+        folded.fold(_base_weights(layers), {name: indices[name][dropped]}, {name: kept_state[name]["value"][dropped]})
     masks.unwrap(model, layers)
     kept = _nonempty({name: indices[name][keep[name]] for name in layers})
     kept_state = {name: {key: t[keep[name]] for key, t in kept_state[name].items()} for name in kept}
@@ -310,31 +332,50 @@ def run(plan: Plan) -> RunResult:
     rank, world_size = dist.get_rank(), dist.get_world_size()
     logging.getLogger("DeepSpeed").setLevel(logging.WARNING)
     torch.manual_seed(config.seed)
-    log = MetricsLog(Path(config.output_dir) / "metrics.jsonl", enabled=rank == 0)
+    point = checkpoint.read_state(*plan.resume_from) if plan.resume_from else None
+    log = MetricsLog(Path(config.output_dir) / "metrics.jsonl", enabled=rank == 0,
+                     resume_step=point.step if point else None)
 
     model, hf_ds_config = load_model(config, plan.ds_config, torch.bfloat16 if plan.bf16 else torch.float32)
-    # No optimizer: this engine only gathers the partitioned weights around each layer's forward and backward.
-    engine = deepspeed.initialize(model=model, config=salience_ds_config(plan.ds_config))[0]
-    indices, summary = select_masks(model, plan, log, rank, world_size)
-    engine.destroy()
+    if point:
+        indices, folded, summary, start = point.indices, point.folded, point.summary, point.step
+        folded.refold({name: model.get_submodule(name).weight for name in folded.parts})
+    else:
+        # No optimizer: this engine only gathers the partitioned weights around each layer's forward and backward.
+        engine = deepspeed.initialize(model=model, config=salience_ds_config(plan.ds_config))[0]
+        indices, summary = select_masks(model, plan, log, rank, world_size)
+        engine.destroy()
+        folded, start = masks.FoldedDeltas(), 0
 
     layers = _inject(model, plan, indices)
-    engine = _training_engine(model, layers, plan, completed_steps=0)
-    folded = masks.FoldedDeltas()
+    engine = _training_engine(model, layers, plan, completed_steps=start)
+    if point:
+        checkpoint.load_engine_state(engine, point)
+
+    def save_if_due(step: int) -> None:  # reads the current engine, masks and folds
+        if config.save_steps and step % config.save_steps == 0:
+            checkpoint.save(engine, config.output_dir, step, indices, folded, summary, config.save_total_limit)
+
     stream = _micro_batch_stream(plan, rank, world_size)
-    progress = tqdm(total=plan.total_steps, desc="train", disable=rank != 0)
+    for _ in range(start * config.gradient_accumulation_steps):  # the data a resumed run has already seen
+        next(stream)
     every = config.mask_update_steps or plan.total_steps
-    for first in range(1, plan.total_steps + 1, every):
-        last = min(first + every - 1, plan.total_steps)
-        train_steps(engine, plan, stream, range(first, last + 1), log, progress)
-        if last < plan.total_steps:
-            started = time.perf_counter()
-            engine, layers, indices, summary = MASK_UPDATES[config.mask_update](
-                engine, model, layers, indices, folded, plan, log, rank, world_size, update=last // every,
-                completed_steps=last)
-            log.write({"event": "mask_update", "step": last, "strategy": config.mask_update,
-                       "k": sum(t.numel() for t in indices.values()), "wall_time_s": time.perf_counter() - started})
-    progress.close()
+    step = start
+    # A context, so the bar ends its line even when training stops with an error.
+    with tqdm(total=plan.total_steps, initial=start, desc="train", disable=rank != 0) as progress:
+        while step < plan.total_steps:
+            last = min((step // every + 1) * every, plan.total_steps)
+            train_steps(engine, plan, stream, range(step + 1, last + 1), log, progress, after_step=save_if_due)
+            if last < plan.total_steps:
+                started = time.perf_counter()
+                engine, layers, indices, summary = MASK_UPDATES[config.mask_update](
+                    engine, model, layers, indices, folded, plan, log, rank, world_size, update=last // every,
+                    completed_steps=last)
+                log.write({"event": "mask_update", "step": last, "strategy": config.mask_update,
+                           "k": sum(t.numel() for t in indices.values()),
+                           "wall_time_s": time.perf_counter() - started})
+            save_if_due(last)  # after any mask update, so a resumed run continues with the new mask
+            step = last
     log.write({"event": "eval", "eval_loss": evaluate(engine, plan, rank, world_size),
                "examples": len(plan.eval_set)})
     save_trained_adapter(layers, indices, folded, summary, plan, rank)
