@@ -7,6 +7,7 @@ adapter_config.json, whose "shapes" maps each such NAME to its weight's shape.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import shutil
@@ -77,19 +78,46 @@ def save_adapter(path: str | Path, indices: dict[str, torch.Tensor], values: dic
         raise
 
 
+# Config keys that describe how a model was saved or is run, not which model it is.
+_RUNTIME_CONFIG_KEYS = {"_name_or_path", "_commit_hash", "transformers_version", "torch_dtype", "dtype", "use_cache",
+                        "attn_implementation", "_attn_implementation", "_attn_implementation_autoset",
+                        "quantization_config"}
+
+
+def base_config_hash(model_config) -> str:
+    """A hash of the base model's architecture config, to refuse an adapter on another base."""
+    described = {k: v for k, v in model_config.to_dict().items() if k not in _RUNTIME_CONFIG_KEYS}
+    return hashlib.sha256(json.dumps(described, sort_keys=True, default=str).encode()).hexdigest()
+
+
 def read_adapter(path: str | Path) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor], dict]:
-    """(indices, values, adapter_config) from an adapter directory."""
+    """(indices, values, adapter_config) from an adapter directory, refusing a corrupt or inconsistent one."""
     path = Path(path)
     if not (path / WEIGHTS_NAME).is_file() or not (path / CONFIG_NAME).is_file():
         raise ConfigError(f"{path} is not a speft-ds adapter (needs {WEIGHTS_NAME} and {CONFIG_NAME})")
-    adapter_config = json.loads((path / CONFIG_NAME).read_text())
-    tensors = load_file(str(path / WEIGHTS_NAME))
-    names = list(adapter_config["shapes"])
-    return ({n: tensors[f"{n}.indices"] for n in names}, {n: tensors[f"{n}.values"] for n in names},
-            adapter_config)
+    try:
+        adapter_config = json.loads((path / CONFIG_NAME).read_text())
+        tensors = load_file(str(path / WEIGHTS_NAME))
+        names = list(adapter_config["shapes"])
+        indices = {n: tensors[f"{n}.indices"] for n in names}
+        values = {n: tensors[f"{n}.values"] for n in names}
+    except Exception as err:  # json, safetensors and missing keys all mean the same to the user
+        raise ConfigError(f"the adapter in {path} is corrupt or truncated ({type(err).__name__}): "
+                          "write it again") from None
+    for n in names:
+        idx, numel = indices[n], adapter_config["shapes"][n][0] * adapter_config["shapes"][n][1]
+        if (idx.dim() != 1 or idx.dtype != torch.int64 or values[n].shape != idx.shape
+                or (idx.numel() and (idx[0] < 0 or idx[-1] >= numel or (idx[1:] <= idx[:-1]).any()))):
+            raise ConfigError(f"the adapter in {path} is corrupt: {n} needs sorted unique int64 indices below "
+                              f"{numel} and as many values")
+    return indices, values, adapter_config
 
 
-def _check_shapes(model: nn.Module, adapter_config: dict) -> None:
+def _check_base(model: nn.Module, adapter_config: dict) -> None:
+    expected = adapter_config.get("base_config_hash")
+    if expected and getattr(model, "config", None) is not None and base_config_hash(model.config) != expected:
+        raise ConfigError(f"the adapter was trained on another base model ({adapter_config.get('base_model_name_or_path')}; "
+                          "its config differs from this model's): load the base it was trained on")
     for name, shape in adapter_config["shapes"].items():
         try:
             weight = model.get_submodule(name).weight
@@ -103,7 +131,7 @@ def _check_shapes(model: nn.Module, adapter_config: dict) -> None:
 
 def _inject_from_file(model: nn.Module, path: str | Path) -> dict[str, nn.Module]:
     indices, values, adapter_config = read_adapter(path)
-    _check_shapes(model, adapter_config)
+    _check_base(model, adapter_config)
     return inject_sparse_deltas(model, indices, values)
 
 

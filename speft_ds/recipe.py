@@ -19,7 +19,7 @@ from tqdm import tqdm
 from transformers import get_scheduler
 
 from . import checkpoint, masks, zero3
-from .adapter import inject_sparse_deltas, save_adapter
+from .adapter import base_config_hash, inject_sparse_deltas, save_adapter
 from .cli import parse_config
 from .config import ConfigError, TrainConfig, TrainingError
 from .data import (calibration_indices, collate, load_raw_dataset, pad_token_id, rank_batches,
@@ -44,6 +44,7 @@ class Plan:
     target_names: list[str]
     target_shapes: dict[str, tuple[int, int]]
     resume_from: tuple | None  # (checkpoint root, tag)
+    base_config_hash: str
     total_steps: int
     tokenizer: object
     train_set: object
@@ -95,8 +96,8 @@ def plan_run(config: TrainConfig, explicit: set[str]) -> Plan:
     ds_config = fill_auto(ds_config, config, world_size=world_size, hidden_size=model_config.hidden_size,
                           total_steps=total_steps, bf16=bf16)
     return Plan(config, ds_config, bf16, k, targeted_elements, list(targets),
-                {name: tuple(m.weight.shape) for name, m in targets.items()}, resume_from, total_steps, tokenizer,
-                train_set, eval_set)
+                {name: tuple(m.weight.shape) for name, m in targets.items()}, resume_from,
+                base_config_hash(model_config), total_steps, tokenizer, train_set, eval_set)
 
 
 def _micro_batch_stream(plan: Plan, rank: int, world_size: int):
@@ -310,7 +311,8 @@ def save_trained_adapter(layers: dict, indices: dict[str, torch.Tensor], folded:
         trainable_k = sum(t.numel() for t in indices.values())
         indices, values = folded.total(plan.target_names, indices, values)
         k = sum(t.numel() for t in indices.values())
-        meta = {"base_model_name_or_path": config.model, "metric": config.metric, "selection": config.selection,
+        meta = {"base_model_name_or_path": config.model, "base_config_hash": plan.base_config_hash,
+                "metric": config.metric, "selection": config.selection,
                 "density": k / plan.targeted_elements, "trainable_k": trainable_k,
                 "target_modules": config.target_modules or "all-linear",
                 "salience_summary": score_summary, "train_config": asdict(config)}

@@ -206,3 +206,23 @@ def test_inspect_prints_the_adapters_table_and_writes_a_png(trained):
     targeted = round(adapter_config["k"] / adapter_config["density"])
     assert sum(summary["positive"]) + sum(summary["negative"]) + summary["zero"] == targeted
     assert summary["lowest_selected"] > 0
+
+
+def test_generate_answers_with_the_unmerged_adapter(trained):
+    prompt = "Question: Tom has 3 pens. How many pens does Tom have?\nAnswer:"
+    proc = subprocess.run([sys.executable, "launch/generate.py", "--model", trained["config"].model, "--adapter",
+                           str(trained["adapter"]), "--prompt", prompt, "--max_new_tokens", "6"],
+                          cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    tokenizer = load_tokenizer(trained["config"])
+    merged = merge_adapter(AutoModelForCausalLM.from_pretrained(trained["config"].model, dtype=torch.float32).eval(),
+                           trained["adapter"])
+    ids = torch.tensor([[tokenizer.bos_token_id] + tokenizer.encode(prompt, add_special_tokens=False)])
+    prompt_length = ids.shape[1]
+    with torch.no_grad():  # greedy decoding by hand on the merged model (stopping at EOS, as generate does)
+        for _ in range(6):
+            ids = torch.cat([ids, merged(ids).logits[:, -1:].argmax(-1)], dim=1)
+            if ids[0, -1] == tokenizer.eos_token_id:
+                break
+    want = tokenizer.decode(ids[0, prompt_length:], skip_special_tokens=True)
+    assert proc.stdout.rstrip("\n") == want

@@ -178,3 +178,45 @@ def test_directory_without_adapter_is_refused(base_model, tmp_path):
     (half / "adapter_config.json").write_text(json.dumps({"shapes": {}}))
     with pytest.raises(ConfigError):
         load_adapter(copy.deepcopy(base_model), half)
+
+
+def test_adapter_from_another_base_is_refused(base_model, tmp_path):
+    """Same shapes, other architecture config (rms_norm_eps): refused through the base config hash."""
+    from speft_ds.adapter import base_config_hash
+
+    name = TARGETS[0]
+    path = tmp_path / "adapter"
+    save_adapter(path, {name: torch.tensor([0, 5])}, {name: torch.ones(2)},
+                 {name: list(base_model.get_submodule(name).weight.shape)},
+                 {"base_config_hash": base_config_hash(base_model.config)})
+    load_adapter(copy.deepcopy(base_model), path)  # the right base loads
+    other = copy.deepcopy(base_model)
+    other.config.rms_norm_eps = 1e-3
+    with pytest.raises(ConfigError, match="another base model"):
+        load_adapter(other, path)
+
+
+@pytest.mark.parametrize("damage", ["truncated", "not_json", "unsorted", "out_of_range", "length"])
+def test_corrupt_adapter_is_refused(adapter, base_model, damage):
+    from safetensors.torch import save_file
+
+    path, indices, values, shapes, _ = adapter
+    name = TARGETS[0]
+    weights = path / "adapter_model.safetensors"
+    tensors = load_file(str(weights))
+    if damage == "truncated":
+        weights.write_bytes(weights.read_bytes()[: weights.stat().st_size // 2])
+    elif damage == "not_json":
+        (path / "adapter_config.json").write_text("{ half")
+    else:
+        if damage == "unsorted":
+            tensors[f"{name}.indices"] = tensors[f"{name}.indices"].flip(0).contiguous()
+        elif damage == "out_of_range":
+            tensors[f"{name}.indices"][-1] = shapes[name][0] * shapes[name][1]
+        else:
+            tensors[f"{name}.values"] = tensors[f"{name}.values"][:-1].contiguous()
+        save_file(tensors, str(weights))
+    with pytest.raises(ConfigError, match="corrupt"):
+        load_adapter(copy.deepcopy(base_model), path)
+    with pytest.raises(ConfigError, match="corrupt"):
+        merge_adapter(copy.deepcopy(base_model), path)
