@@ -83,6 +83,8 @@ class TrainConfig:
                                          "OUTPUT_DIR/checkpoints/step-N.", const="latest")
     output_dir: str = _field("outputs/speft", "Where metrics.jsonl, checkpoints/ and adapter/ are written.")
     overwrite_output_dir: bool = _field(False, "Replace an adapter already in --output_dir.")
+    ddp_timeout: int = _field(600, "Seconds a collective may wait for the other ranks before the job fails "
+                                   "(a dead or stuck rank then stops every rank instead of hanging).")
     local_rank: int = _field(-1, "Set by the DeepSpeed launcher.")
 
     def check(self) -> None:
@@ -95,7 +97,7 @@ class TrainConfig:
         if self.num_trainable is not None and self.selection == "local":
             raise ConfigError("--num_trainable picks an exact global count; with --selection local use --density")
         for name in ("calibration_examples", "micro_batch_size", "gradient_accumulation_steps",
-                     "seq_len", "logging_steps"):
+                     "seq_len", "logging_steps", "ddp_timeout"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"--{name} must be >= 1, got {getattr(self, name)}")
         if not 0.0 < self.regrow_fraction <= 1.0:

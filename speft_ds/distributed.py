@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import socket
+from datetime import timedelta
 
 import deepspeed
 import torch
@@ -21,8 +22,9 @@ def _free_port() -> int:
         return sock.getsockname()[1]
 
 
-def init_distributed() -> None:
-    """Join (or, for a plain `python` run, form) the process group; CPU uses gloo."""
+def init_distributed(timeout_s: int = 600) -> None:
+    """Join (or, for a plain `python` run, form) the process group; CPU uses gloo. Collectives fail after
+    `timeout_s` instead of the backend's default of 30 minutes."""
     if dist.is_initialized():
         return
     if "RANK" not in os.environ:
@@ -34,7 +36,7 @@ def init_distributed() -> None:
         torch.set_num_threads(max(1, (os.cpu_count() or 1) // local_ranks))
     accelerator = get_accelerator()
     backend = "gloo" if accelerator.device_name() == "cpu" else accelerator.communication_backend_name()
-    deepspeed.init_distributed(dist_backend=backend)
+    deepspeed.init_distributed(dist_backend=backend, timeout=timedelta(seconds=timeout_s))
 
 
 def device() -> torch.device:

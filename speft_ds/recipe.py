@@ -330,7 +330,7 @@ def save_trained_adapter(layers: dict, indices: dict[str, torch.Tensor], folded:
 
 def run(plan: Plan) -> RunResult:
     config = plan.config
-    init_distributed()
+    init_distributed(config.ddp_timeout)
     rank, world_size = dist.get_rank(), dist.get_world_size()
     logging.getLogger("DeepSpeed").setLevel(logging.WARNING)
     torch.manual_seed(config.seed)
