@@ -10,18 +10,15 @@ import sys
 # folder off the import path.
 sys.path = [p for p in sys.path if os.path.abspath(p or ".") != os.path.dirname(os.path.abspath(__file__))]
 
-from speft_ds.cli import Parser, run_main  # noqa: E402
+from speft_ds.cli import adapter_tool_parser, run_main  # noqa: E402
 from speft_ds.config import ConfigError  # noqa: E402
 
 
 def main(argv) -> int:
-    parser = Parser(description=__doc__.splitlines()[0])
-    parser.add_argument("--model", required=True, help="Base HF model directory the adapter was trained on.")
-    parser.add_argument("--adapter", required=True, help="Adapter directory.")
+    parser = adapter_tool_parser(__doc__.splitlines()[0])
     parser.add_argument("--prompt", required=True, help="The prompt, as the training data's prompt field reads.")
     parser.add_argument("--max_new_tokens", type=int, default=64)
     parser.add_argument("--do_sample", action="store_true", help="Sample instead of greedy decoding.")
-    parser.add_argument("--trust_remote_code", action="store_true")
     args = parser.parse_args(argv)
     if not os.path.isfile(os.path.join(args.model, "config.json")):
         raise ConfigError(f"--model {args.model} is not a model directory (no config.json)")

@@ -13,16 +13,13 @@ sys.path = [p for p in sys.path if os.path.abspath(p or ".") != os.path.dirname(
 import shutil
 from pathlib import Path
 
-from speft_ds.cli import Parser, run_main
+from speft_ds.cli import adapter_tool_parser, run_main
 from speft_ds.config import ConfigError
 
 
 def main(argv) -> int:
-    parser = Parser(description=__doc__.splitlines()[0])
-    parser.add_argument("--model", required=True, help="Base HF model directory the adapter was trained on.")
-    parser.add_argument("--adapter", required=True, help="Adapter directory (adapter_model.safetensors + adapter_config.json).")
+    parser = adapter_tool_parser(__doc__.splitlines()[0])
     parser.add_argument("--out", required=True, help="New directory for the merged model (must not exist).")
-    parser.add_argument("--trust_remote_code", action="store_true", help="Allow model code from the model directory.")
     args = parser.parse_args(argv)
     out = Path(args.out)
     if out.exists():

@@ -29,7 +29,7 @@ from .ds_config import fill_auto, read_ds_config, reconcile, resolve_bf16, salie
 from .losses import causal_lm_loss_sum
 from .metrics_log import MetricsLog
 from .model import find_targets, load_model, load_model_config, load_tokenizer, skeleton_model
-from .salience import compute_salience, get_metric
+from .salience import compute_salience
 from .selection import gather_indices, num_to_select, score_summary, select_global, select_local
 
 
@@ -40,15 +40,21 @@ class Plan:
     ds_config: dict
     bf16: bool
     k: int
-    targeted_elements: int
-    target_names: list[str]
-    target_shapes: dict[str, tuple[int, int]]
+    target_shapes: dict[str, tuple[int, int]]  # targeted layer name -> weight shape, in model order
     resume_from: tuple | None  # (checkpoint root, tag)
     base_config_hash: str
     total_steps: int
     tokenizer: object
     train_set: object
     eval_set: object
+
+    @property
+    def target_names(self) -> list[str]:
+        return list(self.target_shapes)
+
+    @property
+    def targeted_elements(self) -> int:
+        return sum(rows * cols for rows, cols in self.target_shapes.values())
 
 
 @dataclass
@@ -72,11 +78,10 @@ def _check_output_dir(config: TrainConfig) -> None:
 def plan_run(config: TrainConfig, explicit: set[str]) -> Plan:
     """Check the whole job (configs, model shape, targets, data) without loading weights or forming a group."""
     ds_config = read_ds_config(config.ds_config)
-    get_metric(config.metric)
     model_config = load_model_config(config)
     targets = find_targets(skeleton_model(model_config, config.trust_remote_code), config.target_modules)
-    targeted_elements = sum(m.weight.numel() for m in targets.values())
-    k = num_to_select(config.density, config.num_trainable, targeted_elements)
+    target_shapes = {name: tuple(m.weight.shape) for name, m in targets.items()}
+    k = num_to_select(config.density, config.num_trainable, sum(m.weight.numel() for m in targets.values()))
     _check_output_dir(config)
     resume_from = checkpoint.find(config.output_dir, config.resume) if config.resume else None
 
@@ -95,9 +100,8 @@ def plan_run(config: TrainConfig, explicit: set[str]) -> Plan:
     total_steps = config.max_steps if config.max_steps > 0 else max(1, int(config.epochs * steps_per_epoch))
     ds_config = fill_auto(ds_config, config, world_size=world_size, hidden_size=model_config.hidden_size,
                           total_steps=total_steps, bf16=bf16)
-    return Plan(config, ds_config, bf16, k, targeted_elements, list(targets),
-                {name: tuple(m.weight.shape) for name, m in targets.items()}, resume_from,
-                base_config_hash(model_config), total_steps, tokenizer, train_set, eval_set)
+    return Plan(config, ds_config, bf16, k, target_shapes, resume_from, base_config_hash(model_config), total_steps,
+                tokenizer, train_set, eval_set)
 
 
 def _micro_batch_stream(plan: Plan, rank: int, world_size: int):
