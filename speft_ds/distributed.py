@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import socket
+from pathlib import Path
 from datetime import timedelta
 
 import deepspeed
@@ -37,6 +38,20 @@ def init_distributed(timeout_s: int = 600) -> None:
     accelerator = get_accelerator()
     backend = "gloo" if accelerator.device_name() == "cpu" else accelerator.communication_backend_name()
     deepspeed.init_distributed(dist_backend=backend, timeout=timedelta(seconds=timeout_s))
+    _unlink_shm_buffers()
+
+
+def _unlink_shm_buffers() -> None:
+    """DeepSpeed's CPU shared-memory all-reduce maps a 66 MB /dev/shm buffer per rank and never removes
+    its name, so every run would leave RAM-backed files behind. Once every rank has mapped them (the
+    barrier), removing the names frees the memory when the processes end; nothing here opens them later."""
+    shm = Path("/dev/shm")
+    if not shm.is_dir():
+        return
+    dist.barrier()
+    address, port, rank = os.environ["MASTER_ADDR"], os.environ["MASTER_PORT"], dist.get_rank()
+    for buffer in shm.glob(f"deepspeed_allreduce_buffer_*_{address}_{port}_{rank}"):
+        buffer.unlink(missing_ok=True)
 
 
 def device() -> torch.device:
