@@ -14,7 +14,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import socket
 import subprocess
 import sys
 import time
@@ -22,6 +21,8 @@ from pathlib import Path
 
 import torch
 from safetensors.torch import load_file
+
+from speft_ds.distributed import free_port
 
 REPO = Path(__file__).resolve().parents[1]
 STATIC_METRICS = ["random", "magnitude", "gradient", "snip", "force", "taylor", "fisher", "synflow", "grasp"]
@@ -35,12 +36,6 @@ def configurations(mask_update_steps: int) -> dict[str, list[str]]:
     runs["gradient-drop_regrow"] = ["--metric", "gradient", "--mask_update_steps", str(mask_update_steps),
                                     "--mask_update", "drop_regrow"]
     return runs
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 def train(name: str, flags: list[str], args, out_dir: Path) -> dict:

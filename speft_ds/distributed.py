@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import os
 import socket
-from pathlib import Path
 from datetime import timedelta
+from pathlib import Path
 
 import deepspeed
 import torch
@@ -17,7 +17,8 @@ def world_size_from_env() -> int:
     return int(os.environ.get("WORLD_SIZE", "1"))
 
 
-def _free_port() -> int:
+def free_port() -> int:
+    """A TCP port free on this machine now (for a master port; the default 29500 may be taken)."""
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         return sock.getsockname()[1]
@@ -30,7 +31,7 @@ def init_distributed(timeout_s: int = 600) -> None:
         return
     if "RANK" not in os.environ:
         os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", LOCAL_SIZE="1",
-                          MASTER_ADDR="127.0.0.1", MASTER_PORT=str(_free_port()))
+                          MASTER_ADDR="127.0.0.1", MASTER_PORT=str(free_port()))
     if "OMP_NUM_THREADS" not in os.environ:
         # Ranks on one machine share its cores; oversubscribing them slows every rank down.
         local_ranks = int(os.environ.get("LOCAL_SIZE", os.environ.get("LOCAL_WORLD_SIZE", "1")))

@@ -9,7 +9,7 @@ from pathlib import Path
 
 from safetensors.torch import load_file
 
-from tests.distributed.harness import free_port
+from speft_ds.distributed import free_port
 
 REPO = Path(__file__).resolve().parents[1]
 

@@ -17,7 +17,7 @@ import torch
 from safetensors.torch import load_file
 
 from speft_ds.config import EMBEDDED_DATASET
-from tests.distributed.harness import free_port
+from speft_ds.distributed import free_port
 from tests.models import write_tiny_llama
 
 REPO = Path(__file__).resolve().parents[1]

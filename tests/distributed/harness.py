@@ -3,18 +3,13 @@
 from __future__ import annotations
 
 import os
-import socket
 import traceback
 from pathlib import Path
 
 import torch
 import torch.multiprocessing as mp
 
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
+from speft_ds.distributed import free_port
 
 
 def _worker(rank: int, world_size: int, port: int, fn, args: tuple, out_dir: str) -> None:
