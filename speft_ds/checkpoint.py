@@ -20,7 +20,8 @@ import torch.distributed as dist
 from safetensors import safe_open
 from safetensors.torch import save_file
 
-from .config import ConfigError
+from .config import ConfigError, TrainingError
+from .distributed import device, is_communication_failure
 from .masks import FoldedDeltas
 
 STATE_FILE = "speft_state.safetensors"
@@ -47,32 +48,75 @@ def _steps(root: Path) -> list[int]:
 
 def save(engine, output_dir: str | Path, step: int, indices: dict[str, torch.Tensor], folded: FoldedDeltas,
          score_summary: dict, keep_last: int | None) -> None:
-    """Every rank calls this (DeepSpeed writes each rank's partition)."""
+    """Every rank calls this (DeepSpeed writes each rank's partition). A write that fails on any rank (a
+    full disk, say) fails the save on every rank with a TrainingError; the previous checkpoint stays."""
     root = checkpoint_root(output_dir)
     tmp_tag, tag = f".tmp-step-{step}", f"step-{step}"
     rank = dist.get_rank()
-    engine.save_checkpoint(str(root), tag=tmp_tag, save_latest=False, exclude_frozen_parameters=True,
-                           client_state={"torch_rng_state": torch.get_rng_state()})
     if rank == 0:
-        tensors = {f"indices/{name}": idx.cpu().contiguous() for name, idx in indices.items()}
-        for name, parts in folded.parts.items():
-            for i, (idx, values) in enumerate(parts):
-                tensors[f"folded/{i}/indices/{name}"] = idx.contiguous()
-                tensors[f"folded/{i}/values/{name}"] = values.contiguous()
-        save_file(tensors, str(root / tmp_tag / STATE_FILE),
-                  metadata={"step": str(step), "score_summary": json.dumps(score_summary),
-                            # safetensors returns keys sorted; the engine's parameter order is this one
-                            "layer_order": json.dumps(list(indices))})
-    dist.barrier()  # every rank's files are complete before the checkpoint becomes visible
-    if rank == 0:
+        shutil.rmtree(root / tmp_tag, ignore_errors=True)  # left by a run killed while saving
+    error = None
+    try:
+        engine.save_checkpoint(str(root), tag=tmp_tag, save_latest=False, exclude_frozen_parameters=True,
+                               client_state={"torch_rng_state": torch.get_rng_state()})
+    except Exception as err:  # torch.save reports a full disk as a RuntimeError, safetensors as its own type
+        if is_communication_failure(err):
+            raise
+        error = err
+        # DeepSpeed writes its files between collectives and ends with a barrier, where the ranks whose
+        # writes succeeded now wait: join it so every rank reaches the vote below.
+        dist.barrier()
+    if rank == 0 and error is None:
+        try:
+            _write_state(root / tmp_tag, step, indices, folded, score_summary)
+            _publish(root, tmp_tag, tag, keep_last)
+        except Exception as err:
+            error = err
+    # One vote, after rank 0 published: every rank leaves with the same outcome.
+    failed = torch.tensor([error is not None], dtype=torch.int32, device=device())
+    dist.all_reduce(failed, op=dist.ReduceOp.MAX)
+    if failed.item():
+        free_mib = shutil.disk_usage(root).free / 2**20
+        if rank == 0:
+            _discard(root, tmp_tag, tag)
+        dist.barrier()
+        kept = (root / LATEST).read_text().strip() if (root / LATEST).is_file() else None
+        cause = f"{type(error).__name__}: {str(error).splitlines()[0][:200]}" if error else "on another rank"
+        raise TrainingError(f"saving checkpoint {tag} failed ({cause}; {free_mib:.0f} MiB free in {root}): free "
+                            "space there or lower --save_total_limit. Training stopped; "
+                            + (f"{kept} is kept: resume from it with --resume" if kept else "no earlier checkpoint"))
+
+
+def _publish(root: Path, tmp_tag: str, tag: str, keep_last: int | None) -> None:
+    """Make a complete checkpoint visible: rename it, then point `latest` at it, then drop the oldest."""
+    shutil.rmtree(root / tag, ignore_errors=True)
+    os.replace(root / tmp_tag, root / tag)
+    (root / f".{LATEST}.tmp").write_text(tag)
+    os.replace(root / f".{LATEST}.tmp", root / LATEST)
+    if keep_last:
+        for old in _steps(root)[:-keep_last]:
+            shutil.rmtree(root / f"step-{old}")
+
+
+def _discard(root: Path, tmp_tag: str, tag: str) -> None:
+    """Remove what a failed save left, down to a renamed checkpoint that `latest` does not name yet."""
+    shutil.rmtree(root / tmp_tag, ignore_errors=True)
+    (root / f".{LATEST}.tmp").unlink(missing_ok=True)
+    if (root / tag).exists() and not ((root / LATEST).is_file() and (root / LATEST).read_text().strip() == tag):
         shutil.rmtree(root / tag, ignore_errors=True)
-        os.replace(root / tmp_tag, root / tag)
-        (root / f".{LATEST}.tmp").write_text(tag)
-        os.replace(root / f".{LATEST}.tmp", root / LATEST)
-        if keep_last:
-            for old in _steps(root)[:-keep_last]:
-                shutil.rmtree(root / f"step-{old}")
-    dist.barrier()
+
+
+def _write_state(directory: Path, step: int, indices: dict[str, torch.Tensor], folded: FoldedDeltas,
+                 score_summary: dict) -> None:
+    tensors = {f"indices/{name}": idx.cpu().contiguous() for name, idx in indices.items()}
+    for name, parts in folded.parts.items():
+        for i, (idx, values) in enumerate(parts):
+            tensors[f"folded/{i}/indices/{name}"] = idx.contiguous()
+            tensors[f"folded/{i}/values/{name}"] = values.contiguous()
+    save_file(tensors, str(directory / STATE_FILE),
+              metadata={"step": str(step), "score_summary": json.dumps(score_summary),
+                        # safetensors returns keys sorted; the engine's parameter order is this one
+                        "layer_order": json.dumps(list(indices))})
 
 
 def find(output_dir: str | Path, resume: str) -> tuple[Path, str]:

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import os
 import socket
+import time
+from contextlib import contextmanager
 from datetime import timedelta
 from pathlib import Path
 
@@ -11,6 +13,11 @@ import deepspeed
 import torch
 import torch.distributed as dist
 from deepspeed.accelerator import get_accelerator
+
+from .config import TrainingError
+
+# How long a rank that saw a collective fail waits for the other survivors to report in.
+CHECK_IN_S = 10.0
 
 
 def world_size_from_env() -> int:
@@ -58,3 +65,57 @@ def _unlink_shm_buffers() -> None:
 def device() -> torch.device:
     """Where this rank computes, and where tensors given to collectives live (NCCL needs the GPU)."""
     return torch.device(get_accelerator().current_device_name())
+
+
+def is_communication_failure(err: BaseException) -> bool:
+    # NCCL and store failures are typed; gloo raises plain RuntimeErrors whose text names its source file.
+    return isinstance(err, dist.DistError) or (isinstance(err, RuntimeError) and "gloo/" in str(err))
+
+
+def _ranks_not_checking_in(rank: int, world_size: int) -> list[int] | None:
+    """Each survivor of a failed collective checks in with the rendezvous store (hosted by rank 0); the
+    ranks missing after CHECK_IN_S died or hang. None when the store itself is gone (rank 0 died)."""
+    address = (os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"]))
+    try:
+        # A plain connect first: it is refused at once where rank 0 is gone, where a TCPStore client would
+        # retry until its timeout and log C++ stack traces meanwhile.
+        socket.create_connection(address, timeout=CHECK_IN_S).close()
+        store = dist.TCPStore(*address, is_master=False, timeout=timedelta(seconds=CHECK_IN_S))
+        store.set(f"speft/alive/{rank}", "1")
+        deadline = time.monotonic() + CHECK_IN_S
+        while True:
+            missing = [r for r in range(world_size) if not store.check([f"speft/alive/{r}"])]
+            if not missing or time.monotonic() > deadline:
+                return missing
+            time.sleep(0.2)
+    except (OSError, RuntimeError):
+        return None
+
+
+@contextmanager
+def naming_lost_ranks():
+    """Turn a failed collective (a rank died, hangs past the timeout, or its node vanished) into a
+    TrainingError that names the ranks which stopped responding, so no rank waits on a dead peer."""
+    try:
+        yield
+    except Exception as err:
+        if not (dist.is_initialized() and dist.get_world_size() > 1 and is_communication_failure(err)):
+            raise
+        rank, world_size = dist.get_rank(), dist.get_world_size()
+        cause = str(err).strip().splitlines()[0][:300]
+        try:  # close this rank's connections, so peers blocked on it fail now rather than at their timeout
+            dist.destroy_process_group()
+        except Exception:
+            pass
+        missing = _ranks_not_checking_in(rank, world_size)
+        if missing is None:
+            lost = f"rank 0 (which hosts the rendezvous store at {os.environ.get('MASTER_ADDR')}:" \
+                   f"{os.environ.get('MASTER_PORT')}) is unreachable"
+        elif missing:
+            lost = (f"rank{'s' if len(missing) > 1 else ''} {', '.join(map(str, missing))} stopped responding "
+                    "(died, was killed or hangs)")
+        else:
+            lost = "a connection between ranks failed although every rank is still running"
+        raise TrainingError(f"{lost}; rank {rank} is stopping too. Its collective failed with: {cause}. "
+                            "See the other ranks' output; with --save_steps, --resume continues from the last "
+                            "checkpoint") from err

@@ -24,7 +24,7 @@ from .cli import parse_config
 from .config import ConfigError, TrainConfig, TrainingError
 from .data import (calibration_indices, collate, load_raw_dataset, pad_token_id, rank_batches,
                    tokenize_dataset, train_eval_split, train_micro_batches)
-from .distributed import device, init_distributed, world_size_from_env
+from .distributed import device, init_distributed, naming_lost_ranks, world_size_from_env
 from .ds_config import fill_auto, read_ds_config, reconcile, resolve_bf16, salience_ds_config
 from .losses import causal_lm_loss_sum
 from .metrics_log import MetricsLog
@@ -323,9 +323,13 @@ def save_trained_adapter(layers: dict, indices: dict[str, torch.Tensor], folded:
         shapes = {name: list(shape) for name, shape in plan.target_shapes.items() if name in indices}
         try:
             save_adapter(Path(config.output_dir) / "adapter", indices, values, shapes, meta)
-        except BaseException:
+        except BaseException as err:
             saved.zero_()
             dist.broadcast(saved, src=0)  # release the other ranks before raising
+            if isinstance(err, OSError):
+                raise TrainingError(f"writing the adapter to {Path(config.output_dir) / 'adapter'} failed ({err}): "
+                                    "free space there and rerun; any checkpoint stays, and --resume starts "
+                                    "from it") from err
             raise
     dist.broadcast(saved, src=0)
     if not saved.item():
@@ -390,5 +394,7 @@ def run(plan: Plan) -> RunResult:
 
 def main(argv: Sequence[str]) -> int:
     config, explicit = parse_config(argv)
-    run(plan_run(config, explicit))
+    plan = plan_run(config, explicit)
+    with naming_lost_ranks():
+        run(plan)
     return 0

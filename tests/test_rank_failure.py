@@ -1,0 +1,106 @@
+"""A rank that dies or hangs mid-training stops the whole job within 2 minutes, with a message naming it.
+
+Each rank runs under its own `deepspeed --no_ssh --node_rank N` launcher (two "nodes" on loopback), as on
+a cluster: no launcher sees both ranks, so none can rescue the job by killing the survivor."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import time
+from itertools import islice
+from pathlib import Path
+
+import pytest
+
+from speft_ds.config import EMBEDDED_DATASET
+from speft_ds.distributed import free_port
+from tests.models import write_tiny_llama
+
+REPO = Path(__file__).resolve().parents[1]
+STOP_WITHIN_S = 120
+
+
+@pytest.fixture(scope="module")
+def inputs(tmp_path_factory):
+    root = tmp_path_factory.mktemp("rank-failure")
+    dataset = root / "data.jsonl"
+    dataset.write_text("".join(islice(EMBEDDED_DATASET.open(), 64)))
+    hostfile = root / "hostfile"
+    hostfile.write_text("localhost slots=1\n127.0.0.1 slots=1\n")  # two names for this machine: two nodes
+    return write_tiny_llama(root / "llama"), dataset, hostfile
+
+
+def _start_nodes(inputs, out: Path, port: int, *extra: str) -> list[tuple[subprocess.Popen, Path]]:
+    model_dir, dataset, hostfile = inputs
+    nodes = []
+    for node in (0, 1):
+        log = out.parent / f"{out.name}-node{node}.log"
+        command = ["deepspeed", "--hostfile", str(hostfile), "--no_ssh", "--node_rank", str(node),
+                   "--master_addr", "127.0.0.1", "--master_port", str(port), "launch/train.py",
+                   "--model", str(model_dir), "--dataset", str(dataset), "--output_dir", str(out),
+                   "--max_steps", "100000", "--micro_batch_size", "2", "--seq_len", "48", "--logging_steps", "1",
+                   "--calibration_examples", "8", "--val_size", "0.1", *extra]
+        with log.open("w") as sink:
+            nodes.append((subprocess.Popen(command, cwd=REPO, stdout=sink, stderr=subprocess.STDOUT,
+                                           env={**os.environ, "DS_ACCELERATOR": "cpu"}, start_new_session=True),
+                          log))
+    return nodes
+
+
+def _rank_pid(port: int, rank: int) -> int:
+    """The training process of `rank` in the job that rendezvouses on `port`."""
+    for proc in Path("/proc").iterdir():
+        try:
+            cmdline = (proc / "cmdline").read_bytes()
+            environ = (proc / "environ").read_bytes().split(b"\0")
+        except (OSError, ValueError):
+            continue
+        if b"launch/train.py" in cmdline and f"MASTER_PORT={port}".encode() in environ \
+                and f"RANK={rank}".encode() in environ:
+            return int(proc.name)
+    raise AssertionError(f"no process for rank {rank}")
+
+
+def _wait_for_training(out: Path, nodes) -> None:
+    deadline = time.monotonic() + 300
+    metrics = out / "metrics.jsonl"
+    while not (metrics.exists() and metrics.read_text().count('"step"') >= 3):
+        assert all(job.poll() is None for job, _ in nodes), [log.read_text()[-2000:] for _, log in nodes]
+        assert time.monotonic() < deadline, "training did not start"
+        time.sleep(0.2)
+
+
+@pytest.mark.parametrize("victim, how, expected", [
+    (1, signal.SIGKILL, "error: rank 1 stopped responding"),
+    (0, signal.SIGKILL, "error: rank 0 (which hosts the rendezvous store"),
+    (1, signal.SIGSTOP, "error: rank 1 stopped responding"),  # a hang: only the collective timeout ends it
+])
+def test_a_dead_or_hung_rank_stops_every_other_rank_with_its_name(inputs, tmp_path, victim, how, expected):
+    port = free_port()
+    out = tmp_path / "out"
+    # The tool sets the collective timeout (the backend's default is 30 minutes); 20 s keeps the hang case short.
+    nodes = _start_nodes(inputs, out, port, "--ddp_timeout", "20")
+    try:
+        _wait_for_training(out, nodes)
+        victim_pid = _rank_pid(port, victim)
+        os.kill(victim_pid, how)
+        killed_at = time.monotonic()
+        survivor, survivor_log = nodes[1 - victim]
+        survivor.wait(timeout=STOP_WITHIN_S)
+        assert time.monotonic() - killed_at < STOP_WITHIN_S
+        assert survivor.returncode != 0
+        errors = [line for line in survivor_log.read_text().splitlines() if line.startswith("error: ")]
+        assert len(errors) == 1 and errors[0].startswith(expected), survivor_log.read_text()[-3000:]
+        if how == signal.SIGSTOP:
+            os.kill(victim_pid, signal.SIGKILL)  # a stopped process outlives any timeout: the test ends it
+        victim_launcher, _ = nodes[victim]
+        victim_launcher.wait(timeout=STOP_WITHIN_S)
+        assert victim_launcher.returncode != 0
+        assert not (out / "adapter").exists()
+    finally:
+        for job, _ in nodes:
+            if job.poll() is None:
+                os.killpg(job.pid, signal.SIGKILL)
+                job.wait()
