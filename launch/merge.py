@@ -1,6 +1,9 @@
 """Fold a sparse-delta adapter into its base model and write a standard HF model directory.
 
-    python launch/merge.py --model BASE_DIR --adapter OUTPUT_DIR/adapter --out MERGED_DIR
+    python launch/merge.py --model BASE_DIR --adapter OUTPUT_DIR/adapter --out MERGED_DIR [--max_shard_size 5GB]
+
+The base is streamed layer by layer from its safetensors shards, so models bigger than memory merge; a
+bitsandbytes-quantized base is dequantized and written in bf16.
 """
 
 import os
@@ -10,39 +13,38 @@ import sys
 # folder off the import path.
 sys.path = [p for p in sys.path if os.path.abspath(p or ".") != os.path.dirname(os.path.abspath(__file__))]
 
-import shutil
 from pathlib import Path
 
 from speft_ds.cli import adapter_tool_parser, run_main
 from speft_ds.config import ConfigError
 
 
+def _size(text: str) -> int:
+    from transformers.utils.hub import convert_file_size_to_int
+
+    try:
+        return convert_file_size_to_int(text)
+    except ValueError:
+        raise ConfigError(f"--max_shard_size {text}: give a size like 5GB or 500MB") from None
+
+
 def main(argv) -> int:
     parser = adapter_tool_parser(__doc__.splitlines()[0])
     parser.add_argument("--out", required=True, help="New directory for the merged model (must not exist).")
+    parser.add_argument("--max_shard_size", default="5GB",
+                        help="Largest safetensors shard to write, as in save_pretrained (default 5GB).")
     args = parser.parse_args(argv)
     out = Path(args.out)
     if out.exists():
         raise ConfigError(f"--out {out} already exists: choose a new directory")
     if not Path(args.model, "config.json").is_file():
         raise ConfigError(f"--model {args.model} is not a model directory (no config.json)")
+    max_shard_bytes = _size(args.max_shard_size)
 
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from speft_ds.merge import merge_checkpoint
 
-    from speft_ds import merge_adapter
-
-    model = AutoModelForCausalLM.from_pretrained(args.model, use_safetensors=True, dtype="auto",
-                                                 trust_remote_code=args.trust_remote_code)
-    merge_adapter(model, args.adapter)
-    tmp = out.with_name(f".{out.name}.tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
-    try:
-        model.save_pretrained(tmp, safe_serialization=True)
-        AutoTokenizer.from_pretrained(args.model, trust_remote_code=args.trust_remote_code).save_pretrained(tmp)
-        tmp.rename(out)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
-    print(f"merged model written to {out}")
+    files = merge_checkpoint(args.model, args.adapter, out, max_shard_bytes, trust_remote_code=args.trust_remote_code)
+    print(f"merged model written to {out} ({len(files)} shard{'s' if len(files) > 1 else ''})")
     return 0
 
 

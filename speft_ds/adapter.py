@@ -12,6 +12,7 @@ import json
 import os
 import shutil
 import tempfile
+from collections.abc import Callable
 from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 
@@ -113,25 +114,33 @@ def read_adapter(path: str | Path) -> tuple[dict[str, torch.Tensor], dict[str, t
     return indices, values, adapter_config
 
 
-def _check_base(model: nn.Module, adapter_config: dict) -> None:
+def check_base(model_config, weight_shape: Callable[[str], list[int] | None], adapter_config: dict) -> None:
+    """Refuse an adapter trained on another base: its config hash, and each target's weight shape
+    (`weight_shape(name)`, None where the model has no such weight)."""
     expected = adapter_config.get("base_config_hash")
-    if expected and getattr(model, "config", None) is not None and base_config_hash(model.config) != expected:
+    if expected and model_config is not None and base_config_hash(model_config) != expected:
         raise ConfigError(f"the adapter was trained on another base model ({adapter_config.get('base_model_name_or_path')}; "
                           "its config differs from this model's): load the base it was trained on")
     for name, shape in adapter_config["shapes"].items():
-        try:
-            weight = model.get_submodule(name).weight
-        except AttributeError:
+        actual = weight_shape(name)
+        if actual is None:
             raise ConfigError(f"the adapter targets {name}, which the model does not have: "
-                              "use the base model the adapter was trained on") from None
-        if list(weight.shape) != list(shape):
-            raise ConfigError(f"the adapter's {name} has shape {shape} but the model's is {list(weight.shape)}: "
                               "use the base model the adapter was trained on")
+        if list(actual) != list(shape):
+            raise ConfigError(f"the adapter's {name} has shape {shape} but the model's is {list(actual)}: "
+                              "use the base model the adapter was trained on")
+
+
+def _module_weight_shape(model: nn.Module, name: str) -> list[int] | None:
+    try:
+        return list(model.get_submodule(name).weight.shape)
+    except AttributeError:
+        return None
 
 
 def _inject_from_file(model: nn.Module, path: str | Path) -> dict[str, nn.Module]:
     indices, values, adapter_config = read_adapter(path)
-    _check_base(model, adapter_config)
+    check_base(getattr(model, "config", None), lambda name: _module_weight_shape(model, name), adapter_config)
     return inject_sparse_deltas(model, indices, values)
 
 

@@ -19,6 +19,14 @@ def dense_delta(values: torch.Tensor, indices: torch.Tensor, shape: tuple[int, i
     return delta.view(shape)
 
 
+def add_delta_(weight: torch.Tensor, indices: torch.Tensor, values: torch.Tensor) -> torch.Tensor:
+    """weight += scatter(indices, values) in place; summed in fp32 and rounded once to the weight's dtype.
+    Indices are unique, so the gather-add-scatter is exact."""
+    flat = weight.view(-1)
+    flat[indices] = (flat[indices].float() + values.float()).to(weight.dtype)
+    return weight
+
+
 def linear_weight_grad(x: torch.Tensor, grad_out: torch.Tensor, shape: tuple[int, int]) -> torch.Tensor:
     """dL/dW of y = x W^T: grad_out^T x over all leading dimensions."""
     return grad_out.reshape(-1, shape[0]).t().to(x.dtype) @ x.reshape(-1, shape[1])
@@ -101,8 +109,7 @@ class _SparseDeltaLayer(nn.Module):
     @torch.no_grad()
     def merge(self) -> nn.Module:
         """Fold the delta into the base weight and return the plain base layer."""
-        weight = self.base_layer.weight
-        weight.view(-1).index_add_(0, self.delta_indices, self.delta_values.detach().to(weight.dtype))
+        add_delta_(self.base_layer.weight, self.delta_indices, self.delta_values.detach())
         return self.base_layer
 
 

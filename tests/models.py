@@ -8,11 +8,13 @@ from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
 from speft_ds.config import EMBEDDED_MODEL
 
 
-def write_tiny_llama(path: Path, num_layers: int = 2, seed: int = 0, max_shard_size: str | None = None) -> Path:
+def write_tiny_llama(path: Path, num_layers: int = 2, seed: int = 0, max_shard_size: str | None = None,
+                     hidden_size: int = 33, intermediate_size: int = 45) -> Path:
     """hidden 33 / intermediate 45: the MLP weights have an odd element count, so 2-rank partitions pad.
+    (bitsandbytes' 4-bit layers need even element counts: give other sizes for quantized bases.)
     With `max_shard_size` the weights are split over several safetensors files plus an index."""
     tokenizer = AutoTokenizer.from_pretrained(EMBEDDED_MODEL)
-    config = LlamaConfig(vocab_size=len(tokenizer), hidden_size=33, intermediate_size=45, head_dim=8,
+    config = LlamaConfig(vocab_size=len(tokenizer), hidden_size=hidden_size, intermediate_size=intermediate_size, head_dim=8,
                          num_hidden_layers=num_layers, num_attention_heads=3, num_key_value_heads=1,
                          max_position_embeddings=128, tie_word_embeddings=False,
                          bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,

@@ -1,0 +1,148 @@
+"""Fold an adapter into its base model's safetensors checkpoint and write a new HF model directory.
+
+Streams, for models too big to load: the base shards are read one layer at a time, each targeted weight
+gets its delta added in fp32, and finished tensors fill an output shard that is written once full. At any
+moment the merge holds one layer's tensors (dequantized where the base is bitsandbytes-quantized) on top
+of the output shard being filled. A quantized base is written in bf16, without its quantization config.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import tempfile
+from itertools import groupby
+from pathlib import Path
+
+import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
+
+from . import bnb_weights
+from .adapter import check_base, read_adapter
+from .config import ConfigError
+from .delta import add_delta_
+
+WEIGHTS = "model.safetensors"
+INDEX = "model.safetensors.index.json"
+_WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".ckpt", ".h5", ".msgpack")
+_ITEM_BYTES = {"F64": 8, "F32": 4, "F16": 2, "BF16": 2, "I64": 8, "I32": 4, "I16": 2, "I8": 1, "U8": 1, "BOOL": 1}
+
+
+def _base_files(base_dir: Path) -> dict[str, Path]:
+    """Tensor name -> the safetensors file holding it, in the checkpoint's order."""
+    if (base_dir / INDEX).is_file():
+        weight_map = json.loads((base_dir / INDEX).read_text())["weight_map"]
+        return {name: base_dir / file for name, file in sorted(weight_map.items(), key=lambda kv: (kv[1], kv[0]))}
+    if (base_dir / WEIGHTS).is_file():
+        with safe_open(str(base_dir / WEIGHTS), framework="pt") as handle:
+            return {name: base_dir / WEIGHTS for name in handle.keys()}
+    raise ConfigError(f"--model {base_dir} has no safetensors weights ({WEIGHTS} or {INDEX}): save it with "
+                      "save_pretrained(safe_serialization=True) first")
+
+
+def _layer(name: str) -> str:
+    """Tensors of one decoder layer share a key; others (embeddings, final norm, head) stand alone."""
+    match = re.match(r"(.*\.layers\.\d+)\.", name)
+    return match.group(1) if match else name
+
+
+class _Base:
+    """The base checkpoint's tensors: names, on-disk files, output shapes and byte sizes."""
+
+    def __init__(self, base_dir: Path):
+        self.files = _base_files(base_dir)
+        self.quantized = bnb_weights.quantized_weights(self.files)
+        auxiliary = {name for aux in self.quantized.values() for name in aux}
+        self.names = [name for name in self.files if name not in auxiliary]  # what the output holds
+        self.shapes, self.nbytes = {}, {}
+        for file, names in groupby(self.names, key=self.files.get):
+            with safe_open(str(file), framework="pt") as handle:
+                for name in names:
+                    stored = handle.get_slice(name)
+                    aux = {a: handle.get_tensor(a) for a in self.quantized.get(name, [])}  # small tensors
+                    self.shapes[name] = bnb_weights.dense_shape(name, torch.Size(stored.get_shape()), aux)
+                    to_bf16 = self.quantized and (name in self.quantized or stored.get_dtype() in ("F64", "F32", "F16"))
+                    self.nbytes[name] = self.shapes[name].numel() * (2 if to_bf16 else _ITEM_BYTES[stored.get_dtype()])
+
+    def read(self, handle, name: str) -> torch.Tensor:
+        """The tensor as the model computes with it: dequantized (fp32) where quantized."""
+        if name not in self.quantized:
+            return handle.get_tensor(name)
+        aux = {a: handle.get_tensor(a) for a in self.quantized[name]}
+        return bnb_weights.dequantize(name, handle.get_tensor(name), aux)
+
+    def for_output(self, tensor: torch.Tensor) -> torch.Tensor:
+        return tensor.to(torch.bfloat16) if self.quantized and tensor.is_floating_point() else tensor
+
+
+def _shards(names: list[str], nbytes: dict[str, int], max_shard_bytes: int) -> list[list[str]]:
+    """Consecutive tensors packed into shards of at most max_shard_bytes (a bigger tensor gets its own)."""
+    shards, size = [[]], 0
+    for name in names:
+        if shards[-1] and size + nbytes[name] > max_shard_bytes:
+            shards.append([])
+            size = 0
+        shards[-1].append(name)
+        size += nbytes[name]
+    return shards
+
+
+def _shard_file(i: int, count: int) -> str:
+    return WEIGHTS if count == 1 else f"model-{i + 1:05d}-of-{count:05d}.safetensors"
+
+
+def _copy_side_files(base_dir: Path, out: Path, quantized: bool) -> None:
+    """Config, generation config and tokenizer files; a dequantized model's config loses its quantization."""
+    for path in base_dir.iterdir():
+        if path.is_file() and not path.name.endswith(_WEIGHT_SUFFIXES) and path.name != INDEX:
+            shutil.copy2(path, out / path.name)
+    if quantized:
+        config = json.loads((out / "config.json").read_text())
+        config.pop("quantization_config", None)
+        config.update({key: "bfloat16" for key in ("dtype", "torch_dtype") if key in config} or {"dtype": "bfloat16"})
+        (out / "config.json").write_text(json.dumps(config, indent=2) + "\n")
+
+
+def merge_checkpoint(base_dir: str | Path, adapter_dir: str | Path, out: str | Path, max_shard_bytes: int,
+                     trust_remote_code: bool = False) -> list[str]:
+    """Write base + adapter to `out` (a new directory, created atomically). Returns the shard file names."""
+    from transformers import AutoConfig
+
+    base_dir, out = Path(base_dir), Path(out)
+    indices, values, adapter_config = read_adapter(adapter_dir)
+    base = _Base(base_dir)
+    model_config = AutoConfig.from_pretrained(base_dir, trust_remote_code=trust_remote_code)
+    check_base(model_config, lambda name: base.shapes.get(f"{name}.weight"), adapter_config)
+
+    shards = _shards(base.names, base.nbytes, max_shard_bytes)
+    shard_of = {name: i for i, names in enumerate(shards) for name in names}
+    files = [_shard_file(i, len(shards)) for i in range(len(shards))]
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
+    try:
+        pending: dict[str, torch.Tensor] = {}
+        for (file, _), names in groupby(base.names, key=lambda name: (base.files[name], _layer(name))):
+            with safe_open(str(file), framework="pt") as handle:  # mapped for this layer only
+                for name in names:
+                    tensor = base.read(handle, name)
+                    module = name.removesuffix(".weight")
+                    if name.endswith(".weight") and module in indices:
+                        add_delta_(tensor, indices[module], values[module])
+                    pending[name] = base.for_output(tensor).contiguous()
+                    if name == shards[shard_of[name]][-1]:  # the shard is complete: write it, free it
+                        save_file(pending, str(tmp / files[shard_of[name]]), metadata={"format": "pt"})
+                        pending = {}
+        if len(shards) > 1:
+            weight_map = {name: files[shard_of[name]] for name in base.names}
+            index = {"metadata": {"total_size": sum(base.nbytes.values())}, "weight_map": weight_map}
+            (tmp / INDEX).write_text(json.dumps(index, indent=2) + "\n")
+        _copy_side_files(base_dir, tmp, quantized=bool(base.quantized))
+        tmp.chmod(0o755)
+        os.replace(tmp, out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return files
