@@ -62,6 +62,13 @@ def _unlink_shm_buffers() -> None:
         buffer.unlink(missing_ok=True)
 
 
+def leave_process_group() -> None:
+    """End a finished run cleanly: every rank done (the barrier), then the backend's threads and
+    connections closed here rather than torn down by interpreter exit."""
+    dist.barrier()
+    dist.destroy_process_group()
+
+
 def device() -> torch.device:
     """Where this rank computes, and where tensors given to collectives live (NCCL needs the GPU)."""
     return torch.device(get_accelerator().current_device_name())

@@ -24,7 +24,7 @@ from .cli import parse_config
 from .config import ConfigError, TrainConfig, TrainingError
 from .data import (calibration_indices, collate, load_raw_dataset, pad_token_id, rank_batches,
                    tokenize_dataset, train_eval_split, train_micro_batches)
-from .distributed import device, init_distributed, naming_lost_ranks, world_size_from_env
+from .distributed import device, init_distributed, leave_process_group, naming_lost_ranks, world_size_from_env
 from .ds_config import fill_auto, read_ds_config, reconcile, resolve_bf16, salience_ds_config
 from .losses import causal_lm_loss_sum
 from .metrics_log import MetricsLog
@@ -396,5 +396,7 @@ def main(argv: Sequence[str]) -> int:
     config, explicit = parse_config(argv)
     plan = plan_run(config, explicit)
     with naming_lost_ranks():
-        run(plan)
+        result = run(plan)
+        result.engine.destroy()
+        leave_process_group()
     return 0
