@@ -133,9 +133,11 @@ def check_base(model_config, weight_shape: Callable[[str], list[int] | None], ad
 
 def _module_weight_shape(model: nn.Module, name: str) -> list[int] | None:
     try:
-        return list(model.get_submodule(name).weight.shape)
+        weight = model.get_submodule(name).weight
     except AttributeError:
         return None
+    quant_state = getattr(weight, "quant_state", None)  # bitsandbytes 4-bit: stored packed
+    return list(quant_state.shape if quant_state is not None else weight.shape)
 
 
 def _inject_from_file(model: nn.Module, path: str | Path) -> dict[str, nn.Module]:

@@ -18,6 +18,8 @@ SHIPPED_DS_CONFIG = PACKAGE_DIR.parent / "ds_configs" / "z3.json"
 
 # The metrics speft_ds.salience registers; named here so flags are checked without importing DeepSpeed.
 METRIC_NAMES = ("random", "magnitude", "gradient", "snip", "force", "taylor", "fisher", "synflow", "grasp")
+# Those that never read the weights' values, so they score a quantized base (whose shards are packed codes).
+WEIGHT_FREE_METRICS = ("random", "gradient", "fisher")
 
 LOCAL_DATA_SUFFIXES = {".jsonl": "json", ".json": "json", ".parquet": "parquet", ".csv": "csv"}
 
@@ -46,6 +48,11 @@ class TrainConfig:
     val_size: float = _field(0.05, "Fraction of the dataset held out for the final eval loss.")
     ds_config: str = _field(str(SHIPPED_DS_CONFIG), "DeepSpeed JSON config; 'auto' values are filled from these flags.")
     trust_remote_code: bool = _field(False, "Allow model code from the model directory (off by default).")
+    quantize: Optional[str] = _field(None, "Load the base quantized with bitsandbytes (QLoRA-style); the deltas "
+                                           "stay in the compute dtype beside it.", choices=("nf4", "fp4", "int8"))
+    attn: str = _field("sdpa", "Attention implementation (flash_attention_2 needs flash-attn and a GPU).",
+                       choices=("sdpa", "eager", "flash_attention_2"))
+    gradient_checkpointing: bool = _field(False, "Recompute activations in the backward pass to save memory.")
     # --- salience and selection
     metric: str = _field("gradient", "Salience metric (the paper's best: gradient).", choices=METRIC_NAMES)
     calibration_examples: int = _field(1024, "Training examples drawn (with --seed) for the salience pass.")
@@ -113,8 +120,14 @@ class TrainConfig:
             raise ConfigError("nothing to train: pass --max_steps > 0 or --epochs > 0")
         for f in fields(self):
             choices = f.metadata.get("choices")
-            if choices and getattr(self, f.name) not in choices:
+            if choices and getattr(self, f.name) not in (*choices, None):
                 raise ConfigError(f"unknown --{f.name} '{getattr(self, f.name)}': choose one of {', '.join(choices)}")
+        if self.quantize and self.metric not in WEIGHT_FREE_METRICS:
+            raise ConfigError(f"--metric {self.metric} reads the weights, which --quantize stores as packed codes: "
+                              f"use one of {', '.join(WEIGHT_FREE_METRICS)}")
+        if self.quantize and self.mask_update_steps:
+            raise ConfigError("--mask_update_steps folds deltas into the base weights, which --quantize must never "
+                              "re-quantize: keep the static mask (drop --mask_update_steps)")
         if self.target_modules is not None:
             target_pattern(self.target_modules)
         if not Path(self.model, "config.json").is_file():

@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+import importlib.util
+
 import torch
 from torch import nn
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 from transformers.integrations import HfDeepSpeedConfig
 
 from .config import ConfigError, TrainConfig, target_pattern
+from .distributed import device
 
 
 def load_model_config(config: TrainConfig):
@@ -58,14 +61,52 @@ def find_targets(model: nn.Module, spec: str | None) -> dict[str, nn.Module]:
     return matched
 
 
+def check_backends(config: TrainConfig, device_name: str) -> None:
+    """The optional packages and hardware that --quantize and --attn ask for, checked before any loading."""
+    if config.quantize and importlib.util.find_spec("bitsandbytes") is None:
+        raise ConfigError(f"--quantize {config.quantize} needs bitsandbytes: pip install 'speft-ds[quant]'")
+    if config.attn == "flash_attention_2":
+        if importlib.util.find_spec("flash_attn") is None:
+            raise ConfigError("--attn flash_attention_2 needs the flash-attn package: pip install flash-attn, "
+                              "or use --attn sdpa")
+        if device_name == "cpu":
+            raise ConfigError("--attn flash_attention_2 runs on GPUs only: use --attn sdpa on CPU")
+
+
+def _quantization_config(config: TrainConfig, dtype: torch.dtype):
+    from transformers import BitsAndBytesConfig
+
+    if config.quantize == "int8":
+        return BitsAndBytesConfig(load_in_8bit=True)
+    # Packed 4-bit codes stored in the compute dtype look like ordinary float parameters to ZeRO-3, so it
+    # partitions and gathers them as it does the rest of the model.
+    return BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type=config.quantize, bnb_4bit_use_double_quant=True,
+                              bnb_4bit_compute_dtype=dtype, bnb_4bit_quant_storage=dtype)
+
+
 def load_model(config: TrainConfig, ds_config: dict, dtype: torch.dtype) -> tuple[nn.Module, HfDeepSpeedConfig]:
     """Load under ZeRO-3: each rank reads and keeps only its own partition of every weight.
 
-    The returned HfDeepSpeedConfig must stay alive while the model is used: transformers looks it up
-    through a weak reference to know that ZeRO-3 is on.
+    A quantized base cannot be loaded inside zero.Init: transformers quantizes it whole on each rank (in its
+    quantized size), and ZeRO-3 partitions it when the engine is built. The returned HfDeepSpeedConfig must
+    stay alive while the model is used: transformers looks it up through a weak reference to know that
+    ZeRO-3 is on.
     """
-    hf_ds_config = HfDeepSpeedConfig(ds_config)
-    model = AutoModelForCausalLM.from_pretrained(config.model, dtype=dtype, use_safetensors=True,
-                                                 trust_remote_code=config.trust_remote_code)
+    kwargs = dict(dtype=dtype, use_safetensors=True, trust_remote_code=config.trust_remote_code,
+                  attn_implementation=config.attn)
+    if config.quantize:
+        model = AutoModelForCausalLM.from_pretrained(config.model, quantization_config=_quantization_config(config, dtype),
+                                                     device_map={"": device()}, **kwargs)
+        hf_ds_config = HfDeepSpeedConfig(ds_config)
+        for module in model.modules():
+            if hasattr(module, "support_avx512bf16_for_cpu"):
+                # bitsandbytes repacks a 4-bit weight in place for faster CPU inference; under ZeRO-3 that
+                # would rewrite a gathered copy and its quant_state, and it needs out_features % 32 == 0.
+                module.support_avx512bf16_for_cpu = False
+    else:
+        hf_ds_config = HfDeepSpeedConfig(ds_config)
+        model = AutoModelForCausalLM.from_pretrained(config.model, **kwargs)
     model.requires_grad_(False)
+    if config.gradient_checkpointing:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     return model, hf_ds_config

@@ -28,7 +28,7 @@ from .distributed import device, init_distributed, leave_process_group, naming_l
 from .ds_config import fill_auto, read_ds_config, reconcile, resolve_bf16, salience_ds_config
 from .losses import causal_lm_loss_sum
 from .metrics_log import MetricsLog
-from .model import find_targets, load_model, load_model_config, load_tokenizer, skeleton_model
+from .model import check_backends, find_targets, load_model, load_model_config, load_tokenizer, skeleton_model
 from .salience import compute_salience
 from .selection import gather_indices, num_to_select, score_summary, select_global, select_local
 
@@ -86,6 +86,7 @@ def plan_run(config: TrainConfig, explicit: set[str]) -> Plan:
     resume_from = checkpoint.find(config.output_dir, config.resume) if config.resume else None
 
     accelerator = get_accelerator()
+    check_backends(config, accelerator.device_name())
     bf16 = resolve_bf16(config, accelerator.device_name(), accelerator.is_bf16_supported())
     config, bf16 = reconcile(ds_config, config, explicit, bf16)
 

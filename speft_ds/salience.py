@@ -15,6 +15,7 @@ from torch import nn
 
 from . import shard_grads, zero3
 from .config import ConfigError
+from .distributed import device as comm_device
 
 
 @dataclass
@@ -22,7 +23,8 @@ class ShardStats:
     """What a metric may read for one weight: this rank's real (non-padding) elements, from flat `start`."""
     name: str
     start: int
-    weight: torch.Tensor                       # W
+    size: int
+    weight: torch.Tensor | None                # W (None for metrics that never read it)
     seed: int
     grad: torch.Tensor | None = None           # g, the calibration-loss gradient
     grad_sq: torch.Tensor | None = None        # mean over examples of the per-example gradient squared
@@ -33,15 +35,16 @@ class ShardStats:
 @dataclass(frozen=True)
 class Metric:
     score: Callable[[ShardStats], torch.Tensor]
-    needs: tuple[str, ...]  # ShardStats fields beyond the weight
+    needs: tuple[str, ...]  # gradient statistics (ShardStats fields) it reads
+    reads_weight: bool      # False: it scores a quantized base too (see config.WEIGHT_FREE_METRICS)
 
 
 METRICS: dict[str, Metric] = {}
 
 
-def register_metric(name: str, needs: tuple[str, ...] = ()):
+def register_metric(name: str, needs: tuple[str, ...] = (), reads_weight: bool = True):
     def register(fn: Callable[[ShardStats], torch.Tensor]):
-        METRICS[name] = Metric(fn, needs)
+        METRICS[name] = Metric(fn, needs, reads_weight)
         return fn
     return register
 
@@ -56,11 +59,11 @@ def _mix32(h: torch.Tensor) -> torch.Tensor:
     return h ^ (h >> 16)
 
 
-@register_metric("random")
+@register_metric("random", reads_weight=False)
 def random_score(s: ShardStats) -> torch.Tensor:
     """Uniform in [0, 1), a hash of (seed, module name, flat index): the same for any world size."""
     key = (zlib.crc32(s.name.encode()) ^ _mix32(torch.tensor(s.seed & 0xFFFFFFFF)).item()) & 0xFFFFFFFF
-    flat = torch.arange(s.start, s.start + s.weight.numel(), dtype=torch.int64, device=s.weight.device)
+    flat = torch.arange(s.start, s.start + s.size, dtype=torch.int64, device=comm_device())
     h = _mix32(_mix32((flat >> 32) ^ key) ^ (flat & 0xFFFFFFFF))
     return (h >> 8).float() / float(1 << 24)
 
@@ -70,7 +73,7 @@ def magnitude_score(s: ShardStats) -> torch.Tensor:
     return s.weight.abs()
 
 
-@register_metric("gradient", needs=("grad",))
+@register_metric("gradient", needs=("grad",), reads_weight=False)
 def gradient_score(s: ShardStats) -> torch.Tensor:
     # |mean gradient| (abs after accumulation), as the paper's reference code does.
     return s.grad.abs()
@@ -91,7 +94,7 @@ def taylor_score(s: ShardStats) -> torch.Tensor:
     return (s.weight * s.grad).square()
 
 
-@register_metric("fisher", needs=("grad_sq",))
+@register_metric("fisher", needs=("grad_sq",), reads_weight=False)
 def fisher_score(s: ShardStats) -> torch.Tensor:
     return s.grad_sq
 
@@ -149,8 +152,8 @@ def compute_salience(model: nn.Module, targets: dict[str, nn.Module], batches: l
     for name, module in targets.items():
         start, stop = zero3.shard_range(module.weight)
         n = stop - start
-        shard = ShardStats(name, start, zero3.local_shard(module.weight)[:n].float(), seed,
-                           **{key: per_name[name][:n] for key, per_name in stats.items()})
+        weight = zero3.local_shard(module.weight)[:n].float() if chosen.reads_weight else None
+        shard = ShardStats(name, start, n, weight, seed, **{key: per_name[name][:n] for key, per_name in stats.items()})
         accumulator_numel = max((per_name[name].numel() for per_name in stats.values()), default=0)
         scores[name] = ShardScores(start, chosen.score(shard).float(), zero3.full_numel(module.weight),
                                    accumulator_numel)

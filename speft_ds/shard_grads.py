@@ -32,8 +32,7 @@ class _ShardAccumulator:
     def __init__(self, targets: dict[str, nn.Module], per_example_squares: bool):
         self.targets = targets
         self.per_example_squares = per_example_squares
-        self.accumulators = {name: torch.zeros(zero3.shard_numel(m.weight), dtype=torch.float32,
-                                               device=zero3.local_shard(m.weight).device)
+        self.accumulators = {name: torch.zeros(zero3.shard_numel(m.weight), dtype=torch.float32, device=comm_device())
                              for name, m in targets.items()}
         self._handles = [m.register_forward_hook(self._forward_hook(name)) for name, m in targets.items()]
 

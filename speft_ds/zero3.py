@@ -19,23 +19,35 @@ def is_partitioned(param: torch.nn.Parameter) -> bool:
     return hasattr(param, "ds_tensor")
 
 
-def full_numel(param: torch.nn.Parameter) -> int:
-    return param.ds_numel if is_partitioned(param) else param.numel()
+def _packed_4bit(param: torch.nn.Parameter) -> bool:
+    """A bitsandbytes 4-bit weight: two codes per byte of its storage, the dense shape in its quant_state."""
+    return getattr(param, "quant_state", None) is not None
 
 
 def full_shape(param: torch.nn.Parameter) -> torch.Size:
+    """The dense weight's shape (a quantized weight's as it computes, not as stored)."""
+    if _packed_4bit(param):
+        return torch.Size(param.quant_state.shape)
     return param.ds_shape if is_partitioned(param) else param.shape
 
 
-def _partition(param: torch.nn.Parameter) -> tuple[int, int, object]:
-    """(rank within the parameter's group, slice size, group)."""
-    group = param.ds_process_group
-    return dist.get_rank(group), param.ds_tensor.numel(), group
+def full_numel(param: torch.nn.Parameter) -> int:
+    return full_shape(param).numel()
 
 
 def shard_numel(param: torch.nn.Parameter) -> int:
-    """Elements this rank holds for `param`, padding included (ds_tensor's size)."""
-    return param.ds_tensor.numel() if is_partitioned(param) else param.numel()
+    """Dense elements this rank's slice of `param` covers, padding included. A packed 4-bit weight's slice
+    of stored elements covers a contiguous run of 2 x element_size codes per element."""
+    if not is_partitioned(param):
+        return full_numel(param)
+    per_element = 2 * param.ds_tensor.element_size() if _packed_4bit(param) else 1
+    return param.ds_tensor.numel() * per_element
+
+
+def _partition(param: torch.nn.Parameter) -> tuple[int, int, object]:
+    """(rank within the parameter's group, dense slice size, group)."""
+    group = param.ds_process_group
+    return dist.get_rank(group), shard_numel(param), group
 
 
 def shard_range(param: torch.nn.Parameter) -> tuple[int, int]:
@@ -43,12 +55,15 @@ def shard_range(param: torch.nn.Parameter) -> tuple[int, int]:
     if not is_partitioned(param):
         return 0, param.numel()
     rank, size, _ = _partition(param)
-    start = rank * size
-    return min(start, param.ds_numel), min(start + size, param.ds_numel)
+    start, numel = rank * size, full_numel(param)
+    return min(start, numel), min(start + size, numel)
 
 
 def local_shard(param: torch.nn.Parameter) -> torch.Tensor:
-    """This rank's flat slice of `param` (padding included), without gathering."""
+    """This rank's flat slice of `param` (padding included), without gathering. Not for quantized weights,
+    whose slices hold codes rather than values."""
+    if _packed_4bit(param) or param.dtype == torch.int8:
+        raise RuntimeError("a quantized weight's shard holds codes, not values: only weight-free metrics apply")
     return param.ds_tensor if is_partitioned(param) else param.detach().view(-1)
 
 

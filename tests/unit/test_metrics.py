@@ -5,19 +5,28 @@ from __future__ import annotations
 import pytest
 import torch
 
-from speft_ds.config import METRIC_NAMES
+from speft_ds.config import METRIC_NAMES, WEIGHT_FREE_METRICS
 from speft_ds.salience import METRICS, ShardStats
 
 
 def test_cli_metric_names_are_the_registered_metrics():
     assert set(METRIC_NAMES) == set(METRICS)
+    assert set(WEIGHT_FREE_METRICS) == {name for name, metric in METRICS.items() if not metric.reads_weight}
+
+
+def test_weight_free_metrics_score_without_the_weight(stats):
+    for name in WEIGHT_FREE_METRICS:
+        with_weight = METRICS[name].score(stats)
+        without = METRICS[name].score(ShardStats(stats.name, stats.start, stats.size, None, stats.seed,
+                                                 grad=stats.grad, grad_sq=stats.grad_sq))
+        torch.testing.assert_close(without, with_weight, rtol=0, atol=0, msg=name)
 
 
 @pytest.fixture
 def stats():
     g = torch.Generator().manual_seed(3)
     w, grad, grad_sq, syn, hg = (torch.randn(50, generator=g) for _ in range(5))
-    return ShardStats("model.layers.0.mlp.up_proj", 10, w, seed=7, grad=grad, grad_sq=grad_sq.abs(),
+    return ShardStats("model.layers.0.mlp.up_proj", 10, 50, w, seed=7, grad=grad, grad_sq=grad_sq.abs(),
                       synflow_grad=syn.abs(), hessian_grad=hg)
 
 
@@ -33,12 +42,12 @@ def test_formulas(stats):
 
 
 def test_random_scores_depend_only_on_seed_name_and_flat_index(stats):
-    whole = METRICS["random"].score(ShardStats(stats.name, 0, torch.zeros(100), seed=7))
+    whole = METRICS["random"].score(ShardStats(stats.name, 0, 100, None, seed=7))
     part = METRICS["random"].score(stats)  # elements 10..59 of the same weight
     torch.testing.assert_close(part, whole[10:60], rtol=0, atol=0)
     assert ((whole >= 0) & (whole < 1)).all() and whole.unique().numel() > 95
-    other_seed = METRICS["random"].score(ShardStats(stats.name, 0, torch.zeros(100), seed=8))
-    other_name = METRICS["random"].score(ShardStats("model.layers.1.mlp.up_proj", 0, torch.zeros(100), seed=7))
+    other_seed = METRICS["random"].score(ShardStats(stats.name, 0, 100, None, seed=8))
+    other_name = METRICS["random"].score(ShardStats("model.layers.1.mlp.up_proj", 0, 100, None, seed=7))
     assert not torch.equal(whole, other_seed) and not torch.equal(whole, other_name)
-    big = METRICS["random"].score(ShardStats(stats.name, 2**33, torch.zeros(100), seed=7))
+    big = METRICS["random"].score(ShardStats(stats.name, 2**33, 100, None, seed=7))
     assert not torch.equal(whole, big)  # flat indices above 2^32 do not wrap onto low ones
