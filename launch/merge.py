@@ -33,6 +33,8 @@ def main(argv) -> int:
     parser.add_argument("--out", required=True, help="New directory for the merged model (must not exist).")
     parser.add_argument("--max_shard_size", default="5GB",
                         help="Largest safetensors shard to write, as in save_pretrained (default 5GB).")
+    parser.add_argument("--dtype", choices=("auto", "bfloat16", "float16", "float32"), default="auto",
+                        help="dtype of the written weights; auto keeps the base's (bf16 for a quantized base).")
     args = parser.parse_args(argv)
     out = Path(args.out)
     if out.exists():
@@ -41,9 +43,13 @@ def main(argv) -> int:
         raise ConfigError(f"--model {args.model} is not a model directory (no config.json)")
     max_shard_bytes = _size(args.max_shard_size)
 
+    import torch
+
     from speft_ds.merge import merge_checkpoint
 
-    files = merge_checkpoint(args.model, args.adapter, out, max_shard_bytes, trust_remote_code=args.trust_remote_code)
+    dtype = None if args.dtype == "auto" else getattr(torch, args.dtype)
+    files = merge_checkpoint(args.model, args.adapter, out, max_shard_bytes, dtype=dtype,
+                             trust_remote_code=args.trust_remote_code)
     print(f"merged model written to {out} ({len(files)} shard{'s' if len(files) > 1 else ''})")
     return 0
 

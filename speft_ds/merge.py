@@ -52,11 +52,13 @@ def _layer(name: str) -> str:
 class _Base:
     """The base checkpoint's tensors: names, on-disk files, output shapes and byte sizes."""
 
-    def __init__(self, base_dir: Path):
+    def __init__(self, base_dir: Path, dtype: torch.dtype | None):
         self.files = _base_files(base_dir)
         self.quantized = bnb_weights.quantized_weights(self.files)
         auxiliary = {name for aux in self.quantized.values() for name in aux}
         self.names = [name for name in self.files if name not in auxiliary]  # what the output holds
+        # Floating tensors are written in `dtype`; by default as stored, or bf16 for a quantized base.
+        self.dtype = dtype or (torch.bfloat16 if self.quantized else None)
         self.shapes, self.nbytes = {}, {}
         for file, names in groupby(self.names, key=self.files.get):
             with safe_open(str(file), framework="pt") as handle:
@@ -64,8 +66,9 @@ class _Base:
                     stored = handle.get_slice(name)
                     aux = {a: handle.get_tensor(a) for a in self.quantized.get(name, [])}  # small tensors
                     self.shapes[name] = bnb_weights.dense_shape(name, torch.Size(stored.get_shape()), aux)
-                    to_bf16 = self.quantized and (name in self.quantized or stored.get_dtype() in ("F64", "F32", "F16"))
-                    self.nbytes[name] = self.shapes[name].numel() * (2 if to_bf16 else _ITEM_BYTES[stored.get_dtype()])
+                    floating = name in self.quantized or stored.get_dtype() in ("F64", "F32", "F16", "BF16")
+                    item = self.dtype.itemsize if floating and self.dtype else _ITEM_BYTES[stored.get_dtype()]
+                    self.nbytes[name] = self.shapes[name].numel() * item
 
     def read(self, handle, name: str) -> torch.Tensor:
         """The tensor as the model computes with it: dequantized (fp32) where quantized."""
@@ -75,7 +78,7 @@ class _Base:
         return bnb_weights.dequantize(name, handle.get_tensor(name), aux)
 
     def for_output(self, tensor: torch.Tensor) -> torch.Tensor:
-        return tensor.to(torch.bfloat16) if self.quantized and tensor.is_floating_point() else tensor
+        return tensor.to(self.dtype) if self.dtype and tensor.is_floating_point() else tensor
 
 
 def _shards(names: list[str], nbytes: dict[str, int], max_shard_bytes: int) -> list[list[str]]:
@@ -94,26 +97,29 @@ def _shard_file(i: int, count: int) -> str:
     return WEIGHTS if count == 1 else f"model-{i + 1:05d}-of-{count:05d}.safetensors"
 
 
-def _copy_side_files(base_dir: Path, out: Path, quantized: bool) -> None:
-    """Config, generation config and tokenizer files; a dequantized model's config loses its quantization."""
+def _copy_side_files(base_dir: Path, out: Path, dtype: torch.dtype | None) -> None:
+    """Config, generation config and tokenizer files; the config names the written dtype and loses any
+    quantization."""
     for path in base_dir.iterdir():
         if path.is_file() and not path.name.endswith(_WEIGHT_SUFFIXES) and path.name != INDEX:
             shutil.copy2(path, out / path.name)
-    if quantized:
-        config = json.loads((out / "config.json").read_text())
-        config.pop("quantization_config", None)
-        config.update({key: "bfloat16" for key in ("dtype", "torch_dtype") if key in config} or {"dtype": "bfloat16"})
-        (out / "config.json").write_text(json.dumps(config, indent=2) + "\n")
+    config = json.loads((out / "config.json").read_text())
+    config.pop("quantization_config", None)
+    if dtype is not None:
+        name = str(dtype).removeprefix("torch.")
+        config.update({key: name for key in ("dtype", "torch_dtype") if key in config} or {"dtype": name})
+    (out / "config.json").write_text(json.dumps(config, indent=2) + "\n")
 
 
 def merge_checkpoint(base_dir: str | Path, adapter_dir: str | Path, out: str | Path, max_shard_bytes: int,
-                     trust_remote_code: bool = False) -> list[str]:
-    """Write base + adapter to `out` (a new directory, created atomically). Returns the shard file names."""
+                     dtype: torch.dtype | None = None, trust_remote_code: bool = False) -> list[str]:
+    """Write base + adapter to `out` (a new directory, created atomically), floating tensors in `dtype`
+    (default: as stored; bf16 for a quantized base). Returns the shard file names."""
     from transformers import AutoConfig
 
     base_dir, out = Path(base_dir), Path(out)
     indices, values, adapter_config = read_adapter(adapter_dir)
-    base = _Base(base_dir)
+    base = _Base(base_dir, dtype)
     model_config = AutoConfig.from_pretrained(base_dir, trust_remote_code=trust_remote_code)
     check_base(model_config, lambda name: base.shapes.get(f"{name}.weight"), adapter_config)
 
@@ -139,7 +145,7 @@ def merge_checkpoint(base_dir: str | Path, adapter_dir: str | Path, out: str | P
             weight_map = {name: files[shard_of[name]] for name in base.names}
             index = {"metadata": {"total_size": sum(base.nbytes.values())}, "weight_map": weight_map}
             (tmp / INDEX).write_text(json.dumps(index, indent=2) + "\n")
-        _copy_side_files(base_dir, tmp, quantized=bool(base.quantized))
+        _copy_side_files(base_dir, tmp, base.dtype)
         tmp.chmod(0o755)
         os.replace(tmp, out)
     except BaseException:

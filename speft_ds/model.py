@@ -108,5 +108,9 @@ def load_model(config: TrainConfig, ds_config: dict, dtype: torch.dtype) -> tupl
         model = AutoModelForCausalLM.from_pretrained(config.model, **kwargs)
     model.requires_grad_(False)
     if config.gradient_checkpointing:
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        # Reentrant: its recompute runs as a forward, where ZeRO-3's hooks gather the partitioned weights
+        # (the non-reentrant variant recomputes without them). It needs inputs that require grad, which the
+        # frozen embedding's output does not by itself.
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": True})
+        model.enable_input_require_grads()
     return model, hf_ds_config

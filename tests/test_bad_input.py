@@ -55,6 +55,10 @@ CASES = {
     "local_selection_with_exact_count": (["--selection", "local", "--num_trainable", "10"], "--density"),
     "lr_scheduler_with_ds_scheduler": (["--ds_config", "{tmp}/with_scheduler.json", "--lr_scheduler", "linear"],
                                        "scheduler"),
+    "unknown_quantization": (["--quantize", "int3"], "--quantize"),
+    "quantized_with_a_weight_metric": (["--quantize", "nf4", "--metric", "synflow"], "--metric synflow reads"),
+    "quantized_with_mask_updates": (["--quantize", "nf4", "--mask_update_steps", "10"], "re-quantize"),
+    "flash_attention_on_cpu": (["--attn", "flash_attention_2"], "flash"),
 }
 
 
