@@ -69,6 +69,22 @@ def leave_process_group() -> None:
     dist.destroy_process_group()
 
 
+def peak_rss_mib_per_rank() -> list[float]:
+    """Each rank's peak resident memory so far, in MiB, on every rank (a collective). Linux's VmHWM: the
+    process's own peak (getrusage's also counts what the launcher held before exec)."""
+    try:
+        with open("/proc/self/status") as status:
+            kib = next(int(line.split()[1]) for line in status if line.startswith("VmHWM:"))
+    except (OSError, StopIteration):
+        import resource
+
+        kib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    mine = torch.tensor([kib / 1024.0], dtype=torch.float64, device=device())
+    every = [torch.zeros_like(mine) for _ in range(dist.get_world_size())]
+    dist.all_gather(every, mine)
+    return [round(float(t), 1) for t in every]
+
+
 def device() -> torch.device:
     """Where this rank computes, and where tensors given to collectives live (NCCL needs the GPU)."""
     return torch.device(get_accelerator().current_device_name())

@@ -24,7 +24,8 @@ from .cli import parse_config
 from .config import ConfigError, TrainConfig, TrainingError
 from .data import (calibration_indices, collate, load_raw_dataset, pad_token_id, rank_batches,
                    tokenize_dataset, train_eval_split, train_micro_batches)
-from .distributed import device, init_distributed, leave_process_group, naming_lost_ranks, world_size_from_env
+from .distributed import (device, init_distributed, leave_process_group, naming_lost_ranks, peak_rss_mib_per_rank,
+                          world_size_from_env)
 from .ds_config import fill_auto, read_ds_config, reconcile, resolve_bf16, salience_ds_config
 from .losses import causal_lm_loss_sum
 from .metrics_log import MetricsLog
@@ -347,7 +348,9 @@ def run(plan: Plan) -> RunResult:
     log = MetricsLog(Path(config.output_dir) / "metrics.jsonl", enabled=rank == 0,
                      resume_step=point.step if point else None)
 
+    started = time.perf_counter()
     model, hf_ds_config = load_model(config, plan.ds_config, torch.bfloat16 if plan.bf16 else torch.float32)
+    log.write({"event": "load", "wall_time_s": time.perf_counter() - started})
     if point:
         indices, folded, summary, start = point.indices, point.folded, point.summary, point.step
         folded.refold({name: model.get_submodule(name).weight for name in folded.parts})
@@ -389,7 +392,10 @@ def run(plan: Plan) -> RunResult:
             step = last
     log.write({"event": "eval", "eval_loss": evaluate(engine, plan, rank, world_size),
                "examples": len(plan.eval_set)})
+    started = time.perf_counter()
     save_trained_adapter(layers, indices, folded, summary, plan, rank)
+    log.write({"event": "adapter", "wall_time_s": time.perf_counter() - started})
+    log.write({"event": "memory", "peak_rss_mib_per_rank": peak_rss_mib_per_rank()})
     return RunResult(engine, layers, hf_ds_config)
 
 

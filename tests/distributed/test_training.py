@@ -170,6 +170,9 @@ def test_metrics_log_has_every_step_and_the_phases(trained):
     assert events["salience"]["examples"] == 16 and events["salience"]["wall_time_s"] > 0
     assert events["selection"]["k"] == sum(t.numel() for t in _adapter_tensors(trained["adapter"])[0].values())
     assert math.isfinite(events["eval"]["eval_loss"])
+    assert events["load"]["wall_time_s"] > 0 and events["adapter"]["wall_time_s"] > 0
+    peaks = events["memory"]["peak_rss_mib_per_rank"]
+    assert len(peaks) == WORLD and all(100 < peak < 20_000 for peak in peaks)  # MiB: torch alone is > 100
 
 
 def test_merge_cli_writes_a_model_from_pretrained_loads(trained):

@@ -1,0 +1,134 @@
+"""A 1.1B-parameter run on this machine: TinyLlama-1.1B's shape, random weights, 2 ranks, ZeRO-3 on CPU.
+
+    python bench/scale_1b.py [--work_dir /tmp/speft-scale-1b] [--steps 3]
+
+Writes a random-init checkpoint of the shape (once; bf16 safetensors shards, generated tensor by tensor,
+so the whole model is never in one process), then runs the ordinary training entry point on it:
+calibration (16 examples of 256 tokens), selection at density 0.01, a few steps, eval, adapter save.
+Prints wall time per phase and peak RSS per rank, from the run's metrics.jsonl.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import torch
+from safetensors.torch import save_file
+from transformers import AutoTokenizer, LlamaConfig
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+from speft_ds.config import EMBEDDED_DATASET, EMBEDDED_MODEL, SHIPPED_DS_CONFIG  # noqa: E402
+from speft_ds.distributed import free_port  # noqa: E402
+from speft_ds.model import skeleton_model  # noqa: E402
+
+TINYLLAMA_1B = dict(hidden_size=2048, num_hidden_layers=22, num_attention_heads=32, num_key_value_heads=4,
+                    intermediate_size=5632, vocab_size=32000, max_position_embeddings=2048,
+                    tie_word_embeddings=False, rms_norm_eps=1e-5)
+SHARD_BYTES = 1 << 30
+
+
+def write_random_model(path: Path) -> int:
+    """Random N(0, 0.02) weights (norms at 1) for the config, shard by shard. Returns the parameter count."""
+    tokenizer = AutoTokenizer.from_pretrained(EMBEDDED_MODEL)
+    config = LlamaConfig(**TINYLLAMA_1B, bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
+                         pad_token_id=tokenizer.pad_token_id)
+    shapes = {name: p.shape for name, p in skeleton_model(config).state_dict().items()}
+    path.mkdir(parents=True, exist_ok=True)
+    generator = torch.Generator().manual_seed(0)
+    shards, current, size = [], {}, 0
+    for name, shape in shapes.items():
+        tensor = (torch.ones(shape) if name.endswith("norm.weight")
+                  else torch.randn(shape, generator=generator) * 0.02).to(torch.bfloat16)
+        current[name] = tensor
+        size += tensor.nbytes
+        if size >= SHARD_BYTES:
+            shards.append(current)
+            current, size = {}, 0
+    shards.append(current)
+    weight_map = {}
+    for i, shard in enumerate(shards):
+        file = f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors"
+        save_file(shard, str(path / file), metadata={"format": "pt"})
+        weight_map.update({name: file for name in shard})
+    total_bytes = sum(t.nbytes for shard in shards for t in shard.values())
+    (path / "model.safetensors.index.json").write_text(
+        json.dumps({"metadata": {"total_size": total_bytes}, "weight_map": weight_map}, indent=2))
+    config.save_pretrained(path)
+    tokenizer.save_pretrained(path)
+    return sum(s.numel() for s in shapes.values())
+
+
+def write_long_examples(path: Path, n: int = 64, chars: int = 1100) -> None:
+    """Texts of about 256 tokens, made of the embedded arithmetic problems."""
+    lines = [json.loads(line) for line in EMBEDDED_DATASET.read_text().splitlines()]
+    texts, text = [], ""
+    for line in lines:
+        text += f"{line['prompt']} {line['response']}\n"
+        if len(text) >= chars:
+            texts.append({"text": text})
+            text = ""
+            if len(texts) == n:
+                break
+    path.write_text("".join(json.dumps(t) + "\n" for t in texts))
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--work_dir", default="/tmp/speft-scale-1b")
+    parser.add_argument("--steps", type=int, default=3)
+    args = parser.parse_args()
+    work = Path(args.work_dir)
+    model_dir, dataset, out = work / "tinyllama-1.1b-random", work / "long.jsonl", work / "out"
+
+    started = time.perf_counter()
+    if not (model_dir / "config.json").is_file():
+        params = write_random_model(model_dir)
+        print(f"wrote a random {params / 1e9:.2f}B-parameter model in {time.perf_counter() - started:.0f} s")
+    write_long_examples(dataset)
+    # ZeRO-3 keeps gathered weights resident up to stage3_max_live_parameters (DeepSpeed's default: 1e9
+    # elements, the whole model here, 4.4 GB per rank in fp32): cap it at 1e8 so 2 ranks fit in 24 GB.
+    ds_config = json.loads(SHIPPED_DS_CONFIG.read_text())
+    ds_config["zero_optimization"].update(stage3_max_live_parameters=int(1e8), stage3_max_reuse_distance=int(1e8))
+    (work / "ds_config.json").write_text(json.dumps(ds_config, indent=2))
+    shutil.rmtree(out, ignore_errors=True)
+    command = ["deepspeed", "--num_gpus", "2", "--master_port", str(free_port()), "launch/train.py",
+               "--model", str(model_dir), "--dataset", str(dataset), "--text_field", "text", "--seq_len", "256",
+               "--calibration_examples", "16", "--density", "0.01", "--max_steps", str(args.steps),
+               "--micro_batch_size", "1", "--logging_steps", "1", "--val_size", "0.0625", "--output_dir", str(out),
+               "--ds_config", str(work / "ds_config.json")]
+    print(" ".join(command))
+    run_started = time.perf_counter()
+    proc = subprocess.run(command, cwd=REPO, env={**os.environ, "DS_ACCELERATOR": os.environ.get("DS_ACCELERATOR", "cpu")})
+    wall = time.perf_counter() - run_started
+    if proc.returncode != 0:
+        print(f"the run failed (exit code {proc.returncode})", file=sys.stderr)
+        return proc.returncode
+
+    records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    events = {r["event"]: r for r in records if "event" in r}
+    steps = [r for r in records if "step" in r]
+    phases = [("load (ZeRO-3 partitioned)", events["load"]["wall_time_s"]),
+              ("salience (16 x 256 tokens)", events["salience"]["wall_time_s"]),
+              ("selection (global top-k)", events["selection"]["wall_time_s"]),
+              (f"training ({len(steps)} steps)", sum(r["step_time_s"] for r in steps)),
+              ("adapter save", events["adapter"]["wall_time_s"])]
+    print(f"\nk = {events['selection']['k']:,} trainable values; eval loss {events['eval']['eval_loss']:.3f}")
+    print(f"{'phase':32} {'wall s':>8}")
+    for name, seconds in phases:
+        print(f"{name:32} {seconds:8.1f}")
+    print(f"{'whole job (launcher to exit)':32} {wall:8.1f}")
+    print("peak RSS per rank (MiB): " + ", ".join(f"{m:,.0f}" for m in events["memory"]["peak_rss_mib_per_rank"]))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
