@@ -2,8 +2,8 @@
 
     python bench/scale_1b.py [--work_dir /tmp/speft-scale-1b] [--steps 3]
 
-Writes a random-init checkpoint of the shape (once; bf16 safetensors shards, generated tensor by tensor,
-so the whole model is never in one process), then runs the ordinary training entry point on it:
+Writes a random-init checkpoint of the shape (once; bf16 safetensors shards of 1 GiB, generated and
+written one shard at a time), then runs the ordinary training entry point on it:
 calibration (16 examples of 256 tokens), selection at density 0.01, a few steps, eval, adapter save.
 Prints wall time per phase and peak RSS per rank, from the run's metrics.jsonl.
 """
@@ -28,6 +28,7 @@ sys.path.insert(0, str(REPO))
 
 from speft_ds.config import EMBEDDED_DATASET, EMBEDDED_MODEL, SHIPPED_DS_CONFIG  # noqa: E402
 from speft_ds.distributed import free_port  # noqa: E402
+from speft_ds.merge import plan_shards, shard_file_name  # noqa: E402
 from speft_ds.model import skeleton_model  # noqa: E402
 
 TINYLLAMA_1B = dict(hidden_size=2048, num_hidden_layers=22, num_attention_heads=32, num_key_value_heads=4,
@@ -44,24 +45,18 @@ def write_random_model(path: Path) -> int:
     shapes = {name: p.shape for name, p in skeleton_model(config).state_dict().items()}
     path.mkdir(parents=True, exist_ok=True)
     generator = torch.Generator().manual_seed(0)
-    shards, current, size = [], {}, 0
-    for name, shape in shapes.items():
-        tensor = (torch.ones(shape) if name.endswith("norm.weight")
-                  else torch.randn(shape, generator=generator) * 0.02).to(torch.bfloat16)
-        current[name] = tensor
-        size += tensor.nbytes
-        if size >= SHARD_BYTES:
-            shards.append(current)
-            current, size = {}, 0
-    shards.append(current)
+    nbytes = {name: shape.numel() * 2 for name, shape in shapes.items()}  # bf16
+    shards = plan_shards(list(shapes), nbytes, SHARD_BYTES)
     weight_map = {}
-    for i, shard in enumerate(shards):
-        file = f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors"
-        save_file(shard, str(path / file), metadata={"format": "pt"})
-        weight_map.update({name: file for name in shard})
-    total_bytes = sum(t.nbytes for shard in shards for t in shard.values())
+    for i, names in enumerate(shards):  # one shard in memory at a time
+        tensors = {name: (torch.ones(shapes[name]) if name.endswith("norm.weight")
+                          else torch.randn(shapes[name], generator=generator) * 0.02).to(torch.bfloat16)
+                   for name in names}
+        file = shard_file_name(i, len(shards))
+        save_file(tensors, str(path / file), metadata={"format": "pt"})
+        weight_map.update({name: file for name in names})
     (path / "model.safetensors.index.json").write_text(
-        json.dumps({"metadata": {"total_size": total_bytes}, "weight_map": weight_map}, indent=2))
+        json.dumps({"metadata": {"total_size": sum(nbytes.values())}, "weight_map": weight_map}, indent=2))
     config.save_pretrained(path)
     tokenizer.save_pretrained(path)
     return sum(s.numel() for s in shapes.values())

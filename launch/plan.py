@@ -15,6 +15,7 @@ from pathlib import Path
 
 from speft_ds.cli import Parser, run_main
 from speft_ds.config import SHIPPED_DS_CONFIG, ConfigError, read_json
+from speft_ds.ds_config import read_ds_config
 from speft_ds.memory_plan import PRESETS, Job, ModelShape, plan
 
 
@@ -45,14 +46,14 @@ def main(argv) -> int:
     args = parser.parse_args(argv)
     if args.world_size < 1 or args.seq_len < 1 or args.micro_batch < 1 or not 0 < args.density <= 1:
         raise ConfigError("--world_size, --seq_len and --micro_batch must be >= 1 and --density in (0, 1]")
-    zero = read_json(args.ds_config, "--ds_config").get("zero_optimization", {})
-    prefetch = zero.get("stage3_prefetch_bucket_size", "auto")
+    zero = read_ds_config(args.ds_config)["zero_optimization"]
+    prefetch, max_live = (zero.get(key, "auto") for key in ("stage3_prefetch_bucket_size", "stage3_max_live_parameters"))
     job = Job(world_size=args.world_size, density=args.density, seq_len=args.seq_len, micro_batch=args.micro_batch,
               bf16=not args.fp32, quantize=args.quantize, gradient_checkpointing=args.gradient_checkpointing,
               offload_param=zero.get("offload_param", {}).get("device") == "cpu",
               offload_optimizer=zero.get("offload_optimizer", {}).get("device") == "cpu",
               prefetch_elements=None if prefetch == "auto" else int(prefetch),
-              max_live_elements=int(zero.get("stage3_max_live_parameters", 1e9)))
+              max_live_elements=int(1e9) if max_live == "auto" else int(max_live))  # DeepSpeed's default
     shape = _shape(args.model)
     print(f"{args.model}: {shape.total / 1e9:.2f}B parameters, {shape.targeted / 1e9:.2f}B targeted, "
           f"k = {int(args.density * shape.targeted):,}; {args.world_size} ranks")

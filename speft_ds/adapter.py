@@ -20,6 +20,7 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
 
+from .bnb_weights import packed_4bit_shape
 from .config import ConfigError
 from .delta import sparse_delta_layer
 
@@ -136,8 +137,7 @@ def _module_weight_shape(model: nn.Module, name: str) -> list[int] | None:
         weight = model.get_submodule(name).weight
     except AttributeError:
         return None
-    quant_state = getattr(weight, "quant_state", None)  # bitsandbytes 4-bit: stored packed
-    return list(quant_state.shape if quant_state is not None else weight.shape)
+    return list(packed_4bit_shape(weight) or weight.shape)
 
 
 def _inject_from_file(model: nn.Module, path: str | Path) -> dict[str, nn.Module]:

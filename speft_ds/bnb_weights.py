@@ -7,6 +7,7 @@
 
 from __future__ import annotations
 
+import json
 from collections.abc import Iterable
 
 import torch
@@ -14,8 +15,19 @@ import torch
 _QUANT_STATE = ".quant_state.bitsandbytes__"
 
 
+def is_quantized(weight: torch.Tensor) -> bool:
+    """A live bitsandbytes weight (4-bit or int8): its elements are codes, not values."""
+    return packed_4bit_shape(weight) is not None or weight.dtype == torch.int8
+
+
+def packed_4bit_shape(weight: torch.Tensor) -> torch.Size | None:
+    """A live 4-bit weight's dense shape (it is stored packed); None for any other weight."""
+    quant_state = getattr(weight, "quant_state", None)
+    return None if quant_state is None else torch.Size(quant_state.shape)
+
+
 def quantized_weights(names: Iterable[str]) -> dict[str, list[str]]:
-    """Each quantized weight's name mapped to the names of the auxiliary tensors stored beside it."""
+    """Each stored quantized weight's name mapped to the names of the auxiliary tensors beside it."""
     names = set(names)
     found = {}
     for name in names:
@@ -28,24 +40,22 @@ def quantized_weights(names: Iterable[str]) -> dict[str, list[str]]:
     return found
 
 
-def _quant_state(weight: str, aux: dict[str, torch.Tensor]):
-    from bitsandbytes.functional import QuantState
+def quant_state_key(aux: Iterable[str]) -> str | None:
+    """The auxiliary tensor holding a 4-bit weight's quant state (JSON bytes), if any."""
+    return next((key for key in aux if _QUANT_STATE in key), None)
 
-    return QuantState.from_dict({key[len(weight) + 1:]: t for key, t in aux.items()}, device=torch.device("cpu"))
 
-
-def dense_shape(weight: str, stored: torch.Size, aux: dict[str, torch.Tensor]) -> torch.Size:
-    """The weight's shape before quantization (4-bit codes are stored packed)."""
-    if any(_QUANT_STATE in key for key in aux):
-        return torch.Size(_quant_state(weight, aux).shape)
-    return stored
+def dense_shape(quant_state_blob: torch.Tensor) -> torch.Size:
+    """A stored 4-bit weight's dense shape, from its quant state's JSON (no bitsandbytes needed)."""
+    return torch.Size(json.loads(bytes(quant_state_blob.tolist()).decode())["shape"])
 
 
 def dequantize(weight: str, stored: torch.Tensor, aux: dict[str, torch.Tensor]) -> torch.Tensor:
     """The dense fp32 weight that the quantized layer computes with."""
-    if any(_QUANT_STATE in key for key in aux):
-        from bitsandbytes.functional import dequantize_4bit
+    if quant_state_key(aux):
+        from bitsandbytes.functional import QuantState, dequantize_4bit
 
-        return dequantize_4bit(stored, _quant_state(weight, aux)).float()
+        state = QuantState.from_dict({key[len(weight) + 1:]: t for key, t in aux.items()}, device=torch.device("cpu"))
+        return dequantize_4bit(stored, state).float()
     scales = aux[weight[:-len("weight")] + "SCB"]
     return stored.float() * (scales.float() / 127.0)[:, None]

@@ -64,27 +64,41 @@ def save(engine, output_dir: str | Path, step: int, indices: dict[str, torch.Ten
             raise
         error = err
         # DeepSpeed writes its files between collectives and ends with a barrier, where the ranks whose
-        # writes succeeded now wait: join it so every rank reaches the vote below.
+        # writes succeeded now wait: join it so every rank reaches the vote below. (Its checkpoint epilogue
+        # gathers persistent parameters before that barrier; with a persistence threshold above 0 a rank
+        # that failed earlier would meet the wrong collective, and the job fails as a lost rank instead.)
         dist.barrier()
     if rank == 0 and error is None:
-        try:
-            _write_state(root / tmp_tag, step, indices, folded, score_summary)
-            _publish(root, tmp_tag, tag, keep_last)
-        except Exception as err:
-            error = err
-    # One vote, after rank 0 published: every rank leaves with the same outcome.
+        error = _attempt(_write_state, root / tmp_tag, step, indices, folded, score_summary)
+    _fail_together(error, root, tmp_tag, tag)  # every rank's files are complete past this point
+    if rank == 0:
+        error = _attempt(_publish, root, tmp_tag, tag, keep_last)
+    _fail_together(error, root, tmp_tag, tag)
+
+
+def _attempt(write, *args) -> Exception | None:
+    try:
+        write(*args)
+    except Exception as err:
+        return err
+    return None
+
+
+def _fail_together(error: Exception | None, root: Path, tmp_tag: str, tag: str) -> None:
+    """A vote: if any rank's write failed, every rank raises, after rank 0 removed the partial checkpoint."""
     failed = torch.tensor([error is not None], dtype=torch.int32, device=device())
     dist.all_reduce(failed, op=dist.ReduceOp.MAX)
-    if failed.item():
-        free_mib = shutil.disk_usage(root).free / 2**20
-        if rank == 0:
-            _discard(root, tmp_tag, tag)
-        dist.barrier()
-        kept = (root / LATEST).read_text().strip() if (root / LATEST).is_file() else None
-        cause = f"{type(error).__name__}: {str(error).splitlines()[0][:200]}" if error else "on another rank"
-        raise TrainingError(f"saving checkpoint {tag} failed ({cause}; {free_mib:.0f} MiB free in {root}): free "
-                            "space there or lower --save_total_limit. Training stopped; "
-                            + (f"{kept} is kept: resume from it with --resume" if kept else "no earlier checkpoint"))
+    if not failed.item():
+        return
+    free_mib = shutil.disk_usage(root).free / 2**20
+    if dist.get_rank() == 0:
+        _discard(root, tmp_tag, tag)
+    dist.barrier()
+    kept = (root / LATEST).read_text().strip() if (root / LATEST).is_file() else None
+    cause = f"{type(error).__name__}: {str(error).splitlines()[0][:200]}" if error else "on another rank"
+    raise TrainingError(f"saving checkpoint {tag} failed ({cause}; {free_mib:.0f} MiB free in {root}): free "
+                        "space there or lower --save_total_limit. Training stopped; "
+                        + (f"{kept} is kept: resume from it with --resume" if kept else "no earlier checkpoint"))
 
 
 def _publish(root: Path, tmp_tag: str, tag: str, keep_last: int | None) -> None:

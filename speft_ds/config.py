@@ -120,8 +120,9 @@ class TrainConfig:
             raise ConfigError("nothing to train: pass --max_steps > 0 or --epochs > 0")
         for f in fields(self):
             choices = f.metadata.get("choices")
-            if choices and getattr(self, f.name) not in (*choices, None):
-                raise ConfigError(f"unknown --{f.name} '{getattr(self, f.name)}': choose one of {', '.join(choices)}")
+            value = getattr(self, f.name)
+            if choices and value not in choices and not (value is None and f.default is None):
+                raise ConfigError(f"unknown --{f.name} '{value}': choose one of {', '.join(choices)}")
         if self.quantize and self.metric not in WEIGHT_FREE_METRICS:
             raise ConfigError(f"--metric {self.metric} reads the weights, which --quantize stores as packed codes: "
                               f"use one of {', '.join(WEIGHT_FREE_METRICS)}")

@@ -11,6 +11,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .bnb_weights import is_quantized
 from .config import ConfigError
 
 
@@ -111,8 +112,7 @@ class _SparseDeltaLayer(nn.Module):
     @torch.no_grad()
     def merge(self) -> nn.Module:
         """Fold the delta into the base weight and return the plain base layer."""
-        weight = self.base_layer.weight
-        if getattr(weight, "quant_state", None) is not None or weight.dtype == torch.int8:
+        if is_quantized(self.base_layer.weight):
             raise ConfigError("cannot merge into quantized weights in place (that would re-quantize them): write a "
                               "dequantized merged model with launch/merge.py")
         add_delta_(self.base_layer.weight, self.delta_indices, self.delta_values.detach())

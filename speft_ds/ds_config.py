@@ -79,6 +79,11 @@ def reconcile(ds: dict, config: TrainConfig, explicit: set[str], bf16: bool) -> 
     return replace(config, **updates), bf16
 
 
+def auto_prefetch_bucket_size(hidden_size: int) -> int:
+    """HF's value for "auto" stage3_prefetch_bucket_size."""
+    return int(0.9 * hidden_size * hidden_size)
+
+
 def fill_auto(ds: dict, config: TrainConfig, *, world_size: int, hidden_size: int, total_steps: int,
               bf16: bool) -> dict:
     """A copy of the ds_config with every "auto" filled from the (reconciled) config."""
@@ -101,7 +106,7 @@ def fill_auto(ds: dict, config: TrainConfig, *, world_size: int, hidden_size: in
             scheduler_params[key] = value
     zero = ds["zero_optimization"]
     for key, value in (("reduce_bucket_size", hidden_size * hidden_size),
-                       ("stage3_prefetch_bucket_size", int(0.9 * hidden_size * hidden_size)),
+                       ("stage3_prefetch_bucket_size", auto_prefetch_bucket_size(hidden_size)),
                        # 0, not HF's 10 x hidden: the per-layer delta values are small parameters, and
                        # anything under the threshold would be kept whole on every rank.
                        ("stage3_param_persistence_threshold", 0)):

@@ -10,6 +10,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from .ds_config import auto_prefetch_bucket_size
+
 # The LLaMA shapes users ask about most (Meta's LLaMA-2 configs).
 PRESETS = {
     "llama-7b": dict(hidden_size=4096, intermediate_size=11008, num_hidden_layers=32, num_attention_heads=32,
@@ -85,7 +87,7 @@ class Job:
     gradient_checkpointing: bool = False
     offload_param: bool = False
     offload_optimizer: bool = False
-    prefetch_elements: int | None = None  # stage3_prefetch_bucket_size; None: "auto" (0.9 x hidden^2)
+    prefetch_elements: int | None = None  # stage3_prefetch_bucket_size; None: "auto"
     max_live_elements: int = int(1e9)     # stage3_max_live_parameters: gathered weights ZeRO-3 may keep
 
 
@@ -111,7 +113,7 @@ def plan(shape: ModelShape, job: Job) -> dict[str, dict[str, int]]:
     else:
         base_whole = shape.total * c
     base_shard = -(-base_whole // n)
-    prefetch = job.prefetch_elements if job.prefetch_elements is not None else int(0.9 * shape.hidden ** 2)
+    prefetch = job.prefetch_elements if job.prefetch_elements is not None else auto_prefetch_bucket_size(shape.hidden)
     # ZeRO-3 keeps gathered weights it expects to reuse, up to max_live_elements, beyond the one in use.
     gathered = (max(shape.largest_module, min(job.max_live_elements, shape.total)) + prefetch) * c
     activations = _activations(shape, job, c)

@@ -50,7 +50,7 @@ def _layer(name: str) -> str:
 
 
 class _Base:
-    """The base checkpoint's tensors: names, on-disk files, output shapes and byte sizes."""
+    """The base checkpoint's tensors: names, files, output shapes and byte sizes, and how to read them."""
 
     def __init__(self, base_dir: Path, dtype: torch.dtype | None):
         self.files = _base_files(base_dir)
@@ -64,24 +64,33 @@ class _Base:
             with safe_open(str(file), framework="pt") as handle:
                 for name in names:
                     stored = handle.get_slice(name)
-                    aux = {a: handle.get_tensor(a) for a in self.quantized.get(name, [])}  # small tensors
-                    self.shapes[name] = bnb_weights.dense_shape(name, torch.Size(stored.get_shape()), aux)
+                    blob = bnb_weights.quant_state_key(self.quantized.get(name, []))
+                    self.shapes[name] = (bnb_weights.dense_shape(self._get(handle, file, blob)) if blob
+                                         else torch.Size(stored.get_shape()))
                     floating = name in self.quantized or stored.get_dtype() in ("F64", "F32", "F16", "BF16")
                     item = self.dtype.itemsize if floating and self.dtype else _ITEM_BYTES[stored.get_dtype()]
                     self.nbytes[name] = self.shapes[name].numel() * item
 
-    def read(self, handle, name: str) -> torch.Tensor:
+    def _get(self, handle, file: Path, name: str) -> torch.Tensor:
+        """A tensor through the open handle, or from its own file (a shard boundary may separate a
+        quantized weight from its auxiliary tensors)."""
+        if self.files[name] == file:
+            return handle.get_tensor(name)
+        with safe_open(str(self.files[name]), framework="pt") as other:
+            return other.get_tensor(name)
+
+    def read(self, handle, file: Path, name: str) -> torch.Tensor:
         """The tensor as the model computes with it: dequantized (fp32) where quantized."""
         if name not in self.quantized:
             return handle.get_tensor(name)
-        aux = {a: handle.get_tensor(a) for a in self.quantized[name]}
+        aux = {a: self._get(handle, file, a) for a in self.quantized[name]}
         return bnb_weights.dequantize(name, handle.get_tensor(name), aux)
 
-    def for_output(self, tensor: torch.Tensor) -> torch.Tensor:
-        return tensor.to(self.dtype) if self.dtype and tensor.is_floating_point() else tensor
+    def output_dtype(self, tensor: torch.Tensor) -> torch.dtype:
+        return self.dtype if self.dtype and tensor.is_floating_point() else tensor.dtype
 
 
-def _shards(names: list[str], nbytes: dict[str, int], max_shard_bytes: int) -> list[list[str]]:
+def plan_shards(names: list[str], nbytes: dict[str, int], max_shard_bytes: int) -> list[list[str]]:
     """Consecutive tensors packed into shards of at most max_shard_bytes (a bigger tensor gets its own)."""
     shards, size = [[]], 0
     for name in names:
@@ -93,7 +102,7 @@ def _shards(names: list[str], nbytes: dict[str, int], max_shard_bytes: int) -> l
     return shards
 
 
-def _shard_file(i: int, count: int) -> str:
+def shard_file_name(i: int, count: int) -> str:
     return WEIGHTS if count == 1 else f"model-{i + 1:05d}-of-{count:05d}.safetensors"
 
 
@@ -123,9 +132,9 @@ def merge_checkpoint(base_dir: str | Path, adapter_dir: str | Path, out: str | P
     model_config = AutoConfig.from_pretrained(base_dir, trust_remote_code=trust_remote_code)
     check_base(model_config, lambda name: base.shapes.get(f"{name}.weight"), adapter_config)
 
-    shards = _shards(base.names, base.nbytes, max_shard_bytes)
+    shards = plan_shards(base.names, base.nbytes, max_shard_bytes)
     shard_of = {name: i for i, names in enumerate(shards) for name in names}
-    files = [_shard_file(i, len(shards)) for i in range(len(shards))]
+    files = [shard_file_name(i, len(shards)) for i in range(len(shards))]
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
     try:
@@ -133,11 +142,12 @@ def merge_checkpoint(base_dir: str | Path, adapter_dir: str | Path, out: str | P
         for (file, _), names in groupby(base.names, key=lambda name: (base.files[name], _layer(name))):
             with safe_open(str(file), framework="pt") as handle:  # mapped for this layer only
                 for name in names:
-                    tensor = base.read(handle, name)
+                    tensor = base.read(handle, file, name)
+                    dtype = base.output_dtype(tensor)
                     module = name.removesuffix(".weight")
-                    if name.endswith(".weight") and module in indices:
-                        add_delta_(tensor, indices[module], values[module])
-                    pending[name] = base.for_output(tensor).contiguous()
+                    if name.endswith(".weight") and module in indices:  # summed in fp32, rounded once
+                        tensor = add_delta_(tensor.float(), indices[module], values[module])
+                    pending[name] = tensor.to(dtype).contiguous()
                     if name == shards[shard_of[name]][-1]:  # the shard is complete: write it, free it
                         save_file(pending, str(tmp / files[shard_of[name]]), metadata={"format": "pt"})
                         pending = {}

@@ -328,10 +328,10 @@ def save_trained_adapter(layers: dict, indices: dict[str, torch.Tensor], folded:
         except BaseException as err:
             saved.zero_()
             dist.broadcast(saved, src=0)  # release the other ranks before raising
-            if isinstance(err, OSError):
-                raise TrainingError(f"writing the adapter to {Path(config.output_dir) / 'adapter'} failed ({err}): "
-                                    "free space there and rerun; any checkpoint stays, and --resume starts "
-                                    "from it") from err
+            if isinstance(err, Exception):  # a full disk (safetensors has its own error type), a bad path
+                raise TrainingError(f"writing the adapter to {Path(config.output_dir) / 'adapter'} failed "
+                                    f"({type(err).__name__}: {err}): check free space and permissions there and "
+                                    "rerun; any checkpoint stays, and --resume starts from it") from err
             raise
     dist.broadcast(saved, src=0)
     if not saved.item():

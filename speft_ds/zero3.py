@@ -14,20 +14,18 @@ import torch.distributed as dist
 from deepspeed.runtime.zero.partition_parameters import ZeroParamStatus
 from deepspeed.utils import safe_get_full_fp32_param, safe_get_full_optimizer_state, safe_set_local_optimizer_state
 
+from .bnb_weights import is_quantized, packed_4bit_shape
+
 
 def is_partitioned(param: torch.nn.Parameter) -> bool:
     return hasattr(param, "ds_tensor")
 
 
-def _packed_4bit(param: torch.nn.Parameter) -> bool:
-    """A bitsandbytes 4-bit weight: two codes per byte of its storage, the dense shape in its quant_state."""
-    return getattr(param, "quant_state", None) is not None
-
-
 def full_shape(param: torch.nn.Parameter) -> torch.Size:
-    """The dense weight's shape (a quantized weight's as it computes, not as stored)."""
-    if _packed_4bit(param):
-        return torch.Size(param.quant_state.shape)
+    """The dense weight's shape (a 4-bit weight's as it computes, not as stored packed)."""
+    packed = packed_4bit_shape(param)
+    if packed is not None:
+        return packed
     return param.ds_shape if is_partitioned(param) else param.shape
 
 
@@ -40,7 +38,7 @@ def shard_numel(param: torch.nn.Parameter) -> int:
     of stored elements covers a contiguous run of 2 x element_size codes per element."""
     if not is_partitioned(param):
         return full_numel(param)
-    per_element = 2 * param.ds_tensor.element_size() if _packed_4bit(param) else 1
+    per_element = 2 * param.ds_tensor.element_size() if packed_4bit_shape(param) is not None else 1
     return param.ds_tensor.numel() * per_element
 
 
@@ -53,7 +51,7 @@ def _partition(param: torch.nn.Parameter) -> tuple[int, int, object]:
 def shard_range(param: torch.nn.Parameter) -> tuple[int, int]:
     """[start, stop) of the real (non-padding) flat elements this rank holds."""
     if not is_partitioned(param):
-        return 0, param.numel()
+        return 0, full_numel(param)
     rank, size, _ = _partition(param)
     start, numel = rank * size, full_numel(param)
     return min(start, numel), min(start + size, numel)
@@ -62,7 +60,7 @@ def shard_range(param: torch.nn.Parameter) -> tuple[int, int]:
 def local_shard(param: torch.nn.Parameter) -> torch.Tensor:
     """This rank's flat slice of `param` (padding included), without gathering. Not for quantized weights,
     whose slices hold codes rather than values."""
-    if _packed_4bit(param) or param.dtype == torch.int8:
+    if is_quantized(param):
         raise RuntimeError("a quantized weight's shard holds codes, not values: only weight-free metrics apply")
     return param.ds_tensor if is_partitioned(param) else param.detach().view(-1)
 
