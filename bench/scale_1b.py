@@ -19,47 +19,16 @@ import sys
 import time
 from pathlib import Path
 
-import torch
-from safetensors.torch import save_file
-from transformers import AutoTokenizer, LlamaConfig
-
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from speft_ds.config import EMBEDDED_DATASET, EMBEDDED_MODEL, SHIPPED_DS_CONFIG  # noqa: E402
+from bench.random_llama import write_random_model  # noqa: E402
+from speft_ds.config import EMBEDDED_DATASET, SHIPPED_DS_CONFIG  # noqa: E402
 from speft_ds.distributed import free_port  # noqa: E402
-from speft_ds.merge import plan_shards, shard_file_name  # noqa: E402
-from speft_ds.model import skeleton_model  # noqa: E402
 
 TINYLLAMA_1B = dict(hidden_size=2048, num_hidden_layers=22, num_attention_heads=32, num_key_value_heads=4,
                     intermediate_size=5632, vocab_size=32000, max_position_embeddings=2048,
                     tie_word_embeddings=False, rms_norm_eps=1e-5)
-SHARD_BYTES = 1 << 30
-
-
-def write_random_model(path: Path) -> int:
-    """Random N(0, 0.02) weights (norms at 1) for the config, shard by shard. Returns the parameter count."""
-    tokenizer = AutoTokenizer.from_pretrained(EMBEDDED_MODEL)
-    config = LlamaConfig(**TINYLLAMA_1B, bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
-                         pad_token_id=tokenizer.pad_token_id)
-    shapes = {name: p.shape for name, p in skeleton_model(config).state_dict().items()}
-    path.mkdir(parents=True, exist_ok=True)
-    generator = torch.Generator().manual_seed(0)
-    nbytes = {name: shape.numel() * 2 for name, shape in shapes.items()}  # bf16
-    shards = plan_shards(list(shapes), nbytes, SHARD_BYTES)
-    weight_map = {}
-    for i, names in enumerate(shards):  # one shard in memory at a time
-        tensors = {name: (torch.ones(shapes[name]) if name.endswith("norm.weight")
-                          else torch.randn(shapes[name], generator=generator) * 0.02).to(torch.bfloat16)
-                   for name in names}
-        file = shard_file_name(i, len(shards))
-        save_file(tensors, str(path / file), metadata={"format": "pt"})
-        weight_map.update({name: file for name in names})
-    (path / "model.safetensors.index.json").write_text(
-        json.dumps({"metadata": {"total_size": sum(nbytes.values())}, "weight_map": weight_map}, indent=2))
-    config.save_pretrained(path)
-    tokenizer.save_pretrained(path)
-    return sum(s.numel() for s in shapes.values())
 
 
 def write_long_examples(path: Path, n: int = 64, chars: int = 1100) -> None:
@@ -86,7 +55,7 @@ def main() -> int:
 
     started = time.perf_counter()
     if not (model_dir / "config.json").is_file():
-        params = write_random_model(model_dir)
+        params = write_random_model(model_dir, TINYLLAMA_1B)
         print(f"wrote a random {params / 1e9:.2f}B-parameter model in {time.perf_counter() - started:.0f} s")
     write_long_examples(dataset)
     # ZeRO-3 keeps gathered weights resident up to stage3_max_live_parameters (DeepSpeed's default: 1e9
@@ -121,7 +90,9 @@ def main() -> int:
     for name, seconds in phases:
         print(f"{name:32} {seconds:8.1f}")
     print(f"{'whole job (launcher to exit)':32} {wall:8.1f}")
-    print("peak RSS per rank (MiB): " + ", ".join(f"{m:,.0f}" for m in events["memory"]["peak_rss_mib_per_rank"]))
+    for record in (r for r in records if r.get("event") == "memory" and r["phase"] != "start"):
+        print(f"peak RSS per rank during {record['phase']:17} (MiB): "
+              + ", ".join(f"{m:,.0f}" for m in record["peak_rss_mib_per_rank"]))
     return 0
 
 

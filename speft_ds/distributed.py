@@ -69,20 +69,32 @@ def leave_process_group() -> None:
     dist.destroy_process_group()
 
 
-def peak_rss_mib_per_rank() -> list[float]:
-    """Each rank's peak resident memory so far, in MiB, on every rank (a collective). Linux's VmHWM: the
-    process's own peak (getrusage's also counts what the launcher held before exec)."""
-    try:
-        with open("/proc/self/status") as status:
-            kib = next(int(line.split()[1]) for line in status if line.startswith("VmHWM:"))
-    except (OSError, StopIteration):
-        import resource
+def _status_kib(key: str) -> int:
+    with open("/proc/self/status") as status:
+        return next(int(line.split()[1]) for line in status if line.startswith(key))
 
-        kib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    mine = torch.tensor([kib / 1024.0], dtype=torch.float64, device=device())
-    every = [torch.zeros_like(mine) for _ in range(dist.get_world_size())]
-    dist.all_gather(every, mine)
-    return [round(float(t), 1) for t in every]
+
+def memory_mib_per_rank() -> dict[str, list[float]]:
+    """Each rank's resident memory now and its peak since the last reset_peak_rss (Linux's VmRSS and
+    VmHWM, the process's own; getrusage's peak also counts what the launcher held before exec), in MiB,
+    on every rank (a collective). Zeros where /proc is missing."""
+    try:
+        mine = [_status_kib("VmRSS:") / 1024.0, _status_kib("VmHWM:") / 1024.0]
+    except (OSError, StopIteration):
+        mine = [0.0, 0.0]
+    every = [torch.zeros(2, dtype=torch.float64, device=device()) for _ in range(dist.get_world_size())]
+    dist.all_gather(every, torch.tensor(mine, dtype=torch.float64, device=device()))
+    return {"rss_mib_per_rank": [round(float(t[0]), 1) for t in every],
+            "peak_rss_mib_per_rank": [round(float(t[1]), 1) for t in every]}
+
+
+def reset_peak_rss() -> None:
+    """Start a new peak (VmHWM) from the current RSS, so each phase's own peak can be read."""
+    try:
+        with open("/proc/self/clear_refs", "w") as clear_refs:
+            clear_refs.write("5")
+    except OSError:
+        pass
 
 
 def device() -> torch.device:

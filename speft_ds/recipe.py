@@ -24,8 +24,8 @@ from .cli import parse_config
 from .config import ConfigError, TrainConfig, TrainingError
 from .data import (calibration_indices, collate, load_raw_dataset, pad_token_id, rank_batches,
                    tokenize_dataset, train_eval_split, train_micro_batches)
-from .distributed import (device, init_distributed, leave_process_group, naming_lost_ranks, peak_rss_mib_per_rank,
-                          world_size_from_env)
+from .distributed import (device, init_distributed, leave_process_group, memory_mib_per_rank, naming_lost_ranks,
+                          reset_peak_rss, world_size_from_env)
 from .ds_config import fill_auto, read_ds_config, reconcile, resolve_bf16, salience_ds_config
 from .losses import causal_lm_loss_sum
 from .metrics_log import MetricsLog
@@ -338,6 +338,12 @@ def save_trained_adapter(layers: dict, indices: dict[str, torch.Tensor], folded:
         raise RuntimeError("rank 0 failed to write the adapter (its error is in rank 0's output)")
 
 
+def _log_memory(log: MetricsLog, phase: str) -> None:
+    """Every rank's RSS now and its peak during the phase that just ended (a collective), then a new peak."""
+    log.write({"event": "memory", "phase": phase, **memory_mib_per_rank()})
+    reset_peak_rss()
+
+
 def run(plan: Plan) -> RunResult:
     config = plan.config
     init_distributed(config.ddp_timeout)
@@ -349,8 +355,10 @@ def run(plan: Plan) -> RunResult:
                      resume_step=point.step if point else None)
 
     started = time.perf_counter()
+    _log_memory(log, "start")
     model, hf_ds_config = load_model(config, plan.ds_config, torch.bfloat16 if plan.bf16 else torch.float32)
     log.write({"event": "load", "wall_time_s": time.perf_counter() - started})
+    _log_memory(log, "load")
     if point:
         indices, folded, summary, start = point.indices, point.folded, point.summary, point.step
         folded.refold({name: model.get_submodule(name).weight for name in folded.parts})
@@ -360,6 +368,7 @@ def run(plan: Plan) -> RunResult:
         indices, summary = select_masks(model, plan, log, rank, world_size)
         engine.destroy()
         folded, start = masks.FoldedDeltas(), 0
+        _log_memory(log, "salience")  # and selection
 
     layers = _inject(model, plan, indices)
     engine = _training_engine(model, layers, plan, completed_steps=start)
@@ -390,12 +399,13 @@ def run(plan: Plan) -> RunResult:
                            "wall_time_s": time.perf_counter() - started})
             save_if_due(last)  # after any mask update, so a resumed run continues with the new mask
             step = last
+    _log_memory(log, "training")
     log.write({"event": "eval", "eval_loss": evaluate(engine, plan, rank, world_size),
                "examples": len(plan.eval_set)})
     started = time.perf_counter()
     save_trained_adapter(layers, indices, folded, summary, plan, rank)
     log.write({"event": "adapter", "wall_time_s": time.perf_counter() - started})
-    log.write({"event": "memory", "peak_rss_mib_per_rank": peak_rss_mib_per_rank()})
+    _log_memory(log, "eval and adapter")
     return RunResult(engine, layers, hf_ds_config)
 
 

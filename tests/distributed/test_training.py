@@ -171,8 +171,12 @@ def test_metrics_log_has_every_step_and_the_phases(trained):
     assert events["selection"]["k"] == sum(t.numel() for t in _adapter_tensors(trained["adapter"])[0].values())
     assert math.isfinite(events["eval"]["eval_loss"])
     assert events["load"]["wall_time_s"] > 0 and events["adapter"]["wall_time_s"] > 0
-    peaks = events["memory"]["peak_rss_mib_per_rank"]
-    assert len(peaks) == WORLD and all(100 < peak < 20_000 for peak in peaks)  # MiB: torch alone is > 100
+    memory = {r["phase"]: r for r in records if r.get("event") == "memory"}
+    assert list(memory) == ["start", "load", "salience", "training", "eval and adapter"]
+    for record in memory.values():  # MiB per rank: torch alone is > 100
+        assert all(100 < peak < 20_000 for peak in record["peak_rss_mib_per_rank"])
+        assert len(record["rss_mib_per_rank"]) == WORLD
+        assert all(rss <= peak + 1 for rss, peak in zip(record["rss_mib_per_rank"], record["peak_rss_mib_per_rank"]))
 
 
 def test_merge_cli_writes_a_model_from_pretrained_loads(trained):

@@ -1,0 +1,42 @@
+"""Random-weight LLaMA checkpoints of a given shape, for the benches: bf16 safetensors shards of 1 GiB,
+generated and written one shard at a time, with the embedded tokenizer."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+from safetensors.torch import save_file
+from transformers import AutoTokenizer, LlamaConfig
+
+from speft_ds.config import EMBEDDED_MODEL
+from speft_ds.merge import plan_shards, shard_file_name
+from speft_ds.model import skeleton_model
+
+SHARD_BYTES = 1 << 30
+
+
+def write_random_model(path: Path, dims: dict) -> int:
+    """Random N(0, 0.02) weights (norms at 1) for the config, shard by shard. Returns the parameter count."""
+    tokenizer = AutoTokenizer.from_pretrained(EMBEDDED_MODEL)
+    config = LlamaConfig(**dims, bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
+                         pad_token_id=tokenizer.pad_token_id)
+    shapes = {name: p.shape for name, p in skeleton_model(config).state_dict().items()}
+    path.mkdir(parents=True, exist_ok=True)
+    generator = torch.Generator().manual_seed(0)
+    nbytes = {name: shape.numel() * 2 for name, shape in shapes.items()}  # bf16
+    shards = plan_shards(list(shapes), nbytes, SHARD_BYTES)
+    weight_map = {}
+    for i, names in enumerate(shards):  # one shard in memory at a time
+        tensors = {name: (torch.ones(shapes[name]) if name.endswith("norm.weight")
+                          else torch.randn(shapes[name], generator=generator) * 0.02).to(torch.bfloat16)
+                   for name in names}
+        file = shard_file_name(i, len(shards))
+        save_file(tensors, str(path / file), metadata={"format": "pt"})
+        weight_map.update({name: file for name in names})
+    (path / "model.safetensors.index.json").write_text(
+        json.dumps({"metadata": {"total_size": sum(nbytes.values())}, "weight_map": weight_map}, indent=2))
+    config.save_pretrained(path)
+    tokenizer.save_pretrained(path)
+    return sum(s.numel() for s in shapes.values())
