@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import ctypes
 import os
 import socket
 import time
@@ -18,6 +19,17 @@ from .config import TrainingError
 
 # How long a rank that saw a collective fail waits for the other survivors to report in.
 CHECK_IN_S = 10.0
+
+
+def _glibc():
+    try:
+        libc = ctypes.CDLL("libc.so.6")
+        return libc if hasattr(libc, "malloc_trim") else None
+    except OSError:  # not glibc (macOS, musl)
+        return None
+
+
+_LIBC = _glibc()
 
 
 def world_size_from_env() -> int:
@@ -86,6 +98,14 @@ def memory_mib_per_rank() -> dict[str, list[float]]:
     dist.all_gather(every, torch.tensor(mine, dtype=torch.float64, device=device()))
     return {"rss_mib_per_rank": [round(float(t[0]), 1) for t in every],
             "peak_rss_mib_per_rank": [round(float(t[1]), 1) for t in every]}
+
+
+def release_freed_memory() -> None:
+    """Hand freed heap memory back to the OS (glibc's malloc_trim). glibc keeps what large transient
+    tensors (activations, logits, per-layer dW) leave behind: 1.9 GB of RSS after a 124M model's
+    salience pass was such memory, held per rank and growing with each calibration batch."""
+    if _LIBC is not None:
+        _LIBC.malloc_trim(0)
 
 
 def reset_peak_rss() -> None:

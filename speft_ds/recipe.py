@@ -25,7 +25,7 @@ from .config import ConfigError, TrainConfig, TrainingError
 from .data import (calibration_indices, collate, load_raw_dataset, pad_token_id, rank_batches,
                    tokenize_dataset, train_eval_split, train_micro_batches)
 from .distributed import (device, init_distributed, leave_process_group, memory_mib_per_rank, naming_lost_ranks,
-                          reset_peak_rss, world_size_from_env)
+                          release_freed_memory, reset_peak_rss, world_size_from_env)
 from .ds_config import fill_auto, read_ds_config, reconcile, resolve_bf16, salience_ds_config
 from .losses import causal_lm_loss_sum
 from .metrics_log import MetricsLog
@@ -149,6 +149,8 @@ def train_steps(engine, plan: Plan, stream, steps: range, log: MetricsLog, progr
             engine.backward(loss)
             engine.step()
             step_loss += loss.item() / config.gradient_accumulation_steps
+            del logits, loss
+            release_freed_memory()
         _stop_unless_finite(step_loss, step, plan)
         losses.append(step_loss)
         times.append(time.perf_counter() - started)
@@ -367,6 +369,7 @@ def run(plan: Plan) -> RunResult:
         engine = deepspeed.initialize(model=model, config=salience_ds_config(plan.ds_config))[0]
         indices, summary = select_masks(model, plan, log, rank, world_size)
         engine.destroy()
+        release_freed_memory()
         folded, start = masks.FoldedDeltas(), 0
         _log_memory(log, "salience")  # and selection
 

@@ -20,7 +20,7 @@ from tqdm import tqdm
 
 from . import zero3
 from .delta import weight_grad_fn
-from .distributed import device as comm_device
+from .distributed import device as comm_device, release_freed_memory
 from .losses import causal_lm_loss_sum, per_example_mean_loss_sum
 
 LossFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]  # (logits, labels) -> scalar loss
@@ -80,6 +80,8 @@ def _backward_over(model: nn.Module, batches: list[dict], loss_fn: LossFn, desc:
         batch = {key: value.to(comm_device()) for key, value in batch.items()}
         logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
         loss_fn(logits, batch["labels"]).backward()
+        del logits
+        release_freed_memory()
 
 
 def global_count(local: int) -> int:
