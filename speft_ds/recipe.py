@@ -356,8 +356,8 @@ def run(plan: Plan) -> RunResult:
     log = MetricsLog(Path(config.output_dir) / "metrics.jsonl", enabled=rank == 0,
                      resume_step=point.step if point else None)
 
-    started = time.perf_counter()
     _log_memory(log, "start")
+    started = time.perf_counter()
     model, hf_ds_config = load_model(config, plan.ds_config, torch.bfloat16 if plan.bf16 else torch.float32)
     log.write({"event": "load", "wall_time_s": time.perf_counter() - started})
     _log_memory(log, "load")
