@@ -15,6 +15,11 @@ from .bnb_weights import is_quantized
 from .config import ConfigError
 
 
+def index_dtype(numel: int) -> torch.dtype:
+    """The smallest integer type that holds every flat index of a weight with `numel` elements."""
+    return torch.int32 if numel < 2**31 else torch.int64
+
+
 def dense_delta(values: torch.Tensor, indices: torch.Tensor, shape: tuple[int, int]) -> torch.Tensor:
     """scatter(indices, values) as a dense tensor of `shape`."""
     delta = values.new_zeros(shape[0] * shape[1])
@@ -89,14 +94,18 @@ def sparse_delta_linear(x: torch.Tensor, values: torch.Tensor, indices: torch.Te
 
 
 class _SparseDeltaLayer(nn.Module):
-    """A frozen base layer whose `delta_values` at `delta_indices` are the only trainable parameters."""
+    """A frozen base layer whose `delta_values` at `delta_indices` are the only trainable parameters.
+
+    The indices are a frozen parameter rather than a buffer so that, created under zero.Init, they are
+    partitioned beside the values and gathered with them around each forward and backward: a rank keeps
+    about 1/N of them (int32 where they fit) instead of every layer's whole list."""
 
     def __init__(self, base_layer: nn.Module, indices: torch.Tensor, values: torch.Tensor | None,
                  shape: tuple[int, int]):
         super().__init__()
         self.base_layer = base_layer.requires_grad_(False)
         self.shape = shape
-        self.register_buffer("delta_indices", indices.to(torch.int64), persistent=False)
+        self.delta_indices = nn.Parameter(indices.to(index_dtype(shape[0] * shape[1])), requires_grad=False)
         if values is None:
             values = torch.zeros(indices.numel(), dtype=torch.float32)
         self.delta_values = nn.Parameter(values.detach().clone())

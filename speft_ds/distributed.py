@@ -94,10 +94,15 @@ def memory_mib_per_rank() -> dict[str, list[float]]:
         mine = [_status_kib("VmRSS:") / 1024.0, _status_kib("VmHWM:") / 1024.0]
     except (OSError, StopIteration):
         mine = [0.0, 0.0]
-    every = [torch.zeros(2, dtype=torch.float64, device=device()) for _ in range(dist.get_world_size())]
-    dist.all_gather(every, torch.tensor(mine, dtype=torch.float64, device=device()))
-    return {"rss_mib_per_rank": [round(float(t[0]), 1) for t in every],
-            "peak_rss_mib_per_rank": [round(float(t[1]), 1) for t in every]}
+    every = per_rank(mine)
+    return {"rss_mib_per_rank": [round(r[0], 1) for r in every], "peak_rss_mib_per_rank": [round(r[1], 1) for r in every]}
+
+
+def per_rank(values: list[float]) -> list[list[float]]:
+    """Every rank's `values` (the same length on each), in rank order, on every rank. A collective."""
+    every = [torch.zeros(len(values), dtype=torch.float64, device=device()) for _ in range(dist.get_world_size())]
+    dist.all_gather(every, torch.tensor(values, dtype=torch.float64, device=device()))
+    return [t.tolist() for t in every]
 
 
 def release_freed_memory() -> None:

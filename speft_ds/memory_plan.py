@@ -133,7 +133,7 @@ def plan(shape: ModelShape, job: Job) -> dict[str, dict[str, int]]:
         "base weight shard": device_base,
         "gathered layer + prefetch": gathered,
         "delta values + grads": values * c * 2,
-        "indices (int64, every rank)": k * 8,
+        "indices (int32, partitioned)": values * 4,
         "optimizer states": 0 if job.offload_optimizer else optimizer,
         "activations": activations,
     }

@@ -25,7 +25,7 @@ from .config import ConfigError, TrainConfig, TrainingError
 from .data import (calibration_indices, collate, load_raw_dataset, pad_token_id, rank_batches,
                    tokenize_dataset, train_eval_split, train_micro_batches)
 from .distributed import (device, init_distributed, leave_process_group, memory_mib_per_rank, naming_lost_ranks,
-                          release_freed_memory, reset_peak_rss, world_size_from_env)
+                          per_rank, release_freed_memory, reset_peak_rss, world_size_from_env)
 from .ds_config import fill_auto, read_ds_config, reconcile, resolve_bf16, salience_ds_config
 from .losses import causal_lm_loss_sum
 from .metrics_log import MetricsLog
@@ -116,10 +116,14 @@ def _on_device(batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     return {key: value.to(device()) for key, value in batch.items()}
 
 
-def _mean_over_ranks(value: float) -> float:
+def _sum_over_ranks(value: float) -> float:
     tensor = torch.tensor(value, dtype=torch.float64, device=device())
     dist.all_reduce(tensor)
-    return tensor.item() / dist.get_world_size()
+    return tensor.item()
+
+
+def _mean_over_ranks(value: float) -> float:
+    return _sum_over_ranks(value) / dist.get_world_size()
 
 
 def _stop_unless_finite(loss: float, step: int, plan: Plan) -> None:
@@ -200,7 +204,8 @@ def score(model, plan: Plan, log: MetricsLog, rank: int, world_size: int, calibr
 
 def select_masks(model, plan: Plan, log: MetricsLog, rank: int, world_size: int,
                  calibration_round: int = 0) -> tuple[dict[str, torch.Tensor], dict]:
-    """Salience, then the top-k: each weight's selected flat indices, and a summary of the scores."""
+    """Salience, then the top-k: the flat indices selected in this rank's shard of each weight, and a
+    summary of the scores."""
     config = plan.config
     scores = score(model, plan, log, rank, world_size, calibration_round)
 
@@ -210,10 +215,10 @@ def select_masks(model, plan: Plan, log: MetricsLog, rank: int, world_size: int,
     else:
         selected = select_local(scores, config.density)
     summary = score_summary(scores, selected)
-    indices = _nonempty(gather_indices(selected))
-    log.write({"event": "selection", "selection": config.selection, "k": sum(t.numel() for t in indices.values()),
+    k = int(_sum_over_ranks(sum(t.numel() for t in selected.values())))
+    log.write({"event": "selection", "selection": config.selection, "k": k,
                "wall_time_s": time.perf_counter() - started})
-    return indices, summary
+    return selected, summary
 
 
 def _base_weights(layers: dict) -> dict:
@@ -223,6 +228,21 @@ def _base_weights(layers: dict) -> dict:
 def _nonempty(indices: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     # A weight with no selected entry gets no delta (ZeRO-3 cannot partition an empty parameter).
     return {name: idx for name, idx in indices.items() if idx.numel() > 0}
+
+
+def full_indices(layers: dict, keep: bool = True) -> dict[str, torch.Tensor]:
+    """Each delta layer's whole index list (int64), gathered one layer at a time (a collective on every
+    rank); only kept where `keep` (rank 0 alone, to write a file)."""
+    gathered = {}
+    for name, layer in layers.items():
+        indices = zero3.gather_full(layer.delta_indices).long()
+        if keep:
+            gathered[name] = indices
+    return gathered
+
+
+def _delta_count(layers: dict) -> int:
+    return sum(zero3.full_numel(layer.delta_values) for layer in layers.values())
 
 
 def _training_engine(model, layers: dict, plan: Plan, completed_steps: int):
@@ -249,25 +269,46 @@ def _inject(model, plan: Plan, indices: dict, values: dict | None = None) -> dic
         return inject_sparse_deltas(model, indices, values)
 
 
-def reselect(engine, model, layers: dict, indices: dict, folded: masks.FoldedDeltas, plan: Plan, log: MetricsLog,
+def inject_selected(model, plan: Plan, selected: dict[str, torch.Tensor]) -> dict:
+    """Wrap each weight with selected entries in a delta layer partitioned across ranks: a weight's whole
+    index list exists only while its layer is created, never every weight's at once."""
+    layers = {}
+    with zero3.partitioned_init(plan.ds_config):
+        for name, indices in gather_indices(selected):
+            if indices.numel():  # ZeRO-3 cannot partition an empty parameter
+                layers.update(inject_sparse_deltas(model, {name: indices}))
+    return layers
+
+
+def _log_delta(log: MetricsLog, layers: dict) -> None:
+    """The trainable count, and what each rank keeps of the delta parameters (a collective)."""
+    held = per_rank([sum(zero3.resident_bytes(layer.delta_indices) for layer in layers.values()),
+                     sum(zero3.resident_bytes(layer.delta_values) for layer in layers.values())])
+    log.write({"event": "delta", "k": _delta_count(layers), "index_bytes_per_rank": [int(r[0]) for r in held],
+               "value_bytes_per_rank": [int(r[1]) for r in held]})
+
+
+def reselect(engine, model, layers: dict, folded: masks.FoldedDeltas, plan: Plan, log: MetricsLog,
              rank: int, world_size: int, update: int, completed_steps: int):
     """The paper's dynamic mask: fold every delta into W, select k anew on fresh calibration data, and
     train new zero deltas with a fresh optimizer."""
+    indices = full_indices(layers)
     values = {name: zero3.gather_full_fp32(layer.delta_values) for name, layer in layers.items()}
     engine.destroy()
     folded.fold(_base_weights(layers), indices, values)
     masks.unwrap(model, layers)
     salience_engine = deepspeed.initialize(model=model, config=salience_ds_config(plan.ds_config))[0]
-    indices, summary = select_masks(model, plan, log, rank, world_size, calibration_round=update)
+    selected, summary = select_masks(model, plan, log, rank, world_size, calibration_round=update)
     salience_engine.destroy()
-    layers = _inject(model, plan, indices)
-    return _training_engine(model, layers, plan, completed_steps), layers, indices, summary
+    layers = inject_selected(model, plan, selected)
+    return _training_engine(model, layers, plan, completed_steps), layers, summary
 
 
-def drop_regrow(engine, model, layers: dict, indices: dict, folded: masks.FoldedDeltas, plan: Plan,
+def drop_regrow(engine, model, layers: dict, folded: masks.FoldedDeltas, plan: Plan,
                 log: MetricsLog, rank: int, world_size: int, update: int, completed_steps: int):
     """Fold the regrow_fraction of entries with the smallest |value| into W and regrow as many by salience
     among unselected entries; kept entries keep values and AdamW moments, grown ones start from zero."""
+    indices = full_indices(layers)
     k = sum(t.numel() for t in indices.values())
     n_swap = max(1, round(plan.config.regrow_fraction * k))
     kept_state = {name: {"value": zero3.gather_full_fp32(layer.delta_values), **zero3.adam_moments(layer.delta_values)}
@@ -293,7 +334,7 @@ def drop_regrow(engine, model, layers: dict, indices: dict, folded: masks.Folded
     masks.exclude(scores, kept)
     selected = select_global(scores, n_swap)
     summary = score_summary(scores, selected)
-    grown = gather_indices(selected)
+    grown = dict(gather_indices(selected))
     salience_engine.destroy()
     masks.unwrap(model, layers)
 
@@ -302,17 +343,18 @@ def drop_regrow(engine, model, layers: dict, indices: dict, folded: masks.Folded
     engine = _training_engine(model, layers, plan, completed_steps)
     zero3.seed_adam_state(engine, step, {layers[name].delta_values: {key: t for key, t in s.items() if key != "value"}
                                          for name, s in state.items()})
-    return engine, layers, indices, summary
+    return engine, layers, summary
 
 
 MASK_UPDATES = {"reselect": reselect, "drop_regrow": drop_regrow}
 
 
-def save_trained_adapter(layers: dict, indices: dict[str, torch.Tensor], folded: masks.FoldedDeltas,
-                         score_summary: dict, plan: Plan, rank: int) -> None:
-    """Gather the partitioned values (a collective) and let rank 0 write the adapter, relative to the
-    original base model (deltas folded in by mask updates included)."""
+def save_trained_adapter(layers: dict, folded: masks.FoldedDeltas, score_summary: dict, plan: Plan,
+                         rank: int) -> None:
+    """Gather the partitioned indices and values (collectives) and let rank 0 write the adapter, relative
+    to the original base model (deltas folded in by mask updates included)."""
     config = plan.config
+    indices = full_indices(layers, keep=rank == 0)
     values = {name: zero3.gather_full_fp32(layer.delta_values) for name, layer in layers.items()}
     saved = torch.ones(1, device=device())
     if rank == 0:
@@ -362,25 +404,29 @@ def run(plan: Plan) -> RunResult:
     log.write({"event": "load", "wall_time_s": time.perf_counter() - started})
     _log_memory(log, "load")
     if point:
-        indices, folded, summary, start = point.indices, point.folded, point.summary, point.step
+        folded, summary, start = point.folded, point.summary, point.step
         folded.refold({name: model.get_submodule(name).weight for name in folded.parts})
+        layers = _inject(model, plan, point.indices)
+        engine = _training_engine(model, layers, plan, completed_steps=start)
+        checkpoint.load_engine_state(engine, point)
+        del point  # and with it every layer's whole index list: the layers keep their partitions
     else:
         # No optimizer: this engine only gathers the partitioned weights around each layer's forward and backward.
         engine = deepspeed.initialize(model=model, config=salience_ds_config(plan.ds_config))[0]
-        indices, summary = select_masks(model, plan, log, rank, world_size)
+        selected, summary = select_masks(model, plan, log, rank, world_size)
         engine.destroy()
         release_freed_memory()
         folded, start = masks.FoldedDeltas(), 0
         _log_memory(log, "salience")  # and selection
-
-    layers = _inject(model, plan, indices)
-    engine = _training_engine(model, layers, plan, completed_steps=start)
-    if point:
-        checkpoint.load_engine_state(engine, point)
+        layers = inject_selected(model, plan, selected)
+        del selected
+        engine = _training_engine(model, layers, plan, completed_steps=start)
+    _log_delta(log, layers)
 
     def save_if_due(step: int) -> None:  # reads the current engine, masks and folds
         if config.save_steps and step % config.save_steps == 0:
-            checkpoint.save(engine, config.output_dir, step, indices, folded, summary, config.save_total_limit)
+            checkpoint.save(engine, config.output_dir, step, full_indices(layers, keep=rank == 0), folded, summary,
+                            config.save_total_limit)
 
     stream = _micro_batch_stream(plan, rank, world_size)
     for _ in range(start * config.gradient_accumulation_steps):  # the data a resumed run has already seen
@@ -394,11 +440,10 @@ def run(plan: Plan) -> RunResult:
             train_steps(engine, plan, stream, range(step + 1, last + 1), log, progress, after_step=save_if_due)
             if last < plan.total_steps:
                 started = time.perf_counter()
-                engine, layers, indices, summary = MASK_UPDATES[config.mask_update](
-                    engine, model, layers, indices, folded, plan, log, rank, world_size, update=last // every,
+                engine, layers, summary = MASK_UPDATES[config.mask_update](
+                    engine, model, layers, folded, plan, log, rank, world_size, update=last // every,
                     completed_steps=last)
-                log.write({"event": "mask_update", "step": last, "strategy": config.mask_update,
-                           "k": sum(t.numel() for t in indices.values()),
+                log.write({"event": "mask_update", "step": last, "strategy": config.mask_update, "k": _delta_count(layers),
                            "wall_time_s": time.perf_counter() - started})
             save_if_due(last)  # after any mask update, so a resumed run continues with the new mask
             step = last
@@ -406,7 +451,7 @@ def run(plan: Plan) -> RunResult:
     log.write({"event": "eval", "eval_loss": evaluate(engine, plan, rank, world_size),
                "examples": len(plan.eval_set)})
     started = time.perf_counter()
-    save_trained_adapter(layers, indices, folded, summary, plan, rank)
+    save_trained_adapter(layers, folded, summary, plan, rank)
     log.write({"event": "adapter", "wall_time_s": time.perf_counter() - started})
     _log_memory(log, "eval and adapter")
     return RunResult(engine, layers, hf_ds_config)

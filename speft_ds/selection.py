@@ -8,7 +8,7 @@ histogram size are fixed, so one selection communicates the same bytes whatever 
 
 from __future__ import annotations
 
-from typing import Callable
+from typing import Callable, Iterator
 
 import torch
 import torch.distributed as dist
@@ -110,22 +110,24 @@ def select_local(scores: dict[str, ShardScores], density: float,
             for name, s in scores.items()}
 
 
-def gather_indices(selected: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """Every rank's selected indices, joined into each weight's full sorted index list on every rank."""
+def gather_indices(selected: dict[str, torch.Tensor]) -> Iterator[tuple[str, torch.Tensor]]:
+    """(name, full sorted index list) per weight, joined from every rank's selection: one weight at a time,
+    so no rank ever holds every weight's whole list. A collective per weight."""
+    for name, mine in selected.items():
+        yield name, _gather_one(mine)
+
+
+def _gather_one(mine: torch.Tensor) -> torch.Tensor:
     if not (dist.is_initialized() and dist.get_world_size() > 1):
-        return dict(selected)
+        return mine
     world = dist.get_world_size()
-    device = next(iter(selected.values())).device
-    counts = torch.tensor([t.numel() for t in selected.values()], dtype=torch.int64, device=device)
-    all_counts = [torch.empty_like(counts) for _ in range(world)]
-    dist.all_gather(all_counts, counts)
-    longest = max(int(c.sum()) for c in all_counts)
-    mine = torch.cat([*selected.values(), torch.zeros(0, dtype=torch.int64, device=device)])
-    padded = [torch.empty(longest, dtype=torch.int64, device=device) for _ in range(world)]
+    counts = [torch.empty(1, dtype=torch.int64, device=mine.device) for _ in range(world)]
+    dist.all_gather(counts, torch.tensor([mine.numel()], dtype=torch.int64, device=mine.device))
+    longest = max(int(c) for c in counts)
+    padded = [torch.empty(longest, dtype=torch.int64, device=mine.device) for _ in range(world)]
     dist.all_gather(padded, torch.nn.functional.pad(mine, (0, longest - mine.numel())))
     # Rank r holds flat range [r * ps, (r + 1) * ps), so joining in rank order keeps indices sorted.
-    per_rank = [flat[: int(c.sum())].split(c.tolist()) for flat, c in zip(padded, all_counts)]
-    return {name: torch.cat([parts[i] for parts in per_rank]) for i, name in enumerate(selected)}
+    return torch.cat([flat[: int(c)] for flat, c in zip(padded, counts)])
 
 
 # Score histogram bins: log10 |score| from 1e-12 to 1e4, 64 bins; smaller magnitudes land in the first.

@@ -85,6 +85,20 @@ def gather_full_fp32(param: torch.nn.Parameter) -> torch.Tensor:
     return safe_get_full_fp32_param(param).detach().cpu()
 
 
+def gather_full(param: torch.nn.Parameter) -> torch.Tensor:
+    """The whole of a frozen parameter (one with no fp32 master copy, like delta indices), on every rank.
+    A collective."""
+    with deepspeed.zero.GatheredParameters([param]):
+        return param.detach().clone().cpu()
+
+
+def resident_bytes(param: torch.nn.Parameter) -> int:
+    """Bytes of `param` this rank keeps between gathers: its slice, or the whole where ZeRO-3 keeps a small
+    parameter whole on every rank (below stage3_param_persistence_threshold) or does not partition it."""
+    held = param.ds_tensor if is_partitioned(param) and not param.ds_persist else param
+    return held.numel() * held.element_size()
+
+
 def _check_released(param: torch.nn.Parameter) -> None:
     if not is_partitioned(param) or param.ds_status != ZeroParamStatus.NOT_AVAILABLE:
         raise RuntimeError(f"parameter {param.ds_id if is_partitioned(param) else '?'} is not a released "

@@ -59,8 +59,8 @@ def _salience_and_selection(model_dir: str, examples: list[dict], rank: int, wor
         "selection_bytes": bytes_sent[0],
         "scores": {n: (s.start, s.scores.clone(), s.numel, s.accumulator_numel) for n, s in scores.items()},
         "partition": {n: (m.weight.numel(), m.weight.ds_numel, m.weight.ds_tensor.numel()) for n, m in targets.items()},
-        "global": gather_indices(selected),
-        "local": gather_indices(select_local(scores, DENSITY)),
+        "global": dict(gather_indices(selected)),
+        "local": dict(gather_indices(select_local(scores, DENSITY))),
         "base_state_during": base_state_during,
         "base_state_after": base_state_after,
     }

@@ -54,6 +54,8 @@ def _worker(rank, world_size, argv, probe_ids):
         "optimizer_state_numel": sum(v.numel() for state in optimizer.optimizer.state.values()
                                      for v in state.values() if torch.is_tensor(v) and v.dim() > 0),
         "logits": logits,
+        "index_shards": {n.removesuffix(".delta_indices"): (str(p.dtype), p.ds_tensor.numel(), p.ds_numel)
+                         for n, p in params.items() if n.endswith(".delta_indices")},
     }
 
 
@@ -99,6 +101,27 @@ def test_optimizer_holds_exactly_k_values_split_over_ranks(trained):
         # ZeRO-3 pads each parameter to a multiple of the world size: at most one element per rank each.
         assert k / WORLD <= r["fp32_partition_numel"] <= math.ceil(k / WORLD) + len(r["trainable"])
         assert r["optimizer_state_numel"] == 2 * r["fp32_partition_numel"]  # AdamW: exp_avg + exp_avg_sq
+
+
+def test_each_rank_keeps_only_its_share_of_the_indices(trained):
+    """Indices are partitioned like the values and stored as int32: a rank keeps about 4k/N bytes of
+    them, where whole int64 lists on every rank would be 8k."""
+    indices, _ = _adapter_tensors(trained["adapter"])
+    k = sum(t.numel() for t in indices.values())
+    records = [json.loads(line) for line in trained["metrics"].read_text().splitlines()]
+    delta = next(r for r in records if r.get("event") == "delta")
+    assert delta["k"] == k
+    for rank, r in enumerate(trained["results"]):
+        shards = r["index_shards"]
+        assert set(shards) == set(indices)
+        for name, (dtype, local, full) in shards.items():
+            assert dtype == "torch.int32" and full == indices[name].numel()
+            assert local == math.ceil(full / WORLD)  # ZeRO-3's even split, padding included
+        held = 4 * sum(local for _, local, _ in shards.values())
+        assert delta["index_bytes_per_rank"][rank] == held
+        assert 4 * k / WORLD <= held < 4 * (k / WORLD + len(shards))
+        print(f"rank {rank}: {held} index bytes for k = {k} (4k/N = {4 * k / WORLD:.0f}; "
+              f"whole int64 lists would be {8 * k})")
 
 
 def dense_reference_training(config: TrainConfig, indices: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:

@@ -122,7 +122,8 @@ def test_load_adapter_matches_plain_torch_edit(adapter, base_model, input_ids):
     for name in TARGETS:
         layer = model.get_submodule(name)
         assert isinstance(layer, SparseDeltaLinear)
-        assert torch.equal(layer.delta_indices, indices[name])
+        assert torch.equal(layer.delta_indices.long(), indices[name])
+        assert layer.delta_indices.dtype == torch.int32 and not layer.delta_indices.requires_grad
         assert layer.delta_values.requires_grad
     torch.testing.assert_close(logits(model, input_ids), expected)
     # Modules outside the adapter are untouched.
