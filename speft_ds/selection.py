@@ -28,29 +28,38 @@ def _all_reduce(tensor: torch.Tensor) -> None:
 
 
 def score_keys(scores: torch.Tensor) -> torch.Tensor:
-    """Map fp32 scores to int64 keys in [0, 2^32) with the same order (-0.0 and 0.0 share a key)."""
-    bits = (scores.float() + 0.0).contiguous().view(torch.int32).to(torch.int64)
-    magnitude = bits & 0x7FFFFFFF
-    return torch.where(bits < 0, 0x7FFFFFFF - magnitude, 0x80000000 + magnitude)
+    """Map fp32 scores to int32 keys that compare (as signed integers) in the scores' order; -0.0 and 0.0
+    share a key. Positive floats' bits already order as integers; negative ones need their magnitude bits
+    flipped."""
+    bits = (scores.float() + 0.0).view(torch.int32)
+    flip = bits >> 31  # all ones for negative scores
+    flip &= 0x7FFFFFFF
+    return flip.bitwise_xor_(bits)
 
 
-def _radix_select(key_shards: list[Callable[[], torch.Tensor]], k: int, bits: int, largest: bool,
+def _radix_select(key_shards: list[Callable[[], torch.Tensor]], k: int, bits: int, largest: bool, signed: bool,
                   all_reduce: AllReduce, device: torch.device) -> tuple[int, int]:
     """The k-th key (k-th largest if `largest`, else k-th smallest) over all ranks, and how many keys
-    equal to it belong to the top k."""
+    equal to it belong to the top k. Keys are `bits`-wide integers; `signed`: two's complement."""
     prefix, remaining = 0, k
     for shift in range(bits - 8, -1, -8):
+        # In the top byte of a signed key, flipping the sign bit turns two's complement order into byte order.
+        flip = 0x80 if signed and shift == bits - 8 else 0
         hist = torch.zeros(256, dtype=torch.int64, device=device)
         for make_keys in key_shards:
             keys = make_keys()
-            keys = keys[(keys >> (shift + 8)) == (prefix >> (shift + 8))]
-            hist += torch.bincount((keys >> shift) & 0xFF, minlength=256)
+            if shift < bits - 8:
+                keys = keys[(keys >> (shift + 8)) == (prefix >> (shift + 8))]
+            hist += torch.bincount(((keys >> shift) & 0xFF) ^ flip, minlength=256)
         all_reduce(hist)
         ordered = hist.flip(0) if largest else hist
         cumulative = ordered.cumsum(0)
         b = int(torch.searchsorted(cumulative, torch.tensor(remaining, device=device)))
         remaining -= int(cumulative[b] - ordered[b])
-        prefix |= (255 - b if largest else b) << shift
+        byte = (255 - b if largest else b) ^ flip
+        if signed and shift == bits - 8 and byte >= 0x80:
+            byte -= 0x100  # a negative top byte: prefix stays the key's signed value
+        prefix |= byte << shift
     return prefix, remaining
 
 
@@ -67,20 +76,18 @@ def _select(shards: list[tuple[int, ShardScores]], k: int, all_reduce: AllReduce
         raise ConfigError("salience scores contain NaN: check the model and calibration data")
 
     threshold, ties_needed = _radix_select([lambda s=s: score_keys(s.scores) for _, s in shards],
-                                           k, _SCORE_BITS, True, all_reduce, device)
-
-    def tie_positions(position: int, s: ShardScores) -> torch.Tensor:
-        flat = torch.nonzero(score_keys(s.scores) == threshold).view(-1) + s.start
-        return (position << _FLAT_INDEX_BITS) | flat
-
-    last_tie, _ = _radix_select([lambda p=p, s=s: tie_positions(p, s) for p, s in shards],
-                                ties_needed, _POSITION_BITS, False, all_reduce, device)
+                                           k, _SCORE_BITS, True, True, all_reduce, device)
+    # Entries at the threshold score, as position keys (module position, then flat index): found once,
+    # since the tie-break's rounds read them again and again.
+    tied = [(position << _FLAT_INDEX_BITS) | (torch.nonzero(score_keys(s.scores) == threshold).view(-1) + s.start)
+            for position, s in shards]
+    last_tie, _ = _radix_select([lambda t=t: t for t in tied], ties_needed, _POSITION_BITS, False, False,
+                                all_reduce, device)
     selected = []
-    for position, s in shards:
-        keys = score_keys(s.scores)
-        flat = torch.arange(s.start, s.start + s.scores.numel(), dtype=torch.int64, device=device)
-        tie_ok = ((position << _FLAT_INDEX_BITS) | flat) <= last_tie
-        selected.append(flat[(keys > threshold) | ((keys == threshold) & tie_ok)])
+    for (position, s), ties in zip(shards, tied):
+        above = torch.nonzero(score_keys(s.scores) > threshold).view(-1) + s.start
+        chosen = ties[ties <= last_tie] - (position << _FLAT_INDEX_BITS)
+        selected.append(torch.cat([above, chosen]).sort().values)
     return selected
 
 
