@@ -3,13 +3,13 @@
 from __future__ import annotations
 
 import argparse
-import os
 import sys
 import typing
 from dataclasses import MISSING, fields
 from typing import Callable, Sequence
 
 from .config import ConfigError, TrainConfig, TrainingError
+from .launch_env import local_rank_from_env
 
 
 def _parse_bool(text: str) -> bool:
@@ -69,7 +69,7 @@ def parse_config(argv: Sequence[str]) -> tuple[TrainConfig, set[str]]:
 
 def is_reporting_rank() -> bool:
     """Local rank 0 reports: before distributed init only the launcher's environment says who we are."""
-    return int(os.environ.get("LOCAL_RANK", "0")) == 0
+    return local_rank_from_env() == 0
 
 
 def run_main(main: Callable[[Sequence[str]], int], argv: Sequence[str] | None = None) -> int:

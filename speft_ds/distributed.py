@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import ctypes
+import importlib.util
 import os
 import socket
 import time
@@ -15,7 +16,10 @@ import torch
 import torch.distributed as dist
 from deepspeed.accelerator import get_accelerator
 
-from .config import TrainingError
+from .config import ConfigError, TrainingError
+from .launch_env import launched_by_mpi, local_size_from_env
+
+DEFAULT_MASTER_PORT = 29500  # torch's and DeepSpeed's
 
 # How long a rank that saw a collective fail waits for the other survivors to report in.
 CHECK_IN_S = 10.0
@@ -32,10 +36,6 @@ def _glibc():
 _LIBC = _glibc()
 
 
-def world_size_from_env() -> int:
-    return int(os.environ.get("WORLD_SIZE", "1"))
-
-
 def free_port() -> int:
     """A TCP port free on this machine now (for a master port; the default 29500 may be taken)."""
     with socket.socket() as sock:
@@ -48,16 +48,23 @@ def init_distributed(timeout_s: int = 600) -> None:
     `timeout_s` instead of the backend's default of 30 minutes."""
     if dist.is_initialized():
         return
-    if "RANK" not in os.environ:
+    by_mpi = launched_by_mpi()
+    if by_mpi and importlib.util.find_spec("mpi4py") is None:
+        raise ConfigError("this job was started by mpiexec/mpirun, which needs mpi4py: pip install 'speft-ds[mpi]' "
+                          "(or mpi4py built against your MPI)")
+    if not by_mpi and "RANK" not in os.environ:
         os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", LOCAL_SIZE="1",
                           MASTER_ADDR="127.0.0.1", MASTER_PORT=str(free_port()))
     if "OMP_NUM_THREADS" not in os.environ:
         # Ranks on one machine share its cores; oversubscribing them slows every rank down.
-        local_ranks = int(os.environ.get("LOCAL_SIZE", os.environ.get("LOCAL_WORLD_SIZE", "1")))
-        torch.set_num_threads(max(1, (os.cpu_count() or 1) // local_ranks))
+        torch.set_num_threads(max(1, (os.cpu_count() or 1) // local_size_from_env()))
     accelerator = get_accelerator()
     backend = "gloo" if accelerator.device_name() == "cpu" else accelerator.communication_backend_name()
-    deepspeed.init_distributed(dist_backend=backend, timeout=timedelta(seconds=timeout_s))
+    # Under MPI, DeepSpeed's discovery (mpi4py) sets RANK, WORLD_SIZE, LOCAL_RANK and MASTER_ADDR (rank 0's
+    # first address); the port is ours to choose.
+    deepspeed.init_distributed(dist_backend=backend, timeout=timedelta(seconds=timeout_s), auto_mpi_discovery=by_mpi,
+                               distributed_port=int(os.environ.get("MASTER_PORT", DEFAULT_MASTER_PORT)),
+                               verbose=not by_mpi)
     _unlink_shm_buffers()
 
 

@@ -25,8 +25,9 @@ from .config import ConfigError, TrainConfig, TrainingError
 from .data import (calibration_indices, collate, load_raw_dataset, pad_token_id, rank_batches,
                    tokenize_dataset, train_eval_split, train_micro_batches)
 from .distributed import (device, init_distributed, leave_process_group, memory_mib_per_rank, naming_lost_ranks,
-                          per_rank, release_freed_memory, reset_peak_rss, world_size_from_env)
+                          per_rank, release_freed_memory, reset_peak_rss)
 from .ds_config import fill_auto, read_ds_config, reconcile, resolve_bf16, salience_ds_config
+from .launch_env import world_size_from_env
 from .losses import causal_lm_loss_sum
 from .metrics_log import MetricsLog
 from .model import check_backends, find_targets, load_model, load_model_config, load_tokenizer, skeleton_model
@@ -230,9 +231,12 @@ def _nonempty(indices: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     return {name: idx for name, idx in indices.items() if idx.numel() > 0}
 
 
-def full_indices(layers: dict, keep: bool = True) -> dict[str, torch.Tensor]:
+def full_indices(engine, layers: dict, keep: bool = True) -> dict[str, torch.Tensor]:
     """Each delta layer's whole index list (int64), gathered one layer at a time (a collective on every
     rank); only kept where `keep` (rank 0 alone, to write a file)."""
+    # ZeRO-3 may still be prefetching parameters for the next forward, and a gather of an in-flight
+    # parameter fails: settle and release them all first.
+    engine.empty_partition_cache()
     gathered = {}
     for name, layer in layers.items():
         indices = zero3.gather_full(layer.delta_indices).long()
@@ -292,7 +296,7 @@ def reselect(engine, model, layers: dict, folded: masks.FoldedDeltas, plan: Plan
              rank: int, world_size: int, update: int, completed_steps: int):
     """The paper's dynamic mask: fold every delta into W, select k anew on fresh calibration data, and
     train new zero deltas with a fresh optimizer."""
-    indices = full_indices(layers)
+    indices = full_indices(engine, layers)
     values = {name: zero3.gather_full_fp32(layer.delta_values) for name, layer in layers.items()}
     engine.destroy()
     folded.fold(_base_weights(layers), indices, values)
@@ -308,7 +312,7 @@ def drop_regrow(engine, model, layers: dict, folded: masks.FoldedDeltas, plan: P
                 log: MetricsLog, rank: int, world_size: int, update: int, completed_steps: int):
     """Fold the regrow_fraction of entries with the smallest |value| into W and regrow as many by salience
     among unselected entries; kept entries keep values and AdamW moments, grown ones start from zero."""
-    indices = full_indices(layers)
+    indices = full_indices(engine, layers)
     k = sum(t.numel() for t in indices.values())
     n_swap = max(1, round(plan.config.regrow_fraction * k))
     kept_state = {name: {"value": zero3.gather_full_fp32(layer.delta_values), **zero3.adam_moments(layer.delta_values)}
@@ -349,12 +353,12 @@ def drop_regrow(engine, model, layers: dict, folded: masks.FoldedDeltas, plan: P
 MASK_UPDATES = {"reselect": reselect, "drop_regrow": drop_regrow}
 
 
-def save_trained_adapter(layers: dict, folded: masks.FoldedDeltas, score_summary: dict, plan: Plan,
+def save_trained_adapter(engine, layers: dict, folded: masks.FoldedDeltas, score_summary: dict, plan: Plan,
                          rank: int) -> None:
     """Gather the partitioned indices and values (collectives) and let rank 0 write the adapter, relative
     to the original base model (deltas folded in by mask updates included)."""
     config = plan.config
-    indices = full_indices(layers, keep=rank == 0)
+    indices = full_indices(engine, layers, keep=rank == 0)
     values = {name: zero3.gather_full_fp32(layer.delta_values) for name, layer in layers.items()}
     saved = torch.ones(1, device=device())
     if rank == 0:
@@ -425,7 +429,7 @@ def run(plan: Plan) -> RunResult:
 
     def save_if_due(step: int) -> None:  # reads the current engine, masks and folds
         if config.save_steps and step % config.save_steps == 0:
-            checkpoint.save(engine, config.output_dir, step, full_indices(layers, keep=rank == 0), folded, summary,
+            checkpoint.save(engine, config.output_dir, step, full_indices(engine, layers, keep=rank == 0), folded, summary,
                             config.save_total_limit)
 
     stream = _micro_batch_stream(plan, rank, world_size)
@@ -451,7 +455,7 @@ def run(plan: Plan) -> RunResult:
     log.write({"event": "eval", "eval_loss": evaluate(engine, plan, rank, world_size),
                "examples": len(plan.eval_set)})
     started = time.perf_counter()
-    save_trained_adapter(layers, folded, summary, plan, rank)
+    save_trained_adapter(engine, layers, folded, summary, plan, rank)
     log.write({"event": "adapter", "wall_time_s": time.perf_counter() - started})
     _log_memory(log, "eval and adapter")
     return RunResult(engine, layers, hf_ds_config)

@@ -68,6 +68,10 @@ def trained(request, tmp_path_factory):
     dataset.write_text("".join(islice(EMBEDDED_DATASET.open(), 48)))
     ds_config = json.loads(SHIPPED_DS_CONFIG.read_text())
     ds_config["zero_optimization"]["stage3_param_persistence_threshold"] = 0
+    # Limits small enough that ZeRO-3 prefetches and releases parameters as it would on a large model
+    # (otherwise this whole model stays gathered): gathers outside a forward must cope with prefetches.
+    ds_config["zero_optimization"].update(stage3_prefetch_bucket_size=20_000, stage3_max_live_parameters=20_000,
+                                          stage3_max_reuse_distance=20_000)
     (root / "z3.json").write_text(json.dumps(ds_config))
     argv = ["--model", str(model_dir), "--dataset", str(dataset), "--ds_config", str(root / "z3.json"),
             "--output_dir", str(root / "out"), "--max_steps", str(STEPS), "--micro_batch_size", str(MICRO_BATCH),
