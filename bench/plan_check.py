@@ -21,14 +21,12 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from bench.random_llama import write_random_model  # noqa: E402
-from speft_ds.config import EMBEDDED_DATASET, SHIPPED_DS_CONFIG  # noqa: E402
+from bench.random_llama import LLAMA_124M, write_long_texts, write_random_model  # noqa: E402
+from speft_ds.config import SHIPPED_DS_CONFIG  # noqa: E402
 from speft_ds.distributed import free_port  # noqa: E402
 from speft_ds.ds_config import read_ds_config  # noqa: E402
 from speft_ds.memory_plan import Job, ModelShape, plan  # noqa: E402
 
-LLAMA_124M = dict(hidden_size=768, num_hidden_layers=12, num_attention_heads=12, num_key_value_heads=4,
-                  intermediate_size=2048, vocab_size=32000, tie_word_embeddings=False)
 SEQ_LEN, MICRO_BATCH, DENSITY = 256, 4, 0.01
 
 
@@ -55,9 +53,7 @@ def main() -> int:
     model_dir, dataset = work / "llama-124m-random", work / "texts.jsonl"
     if not (model_dir / "config.json").is_file():
         write_random_model(model_dir, LLAMA_124M)
-    lines = [json.loads(line) for line in EMBEDDED_DATASET.read_text().splitlines()]
-    texts = [" ".join(f"{l['prompt']} {l['response']}" for l in lines[i:i + 24]) for i in range(0, 24 * 64, 24)]
-    dataset.write_text("".join(json.dumps({"text": t}) + "\n" for t in texts))
+    write_long_texts(dataset)
 
     shape = ModelShape.from_config(json.loads((model_dir / "config.json").read_text()))
     zero = read_ds_config(str(SHIPPED_DS_CONFIG))["zero_optimization"]

@@ -1,5 +1,6 @@
-"""Random-weight LLaMA checkpoints of a given shape, for the benches: bf16 safetensors shards of 1 GiB,
-generated and written one shard at a time, with the embedded tokenizer."""
+"""What the benches train on: random-weight LLaMA checkpoints of a given shape (bf16 safetensors shards of
+1 GiB, generated and written one shard at a time, with the embedded tokenizer), and texts of about 256
+tokens made of the embedded arithmetic problems."""
 
 from __future__ import annotations
 
@@ -10,11 +11,14 @@ import torch
 from safetensors.torch import save_file
 from transformers import AutoTokenizer, LlamaConfig
 
-from speft_ds.config import EMBEDDED_MODEL
+from speft_ds.config import EMBEDDED_DATASET, EMBEDDED_MODEL
 from speft_ds.merge import plan_shards, shard_file_name
 from speft_ds.model import skeleton_model
 
 SHARD_BYTES = 1 << 30
+# The speed issue's ~124M LLaMA.
+LLAMA_124M = dict(hidden_size=768, num_hidden_layers=12, num_attention_heads=12, num_key_value_heads=4,
+                  intermediate_size=2048, vocab_size=32000, tie_word_embeddings=False)
 
 
 def write_random_model(path: Path, dims: dict) -> int:
@@ -40,3 +44,17 @@ def write_random_model(path: Path, dims: dict) -> int:
     config.save_pretrained(path)
     tokenizer.save_pretrained(path)
     return sum(s.numel() for s in shapes.values())
+
+
+def write_long_texts(path: Path, n: int = 64, chars: int = 1100) -> None:
+    """n texts of about 256 tokens each ({"text": ...} lines), made of the embedded arithmetic problems."""
+    lines = [json.loads(line) for line in EMBEDDED_DATASET.read_text().splitlines()]
+    texts, text = [], ""
+    for line in lines:
+        text += f"{line['prompt']} {line['response']}\n"
+        if len(text) >= chars:
+            texts.append({"text": text})
+            text = ""
+            if len(texts) == n:
+                break
+    path.write_text("".join(json.dumps(t) + "\n" for t in texts))

@@ -22,27 +22,13 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from bench.random_llama import write_random_model  # noqa: E402
-from speft_ds.config import EMBEDDED_DATASET, SHIPPED_DS_CONFIG  # noqa: E402
+from bench.random_llama import write_long_texts, write_random_model  # noqa: E402
+from speft_ds.config import SHIPPED_DS_CONFIG  # noqa: E402
 from speft_ds.distributed import free_port  # noqa: E402
 
 TINYLLAMA_1B = dict(hidden_size=2048, num_hidden_layers=22, num_attention_heads=32, num_key_value_heads=4,
                     intermediate_size=5632, vocab_size=32000, max_position_embeddings=2048,
                     tie_word_embeddings=False, rms_norm_eps=1e-5)
-
-
-def write_long_examples(path: Path, n: int = 64, chars: int = 1100) -> None:
-    """Texts of about 256 tokens, made of the embedded arithmetic problems."""
-    lines = [json.loads(line) for line in EMBEDDED_DATASET.read_text().splitlines()]
-    texts, text = [], ""
-    for line in lines:
-        text += f"{line['prompt']} {line['response']}\n"
-        if len(text) >= chars:
-            texts.append({"text": text})
-            text = ""
-            if len(texts) == n:
-                break
-    path.write_text("".join(json.dumps(t) + "\n" for t in texts))
 
 
 def main() -> int:
@@ -57,7 +43,7 @@ def main() -> int:
     if not (model_dir / "config.json").is_file():
         params = write_random_model(model_dir, TINYLLAMA_1B)
         print(f"wrote a random {params / 1e9:.2f}B-parameter model in {time.perf_counter() - started:.0f} s")
-    write_long_examples(dataset)
+    write_long_texts(dataset)
     # ZeRO-3 keeps gathered weights resident up to stage3_max_live_parameters (DeepSpeed's default: 1e9
     # elements, the whole model here, 4.4 GB per rank in fp32): cap it at 1e8 so 2 ranks fit in 24 GB.
     ds_config = json.loads(SHIPPED_DS_CONFIG.read_text())

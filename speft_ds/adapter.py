@@ -29,13 +29,13 @@ CONFIG_NAME = "adapter_config.json"
 
 
 def inject_sparse_deltas(model: nn.Module, indices: dict[str, torch.Tensor],
-                         values: dict[str, torch.Tensor] | None = None) -> dict[str, nn.Module]:
+                         values: dict[str, torch.Tensor] | None = None, impl: str = "auto") -> dict[str, nn.Module]:
     """Replace each named linear or embedding layer by its sparse-delta layer; returns the new layers."""
     layers = {}
     for name, idx in indices.items():
         parent_name, _, child_name = name.rpartition(".")
         parent = model.get_submodule(parent_name)
-        layer = sparse_delta_layer(getattr(parent, child_name), idx, None if values is None else values[name])
+        layer = sparse_delta_layer(getattr(parent, child_name), idx, None if values is None else values[name], impl)
         setattr(parent, child_name, layer)
         layers[name] = layer
     return layers

@@ -53,6 +53,9 @@ class TrainConfig:
     attn: str = _field("sdpa", "Attention implementation (flash_attention_2 needs flash-attn and a GPU).",
                        choices=("sdpa", "eager", "flash_attention_2"))
     gradient_checkpointing: bool = _field(False, "Recompute activations in the backward pass to save memory.")
+    delta_impl: str = _field("auto", "How a linear's delta product is computed: sparse (CSR products, sampled value "
+                                     "gradients: fastest on CPU), dense (a dense delta per call: for GPUs), auto "
+                                     "(by device).", choices=("auto", "dense", "sparse"))
     # --- salience and selection
     metric: str = _field("gradient", "Salience metric (the paper's best: gradient).", choices=METRIC_NAMES)
     calibration_examples: int = _field(1024, "Training examples drawn (with --seed) for the salience pass.")

@@ -13,18 +13,12 @@ from torch import nn
 
 from .bnb_weights import is_quantized
 from .config import ConfigError
+from .delta_impls import delta_product, dense_delta, linear_weight_grad
 
 
 def index_dtype(numel: int) -> torch.dtype:
     """The smallest integer type that holds every flat index of a weight with `numel` elements."""
     return torch.int32 if numel < 2**31 else torch.int64
-
-
-def dense_delta(values: torch.Tensor, indices: torch.Tensor, shape: tuple[int, int]) -> torch.Tensor:
-    """scatter(indices, values) as a dense tensor of `shape`."""
-    delta = values.new_zeros(shape[0] * shape[1])
-    delta[indices] = values
-    return delta.view(shape)
 
 
 def add_delta_(weight: torch.Tensor, indices: torch.Tensor, values: torch.Tensor) -> torch.Tensor:
@@ -35,11 +29,6 @@ def add_delta_(weight: torch.Tensor, indices: torch.Tensor, values: torch.Tensor
     return weight
 
 
-def linear_weight_grad(x: torch.Tensor, grad_out: torch.Tensor, shape: tuple[int, int]) -> torch.Tensor:
-    """dL/dW of y = x W^T: grad_out^T x over all leading dimensions."""
-    return grad_out.reshape(-1, shape[0]).t().to(x.dtype) @ x.reshape(-1, shape[1])
-
-
 def embedding_weight_grad(ids: torch.Tensor, grad_out: torch.Tensor, shape: tuple[int, int]) -> torch.Tensor:
     """dL/dW of y = W[ids]: each looked-up row receives its output gradient."""
     return grad_out.new_zeros(shape).index_add_(0, ids.reshape(-1), grad_out.reshape(-1, shape[1]))
@@ -48,27 +37,6 @@ def embedding_weight_grad(ids: torch.Tensor, grad_out: torch.Tensor, shape: tupl
 def weight_grad_fn(module: nn.Module):
     """The dense weight gradient formula for a supported layer type (from its input and output gradient)."""
     return embedding_weight_grad if isinstance(module, nn.Embedding) else linear_weight_grad
-
-
-class _SparseDeltaLinearFn(torch.autograd.Function):
-    """x @ dense(delta)^T whose backward rebuilds the dense delta instead of saving it."""
-
-    @staticmethod
-    def forward(ctx, x, values, indices, out_features: int, in_features: int):
-        ctx.save_for_backward(x, values, indices)
-        ctx.shape = (out_features, in_features)
-        return F.linear(x, dense_delta(values.to(x.dtype), indices, ctx.shape))
-
-    @staticmethod
-    def backward(ctx, grad_out):
-        x, values, indices = ctx.saved_tensors
-        grad_x = grad_values = None
-        if ctx.needs_input_grad[0]:
-            grad_x = grad_out @ dense_delta(values.to(grad_out.dtype), indices, ctx.shape)
-        if ctx.needs_input_grad[1]:
-            # A dense per-layer dW transient, read at the selected entries only.
-            grad_values = linear_weight_grad(x, grad_out, ctx.shape).view(-1)[indices].to(values.dtype)
-        return grad_x, grad_values, None, None, None
 
 
 class _SparseDeltaEmbeddingFn(torch.autograd.Function):
@@ -85,12 +53,6 @@ class _SparseDeltaEmbeddingFn(torch.autograd.Function):
         ids, values, indices = ctx.saved_tensors
         grad_w = embedding_weight_grad(ids, grad_out, ctx.shape)
         return None, grad_w.view(-1)[indices].to(values.dtype), None, None, None
-
-
-def sparse_delta_linear(x: torch.Tensor, values: torch.Tensor, indices: torch.Tensor,
-                        shape: tuple[int, int]) -> torch.Tensor:
-    """The delta's contribution x @ scatter(indices, values)^T: the one place a faster path plugs in."""
-    return _SparseDeltaLinearFn.apply(x, values, indices, shape[0], shape[1])
 
 
 class _SparseDeltaLayer(nn.Module):
@@ -129,11 +91,15 @@ class _SparseDeltaLayer(nn.Module):
 
 
 class SparseDeltaLinear(_SparseDeltaLayer):
-    def __init__(self, base_layer: nn.Module, indices: torch.Tensor, values: torch.Tensor | None = None):
+    """`impl` chooses how the delta's product is computed (speft_ds.delta_impls: auto, dense, sparse)."""
+
+    def __init__(self, base_layer: nn.Module, indices: torch.Tensor, values: torch.Tensor | None = None,
+                 impl: str = "auto"):
         super().__init__(base_layer, indices, values, (base_layer.out_features, base_layer.in_features))
+        self.impl = impl
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.base_layer(x) + sparse_delta_linear(x, self.delta_values, self.delta_indices, self.shape)
+        return self.base_layer(x) + delta_product(x, self.delta_values, self.delta_indices, self.shape, self.impl)
 
 
 class SparseDeltaEmbedding(_SparseDeltaLayer):
@@ -145,8 +111,10 @@ class SparseDeltaEmbedding(_SparseDeltaLayer):
         return self.base_layer(ids) + delta.to(self.base_layer.weight.dtype)
 
 
-def sparse_delta_layer(base_layer: nn.Module, indices: torch.Tensor,
-                       values: torch.Tensor | None = None) -> _SparseDeltaLayer:
-    """Wrap a linear or embedding layer in its sparse-delta layer."""
-    wrapper = SparseDeltaEmbedding if isinstance(base_layer, nn.Embedding) else SparseDeltaLinear
-    return wrapper(base_layer, indices, values)
+def sparse_delta_layer(base_layer: nn.Module, indices: torch.Tensor, values: torch.Tensor | None = None,
+                       impl: str = "auto") -> _SparseDeltaLayer:
+    """Wrap a linear or embedding layer in its sparse-delta layer (`impl`: how a linear's delta product is
+    computed; an embedding's lookup has one way)."""
+    if isinstance(base_layer, nn.Embedding):
+        return SparseDeltaEmbedding(base_layer, indices, values)
+    return SparseDeltaLinear(base_layer, indices, values, impl)

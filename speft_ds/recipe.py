@@ -107,7 +107,7 @@ def plan_run(config: TrainConfig, explicit: set[str]) -> Plan:
                 tokenizer, train_set, eval_set)
 
 
-def _micro_batch_stream(plan: Plan, rank: int, world_size: int):
+def micro_batch_stream(plan: Plan, rank: int, world_size: int):
     for epoch in count():
         yield from train_micro_batches(len(plan.train_set), epoch, plan.config.seed, rank, world_size,
                                        plan.config.micro_batch_size)
@@ -245,12 +245,17 @@ def full_indices(engine, layers: dict, keep: bool = True) -> dict[str, torch.Ten
     return gathered
 
 
+def _values(layers: dict) -> list:
+    return [layer.delta_values for layer in layers.values()]
+
+
 def _delta_count(layers: dict) -> int:
     return sum(zero3.full_numel(layer.delta_values) for layer in layers.values())
 
 
-def _training_engine(model, layers: dict, plan: Plan, completed_steps: int):
-    """A DeepSpeed engine training only the delta values; the LR schedule resumes at `completed_steps`."""
+def training_engine(model, params: list, plan: Plan, completed_steps: int):
+    """A DeepSpeed engine training only `params` (the delta values); the LR schedule resumes at
+    `completed_steps`."""
     config = plan.config
 
     def lr_scheduler(optimizer):
@@ -264,13 +269,13 @@ def _training_engine(model, layers: dict, plan: Plan, completed_steps: int):
 
     engine, *_ = deepspeed.initialize(model=model, config=plan.ds_config,
                                       lr_scheduler=None if "scheduler" in plan.ds_config else lr_scheduler,
-                                      model_parameters=[layer.delta_values for layer in layers.values()])
+                                      model_parameters=params)
     return engine
 
 
 def _inject(model, plan: Plan, indices: dict, values: dict | None = None) -> dict:
     with zero3.partitioned_init(plan.ds_config):
-        return inject_sparse_deltas(model, indices, values)
+        return inject_sparse_deltas(model, indices, values, plan.config.delta_impl)
 
 
 def inject_selected(model, plan: Plan, selected: dict[str, torch.Tensor]) -> dict:
@@ -280,7 +285,7 @@ def inject_selected(model, plan: Plan, selected: dict[str, torch.Tensor]) -> dic
     with zero3.partitioned_init(plan.ds_config):
         for name, indices in gather_indices(selected):
             if indices.numel():  # ZeRO-3 cannot partition an empty parameter
-                layers.update(inject_sparse_deltas(model, {name: indices}))
+                layers.update(inject_sparse_deltas(model, {name: indices}, impl=plan.config.delta_impl))
     return layers
 
 
@@ -305,7 +310,7 @@ def reselect(engine, model, layers: dict, folded: masks.FoldedDeltas, plan: Plan
     selected, summary = select_masks(model, plan, log, rank, world_size, calibration_round=update)
     salience_engine.destroy()
     layers = inject_selected(model, plan, selected)
-    return _training_engine(model, layers, plan, completed_steps), layers, summary
+    return training_engine(model, _values(layers), plan, completed_steps), layers, summary
 
 
 def drop_regrow(engine, model, layers: dict, folded: masks.FoldedDeltas, plan: Plan,
@@ -344,7 +349,7 @@ def drop_regrow(engine, model, layers: dict, folded: masks.FoldedDeltas, plan: P
 
     indices, state = masks.union(plan.target_names, kept, grown, kept_state)
     layers = _inject(model, plan, indices, {name: s["value"] for name, s in state.items()})
-    engine = _training_engine(model, layers, plan, completed_steps)
+    engine = training_engine(model, _values(layers), plan, completed_steps)
     zero3.seed_adam_state(engine, step, {layers[name].delta_values: {key: t for key, t in s.items() if key != "value"}
                                          for name, s in state.items()})
     return engine, layers, summary
@@ -386,7 +391,7 @@ def save_trained_adapter(engine, layers: dict, folded: masks.FoldedDeltas, score
         raise RuntimeError("rank 0 failed to write the adapter (its error is in rank 0's output)")
 
 
-def _log_memory(log: MetricsLog, phase: str) -> None:
+def log_memory(log: MetricsLog, phase: str) -> None:
     """Every rank's RSS now and its peak during the phase that just ended (a collective), then a new peak."""
     log.write({"event": "memory", "phase": phase, **memory_mib_per_rank()})
     reset_peak_rss()
@@ -402,16 +407,16 @@ def run(plan: Plan) -> RunResult:
     log = MetricsLog(Path(config.output_dir) / "metrics.jsonl", enabled=rank == 0,
                      resume_step=point.step if point else None)
 
-    _log_memory(log, "start")
+    log_memory(log, "start")
     started = time.perf_counter()
     model, hf_ds_config = load_model(config, plan.ds_config, torch.bfloat16 if plan.bf16 else torch.float32)
     log.write({"event": "load", "wall_time_s": time.perf_counter() - started})
-    _log_memory(log, "load")
+    log_memory(log, "load")
     if point:
         folded, summary, start = point.folded, point.summary, point.step
         folded.refold({name: model.get_submodule(name).weight for name in folded.parts})
         layers = _inject(model, plan, point.indices)
-        engine = _training_engine(model, layers, plan, completed_steps=start)
+        engine = training_engine(model, _values(layers), plan, completed_steps=start)
         checkpoint.load_engine_state(engine, point)
         del point  # and with it every layer's whole index list: the layers keep their partitions
     else:
@@ -421,10 +426,10 @@ def run(plan: Plan) -> RunResult:
         engine.destroy()
         release_freed_memory()
         folded, start = masks.FoldedDeltas(), 0
-        _log_memory(log, "salience")  # and selection
+        log_memory(log, "salience")  # and selection
         layers = inject_selected(model, plan, selected)
         del selected
-        engine = _training_engine(model, layers, plan, completed_steps=start)
+        engine = training_engine(model, _values(layers), plan, completed_steps=start)
     _log_delta(log, layers)
 
     def save_if_due(step: int) -> None:  # reads the current engine, masks and folds
@@ -432,7 +437,7 @@ def run(plan: Plan) -> RunResult:
             checkpoint.save(engine, config.output_dir, step, full_indices(engine, layers, keep=rank == 0), folded, summary,
                             config.save_total_limit)
 
-    stream = _micro_batch_stream(plan, rank, world_size)
+    stream = micro_batch_stream(plan, rank, world_size)
     for _ in range(start * config.gradient_accumulation_steps):  # the data a resumed run has already seen
         next(stream)
     every = config.mask_update_steps or plan.total_steps
@@ -451,13 +456,13 @@ def run(plan: Plan) -> RunResult:
                            "wall_time_s": time.perf_counter() - started})
             save_if_due(last)  # after any mask update, so a resumed run continues with the new mask
             step = last
-    _log_memory(log, "training")
+    log_memory(log, "training")
     log.write({"event": "eval", "eval_loss": evaluate(engine, plan, rank, world_size),
                "examples": len(plan.eval_set)})
     started = time.perf_counter()
     save_trained_adapter(engine, layers, folded, summary, plan, rank)
     log.write({"event": "adapter", "wall_time_s": time.perf_counter() - started})
-    _log_memory(log, "eval and adapter")
+    log_memory(log, "eval and adapter")
     return RunResult(engine, layers, hf_ds_config)
 
 

@@ -99,6 +99,15 @@ def resident_bytes(param: torch.nn.Parameter) -> int:
     return held.numel() * held.element_size()
 
 
+def optimizer_bytes(engine) -> int:
+    """Bytes of optimizer state this rank keeps: its fp32 master partitions and every per-parameter state
+    tensor (AdamW's two moments)."""
+    optimizer = engine.optimizer
+    master = sum(t.numel() * t.element_size() for t in optimizer.fp32_partitioned_groups_flat)
+    return master + sum(v.numel() * v.element_size() for state in optimizer.optimizer.state.values()
+                        for v in state.values() if torch.is_tensor(v) and v.dim() > 0)
+
+
 def _check_released(param: torch.nn.Parameter) -> None:
     if not is_partitioned(param) or param.ds_status != ZeroParamStatus.NOT_AVAILABLE:
         raise RuntimeError(f"parameter {param.ds_id if is_partitioned(param) else '?'} is not a released "

@@ -12,7 +12,7 @@ import pytest
 import torch.distributed
 
 from speft_ds.cli import run_main
-from speft_ds.config import EMBEDDED_DATASET, SHIPPED_DS_CONFIG
+from speft_ds.config import SHIPPED_DS_CONFIG
 from speft_ds.recipe import main
 from speft_ds.distributed import free_port
 

@@ -11,7 +11,6 @@ import math
 import deepspeed
 import pytest
 import torch
-import torch.nn.functional as F
 from torch import nn
 from transformers import AutoModelForCausalLM
 

@@ -15,7 +15,6 @@ import pytest
 import torch
 import torch.nn.functional as F
 from safetensors.torch import load_file
-from torch import nn
 from torch.func import functional_call
 from transformers import AutoModelForCausalLM
 

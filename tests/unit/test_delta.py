@@ -8,6 +8,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from speft_ds.delta import SparseDeltaEmbedding, SparseDeltaLinear
+from speft_ds.delta_impls import resolve
 
 
 def make_base(out_features: int, in_features: int, gen: torch.Generator, dtype=torch.float32) -> nn.Linear:
@@ -58,14 +59,19 @@ def build_indices(kind: str, out_f: int, in_f: int, gen: torch.Generator) -> tor
     return torch.tensor(sorted(flat), dtype=torch.int64)
 
 
+IMPLS = ["dense", "sparse"]
+
+
+@pytest.mark.parametrize("impl", IMPLS)
 @pytest.mark.parametrize("seed,out_f,in_f,kind", index_cases())
-def test_forward_and_gradients_match_dense_reference(seed, out_f, in_f, kind):
-    """Output, value gradients and input gradients equal those of F.linear(x, W + dense(delta), b)."""
+def test_forward_and_gradients_match_dense_reference(seed, out_f, in_f, kind, impl):
+    """Output, value gradients and input gradients equal those of F.linear(x, W + dense(delta), b), for
+    each delta implementation."""
     gen = torch.Generator().manual_seed(1000 + seed)
     base = make_base(out_f, in_f, gen)
     indices = build_indices(kind, out_f, in_f, gen)
     values = torch.randn(indices.numel(), generator=gen)
-    layer = SparseDeltaLinear(base, indices, values)
+    layer = SparseDeltaLinear(base, indices, values, impl)
 
     x = torch.randn(3, 4, in_f, generator=gen)
     upstream = torch.randn(3, 4, out_f, generator=gen)  # random weights of the summed outputs
@@ -112,7 +118,8 @@ def test_default_values_are_zero_and_output_is_base():
     assert [n for n, p in layer.named_parameters() if p.requires_grad] == ["delta_values"]
 
 
-def test_bf16_base_with_fp32_values():
+@pytest.mark.parametrize("impl", IMPLS)
+def test_bf16_base_with_fp32_values(impl):
     """A bf16 base layer and input with fp32 values: output close to the fp32 reference, fp32 value grads."""
     gen = torch.Generator().manual_seed(11)
     base32 = make_base(12, 20, gen)
@@ -120,7 +127,7 @@ def test_bf16_base_with_fp32_values():
     base16.load_state_dict({k: v.to(torch.bfloat16) for k, v in base32.state_dict().items()})
     indices = random_indices(240, 50, gen)
     values = torch.randn(50, generator=gen)
-    layer = SparseDeltaLinear(base16, indices, values)
+    layer = SparseDeltaLinear(base16, indices, values, impl)
     x = torch.randn(2, 5, 20, generator=gen)
 
     out = layer(x.to(torch.bfloat16))
@@ -147,14 +154,15 @@ def _holds_tensor(obj) -> bool:
     return False
 
 
-def test_backward_keeps_no_dense_copy_of_the_weight():
+@pytest.mark.parametrize("impl", IMPLS)
+def test_backward_keeps_no_dense_copy_of_the_weight(impl):
     """Everything autograd saves that is as large as the weight is the frozen weight itself (no dense
     delta or W + D copy), and no graph node keeps tensors as Python attributes (ctx.foo = tensor)."""
     gen = torch.Generator().manual_seed(3)
     out_f, in_f = 48, 40
     base = make_base(out_f, in_f, gen)
     indices = random_indices(out_f * in_f, 300, gen)  # k < numel: the values are smaller than the weight
-    layer = SparseDeltaLinear(base, indices, torch.randn(300, generator=gen))
+    layer = SparseDeltaLinear(base, indices, torch.randn(300, generator=gen), impl)
     x = torch.randn(2, 3, in_f, generator=gen, requires_grad=True)
     assert x.numel() < base.weight.numel()
 
@@ -219,14 +227,15 @@ def test_merge_and_get_delta_weight(kind):
     torch.testing.assert_close(merged(x), before)
 
 
-def test_backward_under_autocast():
+@pytest.mark.parametrize("impl", IMPLS)
+def test_backward_under_autocast(impl):
     """fp32 weights and input under CPU bf16 autocast (HF Trainer's bf16 mode): the backward runs and the
     value gradients are close to the fp32 reference."""
     gen = torch.Generator().manual_seed(8)
     base = make_base(6, 8, gen)
     indices = random_indices(48, 10, gen)
     values = torch.randn(10, generator=gen)
-    layer = SparseDeltaLinear(base, indices, values)
+    layer = SparseDeltaLinear(base, indices, values, impl)
     x = torch.randn(2, 3, 8, generator=gen)
     with torch.autocast("cpu", dtype=torch.bfloat16):
         out = layer(x)
@@ -260,3 +269,8 @@ def test_embedding_forward_and_value_grads_match_dense_reference(seed, vocab, di
     torch.testing.assert_close(out, ref_out)
     torch.testing.assert_close(layer.delta_values.grad, weight.grad.view(-1)[indices])
     assert base.weight.grad is None
+
+
+def test_auto_picks_sparse_on_cpu_and_dense_on_accelerators():
+    assert resolve("auto", "cpu") == "sparse" and resolve("auto", "cuda") == "dense"
+    assert resolve("dense", "cpu") == "dense" and resolve("sparse", "cuda") == "sparse"

@@ -1,0 +1,144 @@
+"""One method of bench/compare.py, on the ranks the DeepSpeed launcher starts.
+
+Every method goes through speft-ds's own plan (data, ZeRO-3 config, steps), model loading, training
+loop and evaluation; only the model's trainable part differs:
+  speft  this project's recipe (salience, global top-k, sparse-delta layers);
+  lora   HF peft LoRA of rank --lora_r on the same target modules;
+  full   every parameter trained;
+  paper  the reference SPEFT code's layer: W + scatter_add(indices, values) built as a dense weight each
+         forward, plain autograd, on the mask of a finished speft run (--mask).
+Rank 0 writes the run's figures as one JSON object to --result.
+
+    deepspeed --num_gpus 2 bench/compare_worker.py --method lora --lora_r 5 --result r.json -- TRAIN FLAGS
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+import torch  # noqa: E402
+import torch.distributed as dist  # noqa: E402
+import torch.nn.functional as F  # noqa: E402
+from torch import nn  # noqa: E402
+from tqdm import tqdm  # noqa: E402
+
+from speft_ds import zero3  # noqa: E402
+from speft_ds.adapter import read_adapter  # noqa: E402
+from speft_ds.cli import parse_config  # noqa: E402
+from speft_ds.distributed import init_distributed, leave_process_group, per_rank  # noqa: E402
+from speft_ds.metrics_log import MetricsLog  # noqa: E402
+from speft_ds.model import load_model  # noqa: E402
+from speft_ds.recipe import (evaluate, log_memory, micro_batch_stream, plan_run, run, train_steps,  # noqa: E402
+                             training_engine)
+
+
+class PaperSparseLinear(nn.Module):
+    """The reference code's sparse linear: a dense W + scatter_add(indices, values) every forward, whose
+    autograd keeps that dense weight for the backward pass. Owns the base weight so ZeRO-3 gathers it here."""
+
+    def __init__(self, base: nn.Linear, indices: torch.Tensor):
+        super().__init__()
+        self.weight, self.bias = base.weight, base.bias
+        self.register_buffer("indices", indices, persistent=False)
+        self.values = nn.Parameter(torch.zeros(indices.numel()))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        delta = torch.zeros(self.weight.numel(), dtype=self.weight.dtype, device=self.weight.device)
+        delta = delta.scatter_add(0, self.indices, self.values.to(self.weight.dtype))
+        return F.linear(x, self.weight + delta.view_as(self.weight), self.bias)
+
+
+def _paper_layers(model: nn.Module, plan, mask: Path) -> list:
+    indices, _, _ = read_adapter(mask)
+    params = []
+    with zero3.partitioned_init(plan.ds_config):
+        for name, idx in indices.items():
+            parent_name, _, child = name.rpartition(".")
+            layer = PaperSparseLinear(model.get_submodule(name), idx)
+            setattr(model.get_submodule(parent_name), child, layer)
+            params.append(layer.values)
+    return params
+
+
+def _lora(model: nn.Module, plan, r: int) -> list:
+    from peft import LoraConfig, get_peft_model
+
+    targets = sorted({name.rsplit(".", 1)[-1] for name in plan.target_names})
+    peft_model = get_peft_model(model, LoraConfig(r=r, lora_alpha=2 * r, lora_dropout=0.0, target_modules=targets))
+    return [p for p in peft_model.parameters() if p.requires_grad]
+
+
+def _full(model: nn.Module) -> list:
+    return list(model.requires_grad_(True).parameters())
+
+
+def _train_other(args, plan) -> tuple[object, Path]:
+    """The recipe's load / train / eval for a model whose trainable part is not speft's."""
+    config = plan.config
+    init_distributed(config.ddp_timeout)
+    rank, world_size = dist.get_rank(), dist.get_world_size()
+    log = MetricsLog(Path(config.output_dir) / "metrics.jsonl", enabled=rank == 0)
+    log_memory(log, "start")
+    model, hf_ds_config = load_model(config, plan.ds_config, torch.bfloat16 if plan.bf16 else torch.float32)
+    log_memory(log, "load")
+    params = {"lora": lambda: _lora(model, plan, args.lora_r), "full": lambda: _full(model),
+              "paper": lambda: _paper_layers(model, plan, Path(args.mask))}[args.method]()
+    engine = training_engine(model, params, plan, completed_steps=0)
+    with tqdm(total=plan.total_steps, desc="train", disable=rank != 0) as progress:
+        train_steps(engine, plan, micro_batch_stream(plan, rank, world_size), range(1, plan.total_steps + 1), log,
+                    progress, after_step=lambda step: None)
+    log_memory(log, "training")
+    log.write({"event": "eval", "eval_loss": evaluate(engine, plan, rank, world_size)})
+    del hf_ds_config
+    return engine, Path(config.output_dir) / "metrics.jsonl"
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--method", choices=("speft", "lora", "full", "paper"), required=True)
+    parser.add_argument("--lora_r", type=int, default=8)
+    parser.add_argument("--mask", help="paper: the adapter directory of a speft run whose mask to train")
+    parser.add_argument("--warmup_steps_excluded", type=int, default=1)
+    parser.add_argument("--result", required=True)
+    parser.add_argument("--local_rank", type=int, default=0)  # the DeepSpeed launcher passes it
+    args, train_argv = parser.parse_known_args()
+    config, explicit = parse_config([a for a in train_argv if a != "--"])
+    plan = plan_run(config, explicit)
+    started = time.perf_counter()
+    if args.method == "speft":
+        engine = run(plan).engine
+        metrics = Path(config.output_dir) / "metrics.jsonl"
+    else:
+        engine, metrics = _train_other(args, plan)
+    trainable = sum(zero3.resident_bytes(p) for p in engine.module.parameters() if p.requires_grad)
+    trainable_numel = sum(zero3.full_numel(p) for p in engine.module.parameters() if p.requires_grad)
+    held = per_rank([trainable, zero3.optimizer_bytes(engine)])
+    if dist.get_rank() == 0:
+        records = [json.loads(line) for line in metrics.read_text().splitlines()]
+        events = {r["event"]: r for r in records if "event" in r and r["event"] != "memory"}
+        memory = {r["phase"]: r for r in records if r.get("event") == "memory"}
+        step_times = [r["step_time_s"] for r in records if "step" in r][args.warmup_steps_excluded:]
+        Path(args.result).write_text(json.dumps({
+            "method": args.method, "world_size": dist.get_world_size(), "trainable": trainable_numel,
+            "median_step_s": statistics.median(step_times), "step_times_s": step_times,
+            "peak_rss_mib_per_rank": memory["training"]["peak_rss_mib_per_rank"],
+            "trainable_bytes_per_rank": [int(r[0]) for r in held], "optimizer_bytes_per_rank": [int(r[1]) for r in held],
+            "eval_loss": events["eval"]["eval_loss"],
+            "salience_s": events.get("salience", {}).get("wall_time_s"),
+            "selection_s": events.get("selection", {}).get("wall_time_s"),
+            "wall_s": time.perf_counter() - started}, indent=2) + "\n")
+    engine.destroy()
+    leave_process_group()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
