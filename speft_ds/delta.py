@@ -1,8 +1,10 @@
 """Sparse-delta layers: a frozen linear or embedding layer plus trainable values at fixed flat indices.
 
-Effective weight: W + scatter(indices, values). The forward is the base layer's own output plus the
-delta's contribution, so the base layer stays whatever it is (a ZeRO-3 partitioned layer today, a
-quantized one later) and autograd keeps no dense copy of the weight for the backward pass.
+Effective weight: W + scatter(indices, values). A linear layer computes it in one matmul with W + D built
+per call (or, where W is quantized, as the base layer's output plus the delta's product); either way
+autograd keeps no weight-sized copy for the backward pass (speft_ds.delta_impls has the arithmetic).
+Under ZeRO-3 the recipe registers the base weight with the delta layer, which reads it directly
+(zero3.use_in_forward).
 """
 
 from __future__ import annotations
@@ -13,20 +15,12 @@ from torch import nn
 
 from .bnb_weights import is_quantized
 from .config import ConfigError
-from .delta_impls import delta_product, dense_delta, linear_weight_grad
+from .delta_impls import add_delta_, delta_product, dense_delta, linear_weight_grad, merged_linear
 
 
 def index_dtype(numel: int) -> torch.dtype:
     """The smallest integer type that holds every flat index of a weight with `numel` elements."""
     return torch.int32 if numel < 2**31 else torch.int64
-
-
-def add_delta_(weight: torch.Tensor, indices: torch.Tensor, values: torch.Tensor) -> torch.Tensor:
-    """weight += scatter(indices, values) in place; summed in fp32 and rounded once to the weight's dtype.
-    Indices are unique, so the gather-add-scatter is exact."""
-    flat = weight.view(-1)
-    flat[indices] = (flat[indices].float() + values.float()).to(weight.dtype)
-    return weight
 
 
 def embedding_weight_grad(ids: torch.Tensor, grad_out: torch.Tensor, shape: tuple[int, int]) -> torch.Tensor:
@@ -99,7 +93,12 @@ class SparseDeltaLinear(_SparseDeltaLayer):
         self.impl = impl
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.base_layer(x) + delta_product(x, self.delta_values, self.delta_indices, self.shape, self.impl)
+        weight = self.base_layer.weight
+        # A quantized weight cannot take the delta in its own dtype; a frozen delta (scored as part of the
+        # base by drop_regrow's salience pass) keeps the base layer's own call, where the salience hooks sit.
+        if is_quantized(weight) or not self.delta_values.requires_grad:
+            return self.base_layer(x) + delta_product(x, self.delta_values, self.delta_indices, self.shape, self.impl)
+        return merged_linear(x, weight, self.base_layer.bias, self.delta_values, self.delta_indices, self.impl)
 
 
 class SparseDeltaEmbedding(_SparseDeltaLayer):

@@ -1,13 +1,17 @@
-"""The delta's contribution to a linear layer, x @ scatter(indices, values)^T, two ways (--delta_impl).
+"""The arithmetic of a linear layer with a sparse delta, y = x @ (W + D)^T + b, D = scatter(indices, values),
+two ways (--delta_impl), each in two forms.
 
-dense:  build the dense delta and multiply: a weight-sized transient per call, and three matmuls as large
-        as the base layer's own (output, input gradient, weight gradient read at the indices). Cheap
-        where matmuls are (a GPU's matrix units).
-sparse: CSR products for the output and the input gradient, and the value gradients as a sampled
-        dense-dense product over the selected entries only (torch.sparse.sampled_addmm). At 1% density
-        on one CPU core these cost 1-4 ms against 30 ms for one dense matmul of a 768 x 2048 layer
-        (docs/perf_notes.md). CPU sparse kernels have no bf16, so this path computes in fp32.
-Neither keeps a weight-sized tensor for the backward pass: each rebuilds what it needs there.
+Value gradients:
+  dense:  the dense weight gradient grad^T x (a matmul as large as the layer's), read at the indices.
+  sparse: a sampled dense-dense product over the selected entries only (torch.sparse.sampled_addmm):
+          1.5-4 ms at 1% density on one CPU core, where the dense matmul of a 768 x 2048 layer takes 30 ms.
+Forms:
+  merged:   a plain weight W takes the delta: W + D is built per call, used for the output and again in
+            backward for the input gradient, never kept. Two matmuls plus the value gradients, and no
+            elementwise sums of a separate delta branch (those cost as much as the sparse work on CPU).
+  additive: a weight that cannot take the delta (bitsandbytes-quantized) keeps its own layer call, plus
+            the delta's product: a dense delta (dense) or CSR products (sparse).
+CPU sparse kernels have no bf16, so the sparse work runs in fp32. Measurements: docs/perf_notes.md.
 """
 
 from __future__ import annotations
@@ -20,8 +24,9 @@ import torch.nn.functional as F
 # Printed once per process by torch, on every rank: CSR is what it says, and tested here.
 warnings.filterwarnings("ignore", message="Sparse CSR tensor support is in beta")
 
+
 def resolve(impl: str, device_type: str) -> str:
-    """'auto' picks by measurement: sparse on CPU, dense on accelerators."""
+    """'auto' picks by measurement: sparse on CPU, dense on accelerators (whose matmuls are cheap)."""
     if impl != "auto":
         return impl
     return "sparse" if device_type == "cpu" else "dense"
@@ -34,30 +39,17 @@ def dense_delta(values: torch.Tensor, indices: torch.Tensor, shape: tuple[int, i
     return delta.view(shape)
 
 
+def add_delta_(weight: torch.Tensor, indices: torch.Tensor, values: torch.Tensor) -> torch.Tensor:
+    """weight += scatter(indices, values) in place; summed in fp32 and rounded once to the weight's dtype.
+    Indices are unique, so the gather-add-scatter is exact."""
+    flat = weight.view(-1)
+    flat[indices] = (flat[indices].float() + values.float()).to(weight.dtype)
+    return weight
+
+
 def linear_weight_grad(x: torch.Tensor, grad_out: torch.Tensor, shape: tuple[int, int]) -> torch.Tensor:
     """dL/dW of y = x W^T: grad_out^T x over all leading dimensions."""
     return grad_out.reshape(-1, shape[0]).t().to(x.dtype) @ x.reshape(-1, shape[1])
-
-
-class _DenseProductFn(torch.autograd.Function):
-    """x @ dense(delta)^T whose backward rebuilds the dense delta instead of saving it."""
-
-    @staticmethod
-    def forward(ctx, x, values, indices, out_features: int, in_features: int):
-        ctx.save_for_backward(x, values, indices)
-        ctx.shape = (out_features, in_features)
-        return F.linear(x, dense_delta(values.to(x.dtype), indices, ctx.shape))
-
-    @staticmethod
-    def backward(ctx, grad_out):
-        x, values, indices = ctx.saved_tensors
-        grad_x = grad_values = None
-        if ctx.needs_input_grad[0]:
-            grad_x = grad_out @ dense_delta(values.to(grad_out.dtype), indices, ctx.shape)
-        if ctx.needs_input_grad[1]:
-            # A dense per-layer dW transient, read at the selected entries only.
-            grad_values = linear_weight_grad(x, grad_out, ctx.shape).view(-1)[indices].to(values.dtype)
-        return grad_x, grad_values, None, None, None
 
 
 def _csr(values: torch.Tensor, rows: torch.Tensor, cols: torch.Tensor, n_rows: int, n_cols: int) -> torch.Tensor:
@@ -67,48 +59,82 @@ def _csr(values: torch.Tensor, rows: torch.Tensor, cols: torch.Tensor, n_rows: i
     return torch.sparse_csr_tensor(crow, cols, values, (n_rows, n_cols), check_invariants=False)
 
 
-def _rows_cols(indices: torch.Tensor, in_features: int) -> tuple[torch.Tensor, torch.Tensor]:
-    return indices // in_features, indices % in_features
+def _value_grads(impl: str, x: torch.Tensor, grad_out: torch.Tensor, indices: torch.Tensor,
+                 shape: tuple[int, int], dtype: torch.dtype) -> torch.Tensor:
+    """dL/d values = (grad_out^T x) at the indices."""
+    if impl == "dense":
+        return linear_weight_grad(x, grad_out, shape).view(-1)[indices].to(dtype)
+    rows, cols = indices // shape[1], indices % shape[1]
+    grad = grad_out.reshape(-1, shape[0]).float()
+    # The pattern's own values count times beta = 0.
+    pattern = _csr(grad.new_zeros(indices.numel()), rows, cols, *shape)
+    with torch.autocast(grad.device.type, enabled=False):  # the sparse kernels are fp32 only
+        sampled = torch.sparse.sampled_addmm(pattern, grad.t(), x.reshape(-1, shape[1]).float(), beta=0.0)
+    return sampled.values().to(dtype)
 
 
-class _SparseProductFn(torch.autograd.Function):
-    """x @ D^T with D = scatter(indices, values) kept sparse (CSR); value gradients sampled at the indices."""
+class _MergedLinearFn(torch.autograd.Function):
+    """x @ (W + D)^T + b, rebuilding W + D in backward instead of saving it."""
 
     @staticmethod
-    def forward(ctx, x, values, indices, out_features: int, in_features: int):
+    def forward(ctx, x, weight, bias, values, indices, impl: str):
+        ctx.save_for_backward(x, weight, values, indices)
+        ctx.impl = impl
+        return F.linear(x, add_delta_(weight.detach().clone(), indices, values), bias)
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        x, weight, values, indices = ctx.saved_tensors
+        grad_x = grad_values = None
+        if ctx.needs_input_grad[0]:
+            grad_x = grad_out @ add_delta_(weight.detach().clone(), indices, values).to(grad_out.dtype)
+        if ctx.needs_input_grad[3]:
+            grad_values = _value_grads(ctx.impl, x, grad_out, indices, tuple(weight.shape), values.dtype)
+        return grad_x, None, None, grad_values, None, None
+
+
+class _DeltaProductFn(torch.autograd.Function):
+    """x @ D^T alone (added to a base layer's own output), D dense or CSR, rebuilt in backward."""
+
+    @staticmethod
+    def forward(ctx, x, values, indices, out_features: int, in_features: int, impl: str):
         ctx.save_for_backward(x, values, indices)
-        ctx.shape = (out_features, in_features)
-        rows, cols = _rows_cols(indices, in_features)
+        ctx.shape, ctx.impl = (out_features, in_features), impl
+        if impl == "dense":
+            return F.linear(x, dense_delta(values.to(x.dtype), indices, ctx.shape))
+        rows, cols = indices // in_features, indices % in_features
         delta = _csr(values.float(), rows, cols, out_features, in_features)
-        with torch.autocast(x.device.type, enabled=False):  # the sparse kernels are fp32 only
+        with torch.autocast(x.device.type, enabled=False):
             y = (delta @ x.reshape(-1, in_features).float().t()).t()
         return y.reshape(*x.shape[:-1], out_features).to(x.dtype)
 
     @staticmethod
     def backward(ctx, grad_out):
         x, values, indices = ctx.saved_tensors
-        out_features, in_features = ctx.shape
-        rows, cols = _rows_cols(indices, in_features)
-        grad = grad_out.reshape(-1, out_features).float()
+        (out_features, in_features), impl = ctx.shape, ctx.impl
         grad_x = grad_values = None
-        with torch.autocast(grad.device.type, enabled=False):
-            if ctx.needs_input_grad[0]:
-                # D^T in CSR: the entries re-sorted by column (a sort of k elements).
-                by_col = torch.argsort(cols, stable=True)
-                delta_t = _csr(values.float()[by_col], cols[by_col], rows[by_col], in_features, out_features)
-                grad_x = (delta_t @ grad.t()).t().reshape(*grad_out.shape[:-1], in_features).to(x.dtype)
-            if ctx.needs_input_grad[1]:
-                # (grad^T x) at the selected entries only; the pattern's own values count times beta = 0.
-                pattern = _csr(grad.new_zeros(indices.numel()), rows, cols, out_features, in_features)
-                sampled = torch.sparse.sampled_addmm(pattern, grad.t(), x.reshape(-1, in_features).float(), beta=0.0)
-                grad_values = sampled.values().to(values.dtype)
-        return grad_x, grad_values, None, None, None
+        if ctx.needs_input_grad[0] and impl == "dense":
+            grad_x = grad_out @ dense_delta(values.to(grad_out.dtype), indices, ctx.shape)
+        elif ctx.needs_input_grad[0]:
+            # D^T in CSR: the entries re-sorted by column (a sort of k elements).
+            rows, cols = indices // in_features, indices % in_features
+            by_col = torch.argsort(cols, stable=True)
+            delta_t = _csr(values.float()[by_col], cols[by_col], rows[by_col], in_features, out_features)
+            with torch.autocast(grad_out.device.type, enabled=False):
+                grad_x = (delta_t @ grad_out.reshape(-1, out_features).float().t()).t()
+            grad_x = grad_x.reshape(*grad_out.shape[:-1], in_features).to(x.dtype)
+        if ctx.needs_input_grad[1]:
+            grad_values = _value_grads(impl, x, grad_out, indices, ctx.shape, values.dtype)
+        return grad_x, grad_values, None, None, None, None
 
 
-_FUNCTIONS = {"dense": _DenseProductFn, "sparse": _SparseProductFn}
+def merged_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, values: torch.Tensor,
+                  indices: torch.Tensor, impl: str = "auto") -> torch.Tensor:
+    """x @ (W + D)^T + b in one matmul; W + D rounded once to W's dtype, as a merge would."""
+    return _MergedLinearFn.apply(x, weight, bias, values, indices, resolve(impl, x.device.type))
 
 
 def delta_product(x: torch.Tensor, values: torch.Tensor, indices: torch.Tensor, shape: tuple[int, int],
                   impl: str = "auto") -> torch.Tensor:
-    """The delta's contribution x @ scatter(indices, values)^T, computed the `impl` way."""
-    return _FUNCTIONS[resolve(impl, x.device.type)].apply(x, values, indices, shape[0], shape[1])
+    """The delta's contribution x @ D^T alone, for a base layer that cannot take the delta itself."""
+    return _DeltaProductFn.apply(x, values, indices, shape[0], shape[1], resolve(impl, x.device.type))

@@ -23,7 +23,7 @@ from safetensors.torch import save_file
 from . import bnb_weights
 from .adapter import check_base, read_adapter
 from .config import ConfigError
-from .delta import add_delta_
+from .delta_impls import add_delta_
 
 WEIGHTS = "model.safetensors"
 INDEX = "model.safetensors.index.json"

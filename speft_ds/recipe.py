@@ -275,7 +275,15 @@ def training_engine(model, params: list, plan: Plan, completed_steps: int):
 
 def _inject(model, plan: Plan, indices: dict, values: dict | None = None) -> dict:
     with zero3.partitioned_init(plan.ds_config):
-        return inject_sparse_deltas(model, indices, values, plan.config.delta_impl)
+        return _share_base_weights(inject_sparse_deltas(model, indices, values, plan.config.delta_impl))
+
+
+def _share_base_weights(layers: dict) -> dict:
+    # A delta layer multiplies by W + D itself instead of calling its base layer.
+    for layer in layers.values():
+        for param in layer.base_layer.parameters():
+            zero3.use_in_forward(layer, param)
+    return layers
 
 
 def inject_selected(model, plan: Plan, selected: dict[str, torch.Tensor]) -> dict:
@@ -286,7 +294,7 @@ def inject_selected(model, plan: Plan, selected: dict[str, torch.Tensor]) -> dic
         for name, indices in gather_indices(selected):
             if indices.numel():  # ZeRO-3 cannot partition an empty parameter
                 layers.update(inject_sparse_deltas(model, {name: indices}, impl=plan.config.delta_impl))
-    return layers
+    return _share_base_weights(layers)
 
 
 def _log_delta(log: MetricsLog, layers: dict) -> None:

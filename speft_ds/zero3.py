@@ -174,6 +174,13 @@ def preserved_shards(params):
                 param.ds_tensor.copy_(original)
 
 
+def use_in_forward(module: torch.nn.Module, param: torch.nn.Parameter) -> None:
+    """Have ZeRO-3 gather `param` around `module`'s forward and backward: for a parameter the module reads
+    itself rather than through its owner's forward."""
+    if is_partitioned(param):
+        deepspeed.zero.register_external_parameter(module, param)
+
+
 def partitioned_init(ds_config: dict):
     """Context in which new modules' parameters are partitioned as they are created."""
     return deepspeed.zero.Init(config_dict_or_path=ds_config)

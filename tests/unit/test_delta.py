@@ -8,7 +8,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from speft_ds.delta import SparseDeltaEmbedding, SparseDeltaLinear
-from speft_ds.delta_impls import resolve
+from speft_ds.delta_impls import delta_product, resolve
 
 
 def make_base(out_features: int, in_features: int, gen: torch.Generator, dtype=torch.float32) -> nn.Linear:
@@ -274,3 +274,38 @@ def test_embedding_forward_and_value_grads_match_dense_reference(seed, vocab, di
 def test_auto_picks_sparse_on_cpu_and_dense_on_accelerators():
     assert resolve("auto", "cpu") == "sparse" and resolve("auto", "cuda") == "dense"
     assert resolve("dense", "cpu") == "dense" and resolve("sparse", "cuda") == "sparse"
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+@pytest.mark.parametrize("seed,out_f,in_f,kind", index_cases())
+def test_the_additive_form_matches_dense_reference(seed, out_f, in_f, kind, impl):
+    """The delta's product alone (the form for quantized bases): x @ D^T, its input and value gradients."""
+    gen = torch.Generator().manual_seed(2000 + seed)
+    indices = build_indices(kind, out_f, in_f, gen)
+    values = torch.randn(indices.numel(), generator=gen, requires_grad=True)
+    x = torch.randn(3, 4, in_f, generator=gen, requires_grad=True)
+    upstream = torch.randn(3, 4, out_f, generator=gen)
+    (delta_product(x, values, indices.to(torch.int32), (out_f, in_f), impl) * upstream).sum().backward()
+
+    D = reference_dense(values.detach(), indices, (out_f, in_f)).requires_grad_(True)
+    x_ref = x.detach().clone().requires_grad_(True)
+    (F.linear(x_ref, D) * upstream).sum().backward()
+    torch.testing.assert_close(values.grad, D.grad.reshape(-1)[indices])
+    torch.testing.assert_close(x.grad, x_ref.grad)
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+def test_a_frozen_delta_keeps_the_base_layer_call(impl):
+    """drop_regrow scores the model with frozen deltas through hooks on the base layers: those must fire."""
+    gen = torch.Generator().manual_seed(9)
+    base = make_base(10, 12, gen)
+    indices = random_indices(120, 30, gen)
+    layer = SparseDeltaLinear(base, indices, torch.randn(30, generator=gen), impl)
+    layer.delta_values.requires_grad_(False)
+    calls = []
+    base.register_forward_hook(lambda *_: calls.append(1))
+    x = torch.randn(2, 12, generator=gen)
+    out = layer(x)
+    assert calls == [1]
+    torch.testing.assert_close(out, F.linear(x, base.weight + reference_dense(layer.delta_values, indices, (10, 12)),
+                                             base.bias))
