@@ -1,11 +1,12 @@
 """Small LLaMA models for tests, written as ordinary HF model directories."""
 
+from itertools import islice
 from pathlib import Path
 
 import torch
 from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
 
-from speft_ds.config import EMBEDDED_MODEL
+from speft_ds.config import EMBEDDED_DATASET, EMBEDDED_MODEL
 
 
 def write_tiny_llama(path: Path, num_layers: int = 2, seed: int = 0, max_shard_size: str | None = None,
@@ -24,3 +25,15 @@ def write_tiny_llama(path: Path, num_layers: int = 2, seed: int = 0, max_shard_s
     model.save_pretrained(path, safe_serialization=True, **({"max_shard_size": max_shard_size} if max_shard_size else {}))
     tokenizer.save_pretrained(path)
     return path
+
+
+def write_dataset(path: Path, n: int) -> Path:
+    """The first n examples of the embedded dataset, as a .jsonl file."""
+    with EMBEDDED_DATASET.open() as lines:
+        path.write_text("".join(islice(lines, n)))
+    return path
+
+
+def tiny_job(root: Path, n_examples: int) -> tuple[Path, Path, Path]:
+    """(root, tiny LLaMA directory, dataset file) for a training job under `root`."""
+    return root, write_tiny_llama(root / "llama"), write_dataset(root / "data.jsonl", n_examples)

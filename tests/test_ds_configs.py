@@ -6,17 +6,15 @@ from __future__ import annotations
 import json
 import os
 import subprocess
-from itertools import islice
 from pathlib import Path
 
 import pytest
 from safetensors.torch import load_file
 
 from speft_ds.cli import parse_config
-from speft_ds.config import EMBEDDED_DATASET
 from speft_ds.distributed import free_port
 from speft_ds.recipe import plan_run
-from tests.models import write_tiny_llama
+from tests.models import write_dataset, write_tiny_llama
 
 REPO = Path(__file__).resolve().parents[1]
 SHIPPED = sorted((REPO / "ds_configs").glob("*.json"))
@@ -30,7 +28,7 @@ def test_the_shipped_configs_are_the_documented_ones():
 def inputs(tmp_path_factory):
     root = tmp_path_factory.mktemp("ds-configs")
     dataset = root / "data.jsonl"
-    dataset.write_text("".join(islice(EMBEDDED_DATASET.open(), 32)))
+    write_dataset(dataset, 32)
     return write_tiny_llama(root / "llama"), dataset
 
 

@@ -12,7 +12,6 @@ import json
 import os
 import shutil
 import subprocess
-from itertools import islice
 from pathlib import Path
 
 import pytest
@@ -20,11 +19,11 @@ import torch
 from transformers import AutoModelForCausalLM
 
 from speft_ds.adapter import read_adapter
-from speft_ds.config import EMBEDDED_DATASET, TrainConfig
+from speft_ds.config import TrainConfig
 from speft_ds.data import calibration_indices, load_raw_dataset, tokenize_dataset, train_eval_split
 from speft_ds.distributed import free_port
 from speft_ds.model import load_tokenizer
-from tests.models import write_tiny_llama
+from tests.models import tiny_job
 from tests.references import decoder_linears, dense_gradient
 
 REPO = Path(__file__).resolve().parents[1]
@@ -33,10 +32,7 @@ DENSITY, CALIBRATION = 0.05, 16
 
 @pytest.fixture(scope="module")
 def inputs(tmp_path_factory):
-    root = tmp_path_factory.mktemp("launchers")
-    dataset = root / "data.jsonl"
-    dataset.write_text("".join(islice(EMBEDDED_DATASET.open(), 64)))
-    return root, write_tiny_llama(root / "llama"), dataset
+    return tiny_job(tmp_path_factory.mktemp("launchers"), 64)
 
 
 def _train_args(inputs, out: Path, steps: int) -> list[str]:

@@ -5,26 +5,21 @@ from __future__ import annotations
 
 import os
 import subprocess
-from itertools import islice
 from pathlib import Path
 
 import pytest
 import torch
 from safetensors.torch import load_file
 
-from speft_ds.config import EMBEDDED_DATASET
 from speft_ds.distributed import free_port
-from tests.models import write_tiny_llama
+from tests.models import tiny_job
 
 REPO = Path(__file__).resolve().parents[1]
 
 
 @pytest.fixture(scope="module")
 def inputs(tmp_path_factory):
-    root = tmp_path_factory.mktemp("memory-options")
-    dataset = root / "data.jsonl"
-    dataset.write_text("".join(islice(EMBEDDED_DATASET.open(), 40)))
-    return root, write_tiny_llama(root / "llama"), dataset
+    return tiny_job(tmp_path_factory.mktemp("memory-options"), 40)
 
 
 def _adapter(inputs, name: str, *extra: str) -> dict[str, torch.Tensor]:

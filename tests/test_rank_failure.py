@@ -9,14 +9,12 @@ import os
 import signal
 import subprocess
 import time
-from itertools import islice
 from pathlib import Path
 
 import pytest
 
-from speft_ds.config import EMBEDDED_DATASET
 from speft_ds.distributed import free_port
-from tests.models import write_tiny_llama
+from tests.models import write_dataset, write_tiny_llama
 
 REPO = Path(__file__).resolve().parents[1]
 STOP_WITHIN_S = 120
@@ -26,7 +24,7 @@ STOP_WITHIN_S = 120
 def inputs(tmp_path_factory):
     root = tmp_path_factory.mktemp("rank-failure")
     dataset = root / "data.jsonl"
-    dataset.write_text("".join(islice(EMBEDDED_DATASET.open(), 64)))
+    write_dataset(dataset, 64)
     hostfile = root / "hostfile"
     hostfile.write_text("localhost slots=1\n127.0.0.1 slots=1\n")  # two names for this machine: two nodes
     return write_tiny_llama(root / "llama"), dataset, hostfile

@@ -9,16 +9,14 @@ import random
 import signal
 import subprocess
 import time
-from itertools import islice
 from pathlib import Path
 
 import pytest
 import torch
 from safetensors.torch import load_file
 
-from speft_ds.config import EMBEDDED_DATASET
 from speft_ds.distributed import free_port
-from tests.models import write_tiny_llama
+from tests.models import write_dataset, write_tiny_llama
 
 REPO = Path(__file__).resolve().parents[1]
 STEPS, SAVE_EVERY = 8, 2
@@ -29,7 +27,7 @@ def inputs(tmp_path_factory):
     root = tmp_path_factory.mktemp("resume")
     model_dir = write_tiny_llama(root / "llama")
     dataset = root / "data.jsonl"
-    dataset.write_text("".join(islice(EMBEDDED_DATASET.open(), 48)))
+    write_dataset(dataset, 48)
     return root, model_dir, dataset
 
 

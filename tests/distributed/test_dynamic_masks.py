@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import copy
 import json
-from itertools import islice
 
 import pytest
 import torch
@@ -13,12 +12,12 @@ from safetensors.torch import load_file
 from torch.func import functional_call
 from transformers import AutoModelForCausalLM
 
-from speft_ds.config import EMBEDDED_DATASET, SHIPPED_DS_CONFIG, TrainConfig
+from speft_ds.config import SHIPPED_DS_CONFIG, TrainConfig
 from speft_ds.data import (calibration_indices, load_raw_dataset, tokenize_dataset, train_eval_split,
                            train_micro_batches)
 from speft_ds.model import load_tokenizer
 from tests.distributed.harness import run_ranks
-from tests.models import write_tiny_llama
+from tests.models import write_dataset, write_tiny_llama
 from tests.references import decoder_linears, dense_gradient, reference_top_k
 
 WORLD, STEPS, EVERY, MICRO_BATCH, LR, MAX_NORM = 2, 4, 2, 2, 1e-2, 1.0
@@ -45,7 +44,7 @@ def run_result(request, tmp_path_factory):
     root = tmp_path_factory.mktemp(request.param)
     model_dir = write_tiny_llama(root / "llama")
     dataset = root / "data.jsonl"
-    dataset.write_text("".join(islice(EMBEDDED_DATASET.open(), 48)))
+    write_dataset(dataset, 48)
     ds_config = json.loads(SHIPPED_DS_CONFIG.read_text())
     (root / "z3.json").write_text(json.dumps(ds_config))
     argv = ["--model", str(model_dir), "--dataset", str(dataset), "--ds_config", str(root / "z3.json"),

@@ -9,7 +9,6 @@ import os
 import shutil
 import subprocess
 import sys
-from itertools import islice
 from pathlib import Path
 
 import deepspeed
@@ -18,11 +17,11 @@ import torch
 from transformers import AutoModelForCausalLM
 
 from speft_ds import load_adapter
-from speft_ds.config import EMBEDDED_DATASET, TrainConfig
+from speft_ds.config import TrainConfig
 from speft_ds.distributed import free_port
 from speft_ds.model import _quantization_config
 from tests.distributed.harness import run_ranks
-from tests.models import write_tiny_llama
+from tests.models import write_dataset, write_tiny_llama
 from tests.references import MICRO_BATCH, decoder_linears, dense_gradient, random_examples, zero3_config
 
 REPO = Path(__file__).resolve().parents[2]
@@ -99,7 +98,7 @@ def test_salience_shards_of_a_quantized_base_match_the_dequantized_dense_referen
 @pytest.mark.parametrize("quantize", ["nf4", "int8"])
 def test_training_on_a_quantized_base_gives_an_adapter_the_merge_reproduces(model_dir, tmp_path, quantize):
     dataset = tmp_path / "data.jsonl"
-    dataset.write_text("".join(islice(EMBEDDED_DATASET.open(), 48)))
+    write_dataset(dataset, 48)
     out = tmp_path / "out"
     proc = subprocess.run(["deepspeed", "--num_gpus", "2", "--master_port", str(free_port()), "launch/train.py",
                            "--model", str(model_dir), "--dataset", str(dataset), "--output_dir", str(out),

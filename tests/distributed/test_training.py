@@ -7,7 +7,6 @@ import json
 import math
 import subprocess
 import sys
-from itertools import islice
 from pathlib import Path
 
 import matplotlib.pyplot
@@ -19,12 +18,12 @@ from torch.func import functional_call
 from transformers import AutoModelForCausalLM
 
 from speft_ds import load_adapter, merge_adapter
-from speft_ds.config import EMBEDDED_DATASET, SHIPPED_DS_CONFIG, TrainConfig
+from speft_ds.config import SHIPPED_DS_CONFIG, TrainConfig
 from speft_ds.data import load_raw_dataset, tokenize_dataset, train_eval_split, train_micro_batches
 from speft_ds.delta import SparseDeltaEmbedding, SparseDeltaLinear
 from speft_ds.model import load_tokenizer
 from tests.distributed.harness import run_ranks
-from tests.models import write_tiny_llama
+from tests.models import write_dataset, write_tiny_llama
 
 REPO = Path(__file__).resolve().parents[2]
 WORLD = 2
@@ -64,7 +63,7 @@ def trained(request, tmp_path_factory):
     model_dir = write_tiny_llama(root / "llama", max_shard_size="40KB")
     assert (model_dir / "model.safetensors.index.json").is_file()
     dataset = root / "data.jsonl"
-    dataset.write_text("".join(islice(EMBEDDED_DATASET.open(), 48)))
+    write_dataset(dataset, 48)
     ds_config = json.loads(SHIPPED_DS_CONFIG.read_text())
     ds_config["zero_optimization"]["stage3_param_persistence_threshold"] = 0
     # Limits small enough that ZeRO-3 prefetches and releases parameters as it would on a large model
