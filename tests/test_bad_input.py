@@ -103,7 +103,9 @@ def test_plain_python_reports_bad_input(tmp_path):
     proc = subprocess.run([sys.executable, "launch/train.py", "--density", "2", "--output_dir", str(tmp_path / "o")],
                           cwd=REPO, capture_output=True, text=True, env=_env(), timeout=300)
     assert proc.returncode == 2
-    assert proc.stderr.strip().splitlines() == ["error: --density 2.0 is outside (0, 1]: pass a fraction such as 0.01"]
+    # Only the error line is ours (bitsandbytes prints a notice on import where peft is installed).
+    assert [line for line in proc.stderr.splitlines() if "error" in line.lower() or "Traceback" in line] == [
+        "error: --density 2.0 is outside (0, 1]: pass a fraction such as 0.01"]
     assert not (tmp_path / "o").exists()
 
 

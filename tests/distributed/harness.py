@@ -18,19 +18,16 @@ def _worker(rank: int, world_size: int, port: int, fn, args: tuple, out_dir: str
                       OMP_NUM_THREADS="1")
     torch.set_num_threads(1)
     try:
-        from speft_ds.distributed import init_distributed
+        from speft_ds.distributed import init_distributed, leave_process_group
 
         init_distributed()
         result = fn(rank, world_size, *args)
         torch.save(result, Path(out_dir, f"rank{rank}.pt"))
+        # As a finished run ends: every rank done, then the backend closed here, not by interpreter exit.
+        leave_process_group()
     except BaseException:
         Path(out_dir, f"rank{rank}.err").write_text(traceback.format_exc())
         raise SystemExit(1)
-    finally:
-        import torch.distributed as dist
-
-        if dist.is_initialized():
-            dist.destroy_process_group()
 
 
 def run_ranks(fn, world_size: int, *args, out_dir: Path, timeout: float = 900) -> list:

@@ -31,12 +31,14 @@ def _worker(rank, world_size, argv):
     config, explicit = parse_config(argv)
     engine = run(plan_run(config, explicit)).engine
     optimizer = engine.optimizer
-    return {
+    result = {
         "trainable": sum(p.ds_numel for p in engine.module.parameters() if p.requires_grad),
         "fp32_partition_numel": sum(t.numel() for t in optimizer.fp32_partitioned_groups_flat),
         "optimizer_state_numel": [v.numel() for state in optimizer.optimizer.state.values()
                                   for key, v in state.items() if key in ("exp_avg", "exp_avg_sq")],
     }
+    engine.destroy()
+    return result
 
 
 @pytest.fixture(scope="module", params=["reselect", "drop_regrow"])

@@ -44,7 +44,7 @@ def _worker(rank, world_size, argv, probe_ids):
     engine.eval()
     with torch.no_grad():
         logits = engine(input_ids=probe_ids).logits
-    return {
+    result = {
         "trainable": {n: p.ds_numel for n, p in params.items() if p.requires_grad},
         "optimizer_params": {n: p.ds_numel for n, p in params.items() if id(p) in trained},
         "base_with_grad": [n for n, p in params.items() if not p.requires_grad and safe_get_full_grad(p) is not None],
@@ -55,6 +55,8 @@ def _worker(rank, world_size, argv, probe_ids):
         "index_shards": {n.removesuffix(".delta_indices"): (str(p.dtype), p.ds_tensor.numel(), p.ds_numel)
                          for n, p in params.items() if n.endswith(".delta_indices")},
     }
+    engine.destroy()
+    return result
 
 
 @pytest.fixture(scope="module", params=[None, "embed_tokens,lm_head,q_proj"], ids=["decoder-linears", "edge-targets"])
