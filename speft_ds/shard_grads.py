@@ -27,12 +27,13 @@ LossFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]  # (logits, labels
 
 
 class _ShardAccumulator:
-    """Hooks adding each targeted layer's dW slice (or, per example, dW squared) into fp32 accumulators."""
+    """Hooks adding each targeted layer's dW slice (or, per example, dW squared) into accumulators (fp32:
+    the smallest dtype that keeps the selection, bench/accumulator_dtype.py)."""
 
-    def __init__(self, targets: dict[str, nn.Module], per_example_squares: bool):
+    def __init__(self, targets: dict[str, nn.Module], per_example_squares: bool, dtype: torch.dtype):
         self.targets = targets
         self.per_example_squares = per_example_squares
-        self.accumulators = {name: torch.zeros(zero3.shard_numel(m.weight), dtype=torch.float32, device=comm_device())
+        self.accumulators = {name: torch.zeros(zero3.shard_numel(m.weight), dtype=dtype, device=comm_device())
                              for name, m in targets.items()}
         self._handles = [m.register_forward_hook(self._forward_hook(name)) for name, m in targets.items()]
 
@@ -60,11 +61,12 @@ class _ShardAccumulator:
 
 
 @contextlib.contextmanager
-def _accumulating(model: nn.Module, targets: dict[str, nn.Module], per_example_squares: bool = False):
+def _accumulating(model: nn.Module, targets: dict[str, nn.Module], per_example_squares: bool = False,
+                  dtype: torch.dtype = torch.float32):
     # The base weights stay frozen, so gradients reach the layers only if the embedding output asks for one.
     # Registered before the accumulator's hooks, so an embedding target already sees it.
     embed_hook = model.get_input_embeddings().register_forward_hook(lambda m, i, out: out.requires_grad_(True))
-    accumulator = _ShardAccumulator(targets, per_example_squares)
+    accumulator = _ShardAccumulator(targets, per_example_squares, dtype)
     was_training = model.training
     model.eval()  # no dropout: the statistics are of the model as it is
     try:
@@ -102,11 +104,11 @@ def calibration_examples(batches: list[dict]) -> int:
 
 
 def gradient(model: nn.Module, targets: dict[str, nn.Module], batches: list[dict],
-             show_progress: bool = False) -> dict[str, torch.Tensor]:
+             show_progress: bool = False, dtype: torch.dtype = torch.float32) -> dict[str, torch.Tensor]:
     """g = d(summed token loss / total loss tokens of the calibration set)/dW: independent of how the
-    calibration set is cut into micro-batches and ranks."""
+    calibration set is cut into micro-batches and ranks. `dtype`: the accumulators'."""
     total_tokens = calibration_tokens(batches)
-    with _accumulating(model, targets) as accumulators:
+    with _accumulating(model, targets, dtype=dtype) as accumulators:
         _backward_over(model, batches, lambda logits, labels: causal_lm_loss_sum(logits, labels)[0] / total_tokens,
                        "salience", show_progress)
     return accumulators
