@@ -134,6 +134,9 @@ def plan(shape: ModelShape, job: Job) -> dict[str, dict[str, int]]:
         "gathered layer + prefetch": gathered,
         "delta values + grads": values * c * 2,
         "indices (int32, partitioned)": values * 4,
+        # The delta layer builds W + D for one matmul; --delta_impl dense (the accelerator default) also
+        # forms that layer's dense dW for the value gradients.
+        "one layer's W + D and dW (transient)": largest_linear * c * 2,
         "optimizer states": 0 if job.offload_optimizer else optimizer,
         "activations": activations,
     }
