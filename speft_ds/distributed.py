@@ -134,9 +134,15 @@ def device() -> torch.device:
     return torch.device(get_accelerator().current_device_name())
 
 
+# NCCL and store failures are typed; gloo raises plain RuntimeErrors whose text names its source file,
+# except when one timed-out operation closes every pair: the other operations in flight then fail with
+# this bare text (a hung peer during ZeRO-3's prefetch surfaces that way).
+_GLOO_FAILURE_TEXTS = ("gloo/", "Application timeout caused pair closure")
+
+
 def is_communication_failure(err: BaseException) -> bool:
-    # NCCL and store failures are typed; gloo raises plain RuntimeErrors whose text names its source file.
-    return isinstance(err, dist.DistError) or (isinstance(err, RuntimeError) and "gloo/" in str(err))
+    return isinstance(err, dist.DistError) or (
+        isinstance(err, RuntimeError) and any(text in str(err) for text in _GLOO_FAILURE_TEXTS))
 
 
 def _ranks_not_checking_in(rank: int, world_size: int) -> list[int] | None:

@@ -12,8 +12,12 @@ import time
 from pathlib import Path
 
 import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
 
-from speft_ds.distributed import free_port
+from speft_ds.config import TrainingError
+from speft_ds.distributed import CHECK_IN_S, free_port, init_distributed, naming_lost_ranks
 from tests.models import write_dataset, write_tiny_llama
 
 REPO = Path(__file__).resolve().parents[1]
@@ -102,3 +106,39 @@ def test_a_dead_or_hung_rank_stops_every_other_rank_with_its_name(inputs, tmp_pa
             if job.poll() is None:
                 os.killpg(job.pid, signal.SIGKILL)
                 job.wait()
+
+
+COLLECTIVE_TIMEOUT_S = 2
+
+
+def _wait_on_the_last_of_several_collectives(rank: int, port: int, out_dir: str) -> None:
+    os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE="2", LOCAL_SIZE="2",
+                      MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), OMP_NUM_THREADS="1")
+    init_distributed(timeout_s=COLLECTIVE_TIMEOUT_S)
+    if rank == 1:  # hangs: joins no collective, and outlives rank 0's timeout and check-in
+        time.sleep(COLLECTIVE_TIMEOUT_S + CHECK_IN_S + 5)
+        os._exit(0)
+    # Several collectives in flight, as ZeRO-3's prefetch leaves them: the first to time out closes every
+    # connection, and the others then fail with a text that names no gloo source file.
+    works = [dist.all_reduce(torch.ones(4), async_op=True) for _ in range(3)]
+    try:
+        with naming_lost_ranks():
+            works[-1].wait()
+    except TrainingError as err:
+        Path(out_dir, "error").write_text(str(err))
+
+
+def test_a_collective_failed_by_another_ones_timeout_names_the_hung_rank(tmp_path):
+    ctx = mp.get_context("spawn")
+    port = free_port()
+    ranks = [ctx.Process(target=_wait_on_the_last_of_several_collectives, args=(r, port, str(tmp_path)))
+             for r in (0, 1)]
+    for proc in ranks:
+        proc.start()
+    for proc in ranks:
+        proc.join(STOP_WITHIN_S)
+        if proc.is_alive():
+            proc.kill()
+    error = (tmp_path / "error").read_text()
+    assert error.startswith("rank 1 stopped responding"), error
+    assert "Application timeout caused pair closure" in error  # the case this covers, not a plain timeout
