@@ -6,6 +6,12 @@ ZeRO-3 on CPU (fp32), micro-batch 4 x 256 tokens, density 0.01, all decoder line
 For the salience pass and for training, it prints the planner's per-rank peak next to the measured
 peak RSS increase per rank (the phase's VmHWM minus the RSS before the model was loaded), and their
 ratio; the table goes to docs/plan_check.md.
+
+The planner counts tensors. glibc's malloc, by default, raises its mmap threshold after freeing a large
+block, so later blocks of up to 32 MiB (activations, gathered weights) come from the heap, where freed
+ones stay resident; each job is therefore measured twice: with glibc's default, and with the threshold
+fixed at 1 MiB (MALLOC_MMAP_THRESHOLD_), which hands such blocks back as they are freed. The median step
+time of each shows what the second costs.
 """
 
 from __future__ import annotations
@@ -13,6 +19,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import statistics
 import shutil
 import subprocess
 import sys
@@ -27,22 +34,26 @@ from speft_ds.distributed import free_port  # noqa: E402
 from speft_ds.ds_config import read_ds_config  # noqa: E402
 from speft_ds.memory_plan import Job, ModelShape, plan  # noqa: E402
 
-SEQ_LEN, MICRO_BATCH, DENSITY = 256, 4, 0.01
+SEQ_LEN, MICRO_BATCH, DENSITY, STEPS = 256, 4, 0.01, 5
+ALLOCATORS = {"glibc default": {}, "mmap threshold 1 MiB": {"MALLOC_MMAP_THRESHOLD_": str(2**20)}}
 
 
-def measure(model_dir: Path, dataset: Path, out: Path, world_size: int) -> dict[str, float]:
-    """Per phase, the largest per-rank peak RSS increase over the RSS before loading, in bytes."""
+def measure(model_dir: Path, dataset: Path, out: Path, world_size: int, env: dict[str, str]) -> dict[str, float]:
+    """Per phase, the largest per-rank peak RSS increase over the RSS before loading, in bytes; and the
+    median step time after the first step, in seconds."""
     shutil.rmtree(out, ignore_errors=True)
     command = ["deepspeed", "--num_gpus", str(world_size), "--master_port", str(free_port()), "launch/train.py",
                "--model", str(model_dir), "--dataset", str(dataset), "--text_field", "text",
                "--seq_len", str(SEQ_LEN), "--micro_batch_size", str(MICRO_BATCH), "--calibration_examples", "16",
-               "--density", str(DENSITY), "--max_steps", "3", "--val_size", "0.1", "--output_dir", str(out)]
-    subprocess.run(command, cwd=REPO, check=True, env={**os.environ, "DS_ACCELERATOR": "cpu"})
-    memory = {r["phase"]: r for r in map(json.loads, (out / "metrics.jsonl").read_text().splitlines())
-              if r.get("event") == "memory"}
+               "--density", str(DENSITY), "--max_steps", str(STEPS), "--val_size", "0.1", "--output_dir", str(out)]
+    subprocess.run(command, cwd=REPO, check=True, env={**os.environ, **env, "DS_ACCELERATOR": "cpu"})
+    records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    memory = {r["phase"]: r for r in records if r.get("event") == "memory"}
     start = memory["start"]["rss_mib_per_rank"]
-    return {phase: max(p - s for p, s in zip(memory[phase]["peak_rss_mib_per_rank"], start)) * 2**20
-            for phase in ("salience", "training")}
+    result = {phase: max(p - s for p, s in zip(memory[phase]["peak_rss_mib_per_rank"], start)) * 2**20
+              for phase in ("salience", "training")}
+    result["step_s"] = statistics.median(r["step_time_s"] for r in records if "step_time_s" in r and r["step"] > 1)
+    return result
 
 
 def main() -> int:
@@ -57,21 +68,32 @@ def main() -> int:
 
     shape = ModelShape.from_config(json.loads((model_dir / "config.json").read_text()))
     zero = read_ds_config(str(SHIPPED_DS_CONFIG))["zero_optimization"]
-    rows = []
+    names = list(ALLOCATORS)
+    table = ["| ranks | phase | planned MiB | " + " | ".join(f"measured MiB, {a} | planned / measured" for a in names)
+             + " |", "|---|---|---|" + "---|---|" * len(names)]
+    steps = []
     for world_size in (1, 2):
-        measured = measure(model_dir, dataset, work / f"out-{world_size}", world_size)
+        measured = {a: measure(model_dir, dataset, work / f"out-{world_size}", world_size, env)
+                    for a, env in ALLOCATORS.items()}
         planned = plan(shape, Job(world_size=world_size, density=DENSITY, seq_len=SEQ_LEN, micro_batch=MICRO_BATCH,
                                   bf16=False, max_live_elements=int(zero.get("stage3_max_live_parameters", 1e9))))
         for phase in ("salience", "training"):
-            rows.append((world_size, phase, planned[phase]["peak"], measured[phase]))
-    table = ["| ranks | phase | planned MiB | measured MiB | planned / measured |", "|---|---|---|---|---|"]
-    table += [f"| {n} | {phase} | {p / 2**20:,.0f} | {m / 2**20:,.0f} | {p / m:.2f} |" for n, phase, p, m in rows]
-    print("\n".join(table))
+            p = planned[phase]["peak"]
+            table.append(f"| {world_size} | {phase} | {p / 2**20:,.0f} | "
+                         + " | ".join(f"{measured[a][phase] / 2**20:,.0f} | {p / measured[a][phase]:.2f}" for a in names)
+                         + " |")
+        steps.append(f"{world_size} rank{'s' if world_size > 1 else ''}: "
+                     + ", ".join(f"{measured[a]['step_s']:.2f} s ({a})" for a in names))
+    print("\n".join(table + [""] + steps))
     (REPO / "docs" / "plan_check.md").write_text(
         "# Memory planner vs measured peaks\n\n`python bench/plan_check.py` on the 2-core CPU machine: a ~124M "
         "LLaMA (hidden 768, 12 layers, 12 heads, 4 KV heads, intermediate 2048, vocab 32000), fp32, ZeRO-3, "
-        f"micro-batch {MICRO_BATCH} x {SEQ_LEN} tokens, density {DENSITY}. Measured: the phase's peak RSS "
-        "(VmHWM, reset per phase) minus the RSS before loading, the larger rank.\n\n" + "\n".join(table) + "\n")
+        f"micro-batch {MICRO_BATCH} x {SEQ_LEN} tokens, density {DENSITY}, {STEPS} steps. Measured: the phase's "
+        "peak RSS (VmHWM, reset per phase) minus the RSS before loading, the larger rank; once with glibc's "
+        "default malloc settings, once with `MALLOC_MMAP_THRESHOLD_=1048576`, under which freed blocks of 1 MiB "
+        "and more go back to the OS instead of staying in the heap.\n\n" + "\n".join(table)
+        + "\n\nMedian training step time (steps 2-" + str(STEPS) + "), which the fixed threshold costs:\n\n"
+        + "\n".join(f"- {line}" for line in steps) + "\n")
     return 0
 
 

@@ -115,7 +115,9 @@ def plan(shape: ModelShape, job: Job) -> dict[str, dict[str, int]]:
     base_shard = -(-base_whole // n)
     prefetch = job.prefetch_elements if job.prefetch_elements is not None else auto_prefetch_bucket_size(shape.hidden)
     # ZeRO-3 keeps gathered weights it expects to reuse, up to max_live_elements, beyond the one in use.
-    gathered = (max(shape.largest_module, min(job.max_live_elements, shape.total)) + prefetch) * c
+    # On one rank whose shards live on the device, a "gathered" weight is a view of its shard: no copy.
+    copies_gathered = n > 1 or job.offload_param
+    gathered = (max(shape.largest_module, min(job.max_live_elements, shape.total)) + prefetch) * c if copies_gathered else 0
     activations = _activations(shape, job, c)
     largest_linear = max(shape.layer_linears().values())
 
@@ -124,7 +126,8 @@ def plan(shape: ModelShape, job: Job) -> dict[str, dict[str, int]]:
         "base weight shard": device_base,
         "gathered layer + prefetch": gathered,
         "salience accumulators (fp32)": -(-shape.targeted // n) * 4,
-        "one layer's dense dW (fp32)": largest_linear * 4,
+        # one layer's, formed while the layer after it is reduce-scattered
+        "two layers' dense dW (fp32)": 2 * largest_linear * 4,
         "activations": activations,
     }
     values = -(-k // n)

@@ -28,7 +28,10 @@ LossFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]  # (logits, labels
 
 class _ShardAccumulator:
     """Hooks adding each targeted layer's dW slice (or, per example, dW squared) into accumulators (fp32:
-    the smallest dtype that keeps the selection, bench/accumulator_dtype.py)."""
+    the smallest dtype that keeps the selection, bench/accumulator_dtype.py).
+
+    A layer's reduce-scatter runs while the backward computes the layer before it; at most one is in
+    flight, so no more than two layers' dW exist at a time."""
 
     def __init__(self, targets: dict[str, nn.Module], per_example_squares: bool, dtype: torch.dtype):
         self.targets = targets
@@ -36,6 +39,7 @@ class _ShardAccumulator:
         self.accumulators = {name: torch.zeros(zero3.shard_numel(m.weight), dtype=dtype, device=comm_device())
                              for name, m in targets.items()}
         self._handles = [m.register_forward_hook(self._forward_hook(name)) for name, m in targets.items()]
+        self._in_flight: Callable[[], None] | None = None
 
     def _forward_hook(self, name: str):
         def hook(module, inputs, output):
@@ -53,7 +57,13 @@ class _ShardAccumulator:
             grad_w = sum(grad_fn(x[i], grad_out[i], shape).square() for i in range(x.shape[0]))
         else:
             grad_w = grad_fn(x, grad_out, shape)
-        zero3.reduce_scatter_add(self.accumulators[name], grad_w.view(-1), module.weight)
+        self.finish_in_flight()
+        self._in_flight = zero3.start_reduce_scatter_add(self.accumulators[name], grad_w.view(-1), module.weight)
+
+    def finish_in_flight(self) -> None:
+        if self._in_flight is not None:
+            self._in_flight()
+            self._in_flight = None
 
     def remove(self) -> None:
         for handle in self._handles:
@@ -71,6 +81,7 @@ def _accumulating(model: nn.Module, targets: dict[str, nn.Module], per_example_s
     model.eval()  # no dropout: the statistics are of the model as it is
     try:
         yield accumulator.accumulators
+        accumulator.finish_in_flight()
     finally:
         embed_hook.remove()
         accumulator.remove()

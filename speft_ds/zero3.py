@@ -7,6 +7,7 @@ rank r holds elements [r * ps, (r + 1) * ps) in `param.ds_tensor`, the last rank
 from __future__ import annotations
 
 import contextlib
+from typing import Callable
 
 import deepspeed
 import torch
@@ -65,19 +66,27 @@ def local_shard(param: torch.nn.Parameter) -> torch.Tensor:
     return param.ds_tensor if is_partitioned(param) else param.detach().view(-1)
 
 
-def reduce_scatter_add(accumulator: torch.Tensor, full_flat: torch.Tensor, param: torch.nn.Parameter) -> None:
-    """accumulator += this rank's slice of the sum over ranks of `full_flat` (a full-size flat tensor)."""
+def start_reduce_scatter_add(accumulator: torch.Tensor, full_flat: torch.Tensor,
+                             param: torch.nn.Parameter) -> Callable[[], None]:
+    """Start summing `full_flat` (a full-size flat tensor) over ranks; the returned `finish()` waits for it
+    and adds this rank's slice of the sum into `accumulator`. Until then the collective runs beside
+    whatever this rank computes next."""
     if not is_partitioned(param):
-        if dist.is_initialized() and dist.get_world_size() > 1:
-            dist.all_reduce(full_flat)
-        accumulator += full_flat
-        return
-    rank, size, group = _partition(param)
-    world = dist.get_world_size(group)
-    padded = torch.nn.functional.pad(full_flat, (0, size * world - full_flat.numel()))
-    mine = torch.empty(size, dtype=padded.dtype, device=padded.device)
-    dist.reduce_scatter_tensor(mine, padded, group=group)
-    accumulator += mine
+        work = dist.all_reduce(full_flat, async_op=True) if dist.is_initialized() and dist.get_world_size() > 1 \
+            else None
+        received = full_flat
+    else:
+        _, size, group = _partition(param)
+        padding = size * dist.get_world_size(group) - full_flat.numel()
+        sent = torch.nn.functional.pad(full_flat, (0, padding)) if padding else full_flat
+        received = torch.empty(size, dtype=sent.dtype, device=sent.device)
+        work = dist.reduce_scatter_tensor(received, sent, group=group, async_op=True)
+
+    def finish() -> None:
+        if work is not None:
+            work.wait()
+        accumulator.add_(received)
+    return finish
 
 
 def gather_full_fp32(param: torch.nn.Parameter) -> torch.Tensor:
