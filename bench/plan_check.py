@@ -38,6 +38,12 @@ SEQ_LEN, MICRO_BATCH, DENSITY, STEPS = 256, 4, 0.01, 5
 ALLOCATORS = {"glibc default": {}, "mmap threshold 1 MiB": {"MALLOC_MMAP_THRESHOLD_": str(2**20)}}
 
 
+def peak_increase_mib(records: list[dict], phase: str) -> float:
+    """The largest per-rank increase of a phase's peak RSS over the RSS before loading, from metrics.jsonl."""
+    memory = {r["phase"]: r for r in records if r.get("event") == "memory"}
+    return max(p - s for p, s in zip(memory[phase]["peak_rss_mib_per_rank"], memory["start"]["rss_mib_per_rank"]))
+
+
 def measure(model_dir: Path, dataset: Path, out: Path, world_size: int, env: dict[str, str]) -> dict[str, float]:
     """Per phase, the largest per-rank peak RSS increase over the RSS before loading, in bytes; and the
     median step time after the first step, in seconds."""
@@ -48,10 +54,7 @@ def measure(model_dir: Path, dataset: Path, out: Path, world_size: int, env: dic
                "--density", str(DENSITY), "--max_steps", str(STEPS), "--val_size", "0.1", "--output_dir", str(out)]
     subprocess.run(command, cwd=REPO, check=True, env={**os.environ, **env, "DS_ACCELERATOR": "cpu"})
     records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
-    memory = {r["phase"]: r for r in records if r.get("event") == "memory"}
-    start = memory["start"]["rss_mib_per_rank"]
-    result = {phase: max(p - s for p, s in zip(memory[phase]["peak_rss_mib_per_rank"], start)) * 2**20
-              for phase in ("salience", "training")}
+    result = {phase: peak_increase_mib(records, phase) * 2**20 for phase in ("salience", "training")}
     result["step_s"] = statistics.median(r["step_time_s"] for r in records if "step_time_s" in r and r["step"] > 1)
     return result
 

@@ -5,7 +5,9 @@
 Writes a random-init checkpoint of the shape (once; bf16 safetensors shards of 1 GiB, generated and
 written one shard at a time), then runs the ordinary training entry point on it:
 calibration (16 examples of 256 tokens), selection at density 0.01, a few steps, eval, adapter save.
-Prints wall time per phase and peak RSS per rank, from the run's metrics.jsonl.
+Prints wall time per phase and peak RSS per rank, from the run's metrics.jsonl, and the memory
+planner's peaks against the measured ones (run it with MALLOC_MMAP_THRESHOLD_=1048576 to measure without
+what glibc keeps of freed blocks; see docs/plan_check.md).
 """
 
 from __future__ import annotations
@@ -22,9 +24,11 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
+from bench.plan_check import peak_increase_mib  # noqa: E402
 from bench.random_llama import write_long_texts, write_random_model  # noqa: E402
 from speft_ds.config import SHIPPED_DS_CONFIG  # noqa: E402
 from speft_ds.distributed import free_port  # noqa: E402
+from speft_ds.memory_plan import Job, ModelShape, plan  # noqa: E402
 
 TINYLLAMA_1B = dict(hidden_size=2048, num_hidden_layers=22, num_attention_heads=32, num_key_value_heads=4,
                     intermediate_size=5632, vocab_size=32000, max_position_embeddings=2048,
@@ -79,6 +83,12 @@ def main() -> int:
     for record in (r for r in records if r.get("event") == "memory" and r["phase"] != "start"):
         print(f"peak RSS per rank during {record['phase']:17} (MiB): "
               + ", ".join(f"{m:,.0f}" for m in record["peak_rss_mib_per_rank"]))
+    planned = plan(ModelShape.from_config(TINYLLAMA_1B), Job(world_size=2, density=0.01, seq_len=256, micro_batch=1,
+                                                          bf16=False, max_live_elements=int(1e8)))
+    for phase in ("salience", "training"):
+        measured = peak_increase_mib(records, phase)
+        print(f"planner, {phase}: {planned[phase]['peak'] / 2**20:,.0f} MiB planned / {measured:,.0f} MiB measured "
+              f"peak increase = {planned[phase]['peak'] / 2**20 / measured:.2f}")
     return 0
 
 
