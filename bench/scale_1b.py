@@ -33,6 +33,10 @@ from speft_ds.memory_plan import Job, ModelShape, plan  # noqa: E402
 TINYLLAMA_1B = dict(hidden_size=2048, num_hidden_layers=22, num_attention_heads=32, num_key_value_heads=4,
                     intermediate_size=5632, vocab_size=32000, max_position_embeddings=2048,
                     tie_word_embeddings=False, rms_norm_eps=1e-5)
+SEQ_LEN, MICRO_BATCH, DENSITY, WORLD_SIZE = 256, 1, 0.01, 2
+# ZeRO-3 keeps gathered weights resident up to stage3_max_live_parameters (DeepSpeed's default: 1e9
+# elements, the whole model here, 4.4 GB per rank in fp32): cap it at 1e8 so 2 ranks fit in 24 GB.
+MAX_LIVE_ELEMENTS = int(1e8)
 
 
 def main() -> int:
@@ -48,16 +52,15 @@ def main() -> int:
         params = write_random_model(model_dir, TINYLLAMA_1B)
         print(f"wrote a random {params / 1e9:.2f}B-parameter model in {time.perf_counter() - started:.0f} s")
     write_long_texts(dataset)
-    # ZeRO-3 keeps gathered weights resident up to stage3_max_live_parameters (DeepSpeed's default: 1e9
-    # elements, the whole model here, 4.4 GB per rank in fp32): cap it at 1e8 so 2 ranks fit in 24 GB.
     ds_config = json.loads(SHIPPED_DS_CONFIG.read_text())
-    ds_config["zero_optimization"].update(stage3_max_live_parameters=int(1e8), stage3_max_reuse_distance=int(1e8))
+    ds_config["zero_optimization"].update(stage3_max_live_parameters=MAX_LIVE_ELEMENTS,
+                                          stage3_max_reuse_distance=MAX_LIVE_ELEMENTS)
     (work / "ds_config.json").write_text(json.dumps(ds_config, indent=2))
     shutil.rmtree(out, ignore_errors=True)
-    command = ["deepspeed", "--num_gpus", "2", "--master_port", str(free_port()), "launch/train.py",
-               "--model", str(model_dir), "--dataset", str(dataset), "--text_field", "text", "--seq_len", "256",
-               "--calibration_examples", "16", "--density", "0.01", "--max_steps", str(args.steps),
-               "--micro_batch_size", "1", "--logging_steps", "1", "--val_size", "0.0625", "--output_dir", str(out),
+    command = ["deepspeed", "--num_gpus", str(WORLD_SIZE), "--master_port", str(free_port()), "launch/train.py",
+               "--model", str(model_dir), "--dataset", str(dataset), "--text_field", "text", "--seq_len", str(SEQ_LEN),
+               "--calibration_examples", "16", "--density", str(DENSITY), "--max_steps", str(args.steps),
+               "--micro_batch_size", str(MICRO_BATCH), "--logging_steps", "1", "--val_size", "0.0625", "--output_dir", str(out),
                "--ds_config", str(work / "ds_config.json")]
     print(" ".join(command))
     run_started = time.perf_counter()
@@ -83,8 +86,9 @@ def main() -> int:
     for record in (r for r in records if r.get("event") == "memory" and r["phase"] != "start"):
         print(f"peak RSS per rank during {record['phase']:17} (MiB): "
               + ", ".join(f"{m:,.0f}" for m in record["peak_rss_mib_per_rank"]))
-    planned = plan(ModelShape.from_config(TINYLLAMA_1B), Job(world_size=2, density=0.01, seq_len=256, micro_batch=1,
-                                                          bf16=False, max_live_elements=int(1e8)))
+    planned = plan(ModelShape.from_config(TINYLLAMA_1B),
+                   Job(world_size=WORLD_SIZE, density=DENSITY, seq_len=SEQ_LEN, micro_batch=MICRO_BATCH, bf16=False,
+                       max_live_elements=MAX_LIVE_ELEMENTS))
     for phase in ("salience", "training"):
         measured = peak_increase_mib(records, phase)
         print(f"planner, {phase}: {planned[phase]['peak'] / 2**20:,.0f} MiB planned / {measured:,.0f} MiB measured "

@@ -116,8 +116,9 @@ def plan(shape: ModelShape, job: Job) -> dict[str, dict[str, int]]:
     prefetch = job.prefetch_elements if job.prefetch_elements is not None else auto_prefetch_bucket_size(shape.hidden)
     # ZeRO-3 keeps gathered weights it expects to reuse, up to max_live_elements, beyond the one in use.
     # On one rank whose shards live on the device, a "gathered" weight is a view of its shard: no copy.
-    copies_gathered = n > 1 or job.offload_param
-    gathered = (max(shape.largest_module, min(job.max_live_elements, shape.total)) + prefetch) * c if copies_gathered else 0
+    gathered = 0
+    if n > 1 or job.offload_param:
+        gathered = (max(shape.largest_module, min(job.max_live_elements, shape.total)) + prefetch) * c
     activations = _activations(shape, job, c)
     largest_linear = max(shape.layer_linears().values())
 

@@ -72,9 +72,9 @@ def start_reduce_scatter_add(accumulator: torch.Tensor, full_flat: torch.Tensor,
     and adds this rank's slice of the sum into `accumulator`. Until then the collective runs beside
     whatever this rank computes next."""
     if not is_partitioned(param):
-        work = dist.all_reduce(full_flat, async_op=True) if dist.is_initialized() and dist.get_world_size() > 1 \
-            else None
-        received = full_flat
+        received, work = full_flat, None
+        if dist.is_initialized() and dist.get_world_size() > 1:
+            work = dist.all_reduce(full_flat, async_op=True)
     else:
         _, size, group = _partition(param)
         padding = size * dist.get_world_size(group) - full_flat.numel()
