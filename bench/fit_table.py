@@ -1,7 +1,10 @@
-"""What fits on 8 x 80 GB and 64 x 80 GB: the memory planner's per-GPU peaks for LLaMA-2 7B, 13B and 70B,
-bf16 or nf4, with the shipped cluster and offload configs (density 1%, 2048-token sequences, gradient
-checkpointing): each phase's peak at micro-batch 1, and the largest micro-batch whose peaks all fit.
-Prints the markdown table the README shows.
+"""What fits where, from the memory planner (density 1%, 2048-token sequences, gradient checkpointing):
+
+- 8 x 80 GB and 64 x 80 GB: per-GPU peaks for LLaMA-2 7B, 13B and 70B, bf16 or nf4, with the shipped cluster
+  and offload configs: each phase's peak at micro-batch 1, and the largest micro-batch whose peaks all fit
+  (the README's table);
+- the salience pass on small boxes (docs/salience_memory.md): the one-pass peak, the fewest groups of
+  targeted weights that fit the GPU with the accumulators on it, and the offload alternative.
 
     python bench/fit_table.py
 """
@@ -14,7 +17,10 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from speft_ds.memory_plan import PRESETS, Job, ModelShape, plan  # noqa: E402
+from dataclasses import replace  # noqa: E402
+
+from speft_ds.memory_plan import (PRESETS, Job, ModelShape, NoSaliencePlanFits, choose_salience, plan,  # noqa: E402
+                                  salience_time)
 
 MAX_MICRO_BATCH = 64
 GPU_GIB = 80 * 10**9 / 2**30  # an "80 GB" GPU: 74.5 GiB
@@ -28,10 +34,45 @@ def _peaks(shape: ModelShape, world_size: int, quantize: str | None, memory: dic
     return {phase: parts["peak"] / 2**30 for phase, parts in plan(shape, job).items()}
 
 
+def _fits(shape: ModelShape, world_size: int, quantize: str | None, memory: dict, micro_batch: int) -> bool:
+    """Load and training fit, and the salience pass does in some number of groups (accumulators on the GPU)."""
+    job = Job(world_size=world_size, density=0.01, seq_len=2048, micro_batch=micro_batch, quantize=quantize,
+              gradient_checkpointing=True, **memory)
+    peaks = plan(shape, job)
+    if max(peaks["load"]["peak"], peaks["training"]["peak"]) > GPU_GIB * 2**30:
+        return False
+    try:
+        choose_salience(shape, job, GPU_GIB * 2**30, float("inf"), None, False)
+    except NoSaliencePlanFits:
+        return False
+    return True
+
+
 def _largest_micro_batch(shape: ModelShape, world_size: int, quantize: str | None, memory: dict) -> int:
-    fits = [b for b in range(1, MAX_MICRO_BATCH + 1)
-            if max(_peaks(shape, world_size, quantize, memory, b)[p] for p in ("load", "salience", "training")) <= GPU_GIB]
-    return max(fits, default=0)
+    return max((b for b in range(1, MAX_MICRO_BATCH + 1) if _fits(shape, world_size, quantize, memory, b)), default=0)
+
+
+# (model, base, GPUs, GB per GPU, ds_config's memory settings)
+SMALL_BOXES = [("llama-7b", "nf4", 1, 24, CONFIGS["z3_cluster.json"]), ("llama-13b", "nf4", 1, 48, CONFIGS["z3_cluster.json"]),
+               ("llama-70b", "nf4", 2, 80, CONFIGS["z3_cluster.json"]), ("llama-70b", None, 8, 80, CONFIGS["z3_cluster.json"])]
+
+
+def salience_table() -> list[str]:
+    rows = ["| model | base | GPUs | one pass: salience GiB | groups that fit | their salience GiB | compute vs one pass "
+            "| or 1 group offloaded: GPU GiB + host GiB / rank | training GiB |", "|---|---|---|---|---|---|---|---|---|"]
+    for model, quantize, gpus, gb, memory in SMALL_BOXES:
+        shape = ModelShape.from_config(PRESETS[model])
+        job = Job(world_size=gpus, density=0.01, seq_len=2048, micro_batch=1, quantize=quantize,
+                  gradient_checkpointing=True, **memory)
+        budget = gb * 10**9
+        grouped = choose_salience(shape, job, budget, float("inf"), None, False)
+        offloaded = plan(shape, replace(job, salience_offload=True))
+        one, chosen = plan(shape, job), plan(shape, grouped)
+        rows.append(f"| {model} | {quantize or 'bf16'} | {gpus} x {gb} GB | {one['salience']['peak'] / 2**30:.1f} | "
+                    f"{grouped.salience_chunks} | {chosen['salience']['peak'] / 2**30:.1f} | "
+                    f"{salience_time(shape, grouped):.2f}x | {offloaded['salience']['peak'] / 2**30:.1f} + "
+                    f"{offloaded['salience host']['peak'] / 2**30:.1f} | {one['training']['peak'] / 2**30:.1f} |")
+    return rows
 
 
 def main() -> None:
@@ -45,8 +86,13 @@ def main() -> None:
                 for config, memory in CONFIGS.items():
                     peaks = _peaks(shape, world_size, quantize, memory, 1)
                     print(f"| {model} | {quantize or 'bf16'} | {world_size} | {config} | {peaks['load']:.1f} | "
-                          f"{peaks['salience']:.1f} | {peaks['training']:.1f} | {peaks['host']:.1f} | "
+                          f"{peaks['salience']:.1f} | {peaks['training']:.1f} | "
+                          f"{max(peaks['salience host'], peaks['training host']):.1f} | "
                           f"{_largest_micro_batch(shape, world_size, quantize, memory)} |")
+
+
+    print()
+    print("\n".join(salience_table()))
 
 
 if __name__ == "__main__":

@@ -66,6 +66,17 @@ class TrainConfig:
     target_modules: Optional[str] = _field(
         None, "Comma-separated module names (matched on the last name component) or one regex matched against "
               "full module names. Default: every Linear inside the decoder blocks.")
+    salience_chunks: str = _field("auto", "Score the targeted weights in N groups (model order), one pass over the "
+                                          "calibration set each, so only one group's accumulators exist at a time; "
+                                          "auto: the fewest groups whose planned peak fits --max_memory_gib.")
+    salience_offload: str = _field("auto", "Keep the salience accumulators in host memory (cpu); auto: only where "
+                                           "the accelerator's memory needs it and the host's allows it.",
+                                   choices=("auto", "none", "cpu"))
+    max_memory_gib: Optional[float] = _field(None, "Accelerator memory per rank the salience pass may plan for "
+                                                   "(default: the accelerator's memory; on CPU, the free host memory "
+                                                   "per rank).")
+    max_host_memory_gib: Optional[float] = _field(None, "Host memory per rank that offloaded salience accumulators "
+                                                        "may use (default: the free host memory per rank of a node).")
     mask_update_steps: int = _field(0, "Update the mask every N optimizer steps; 0 keeps the first one (static, "
                                        "the paper's best).")
     mask_update: str = _field("reselect", "reselect: fold the deltas into W and select k anew (the paper's); "
@@ -132,6 +143,14 @@ class TrainConfig:
         if self.quantize and self.mask_update_steps:
             raise ConfigError("--mask_update_steps folds deltas into the base weights, which --quantize must never "
                               "re-quantize: keep the static mask (drop --mask_update_steps)")
+        if self.salience_chunks != "auto" and not (self.salience_chunks.isdigit() and int(self.salience_chunks) >= 1):
+            raise ConfigError(f"--salience_chunks {self.salience_chunks} is neither auto nor a number of groups >= 1")
+        if self.metric == "grasp" and self.fixed_salience_chunks not in (None, 1):
+            raise ConfigError("--metric grasp nudges every targeted weight at once, so it cannot score them in groups: "
+                              "use --salience_chunks 1 (with --salience_offload cpu where that does not fit)")
+        for name in ("max_memory_gib", "max_host_memory_gib"):
+            if getattr(self, name) is not None and getattr(self, name) <= 0:
+                raise ConfigError(f"--{name} must be > 0, got {getattr(self, name)}")
         if self.target_modules is not None:
             target_pattern(self.target_modules)
         if not Path(self.model, "config.json").is_file():
@@ -144,6 +163,16 @@ class TrainConfig:
             raise ConfigError(f"--ds_config {self.ds_config} does not exist: pass a DeepSpeed JSON file")
         if looks_like_local_file(self.dataset) and not Path(self.dataset).is_file():
             raise ConfigError(f"--dataset {self.dataset} does not exist: pass a .jsonl/.json/.parquet/.csv file")
+
+    @property
+    def fixed_salience_chunks(self) -> int | None:
+        """--salience_chunks as a number, or None for auto."""
+        return None if self.salience_chunks == "auto" else int(self.salience_chunks)
+
+    @property
+    def fixed_salience_offload(self) -> bool | None:
+        """--salience_offload as a choice made, or None for auto."""
+        return None if self.salience_offload == "auto" else self.salience_offload == "cpu"
 
     @property
     def uses_text_field(self) -> bool:

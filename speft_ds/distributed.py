@@ -94,15 +94,24 @@ def _status_kib(key: str) -> int:
 
 
 def memory_mib_per_rank() -> dict[str, list[float]]:
-    """Each rank's resident memory now and its peak since the last reset_peak_rss (Linux's VmRSS and
-    VmHWM, the process's own; getrusage's peak also counts what the launcher held before exec), in MiB,
-    on every rank (a collective). Zeros where /proc is missing."""
+    """Each rank's resident memory now and its peak since the last reset_peak_memory (Linux's VmRSS and
+    VmHWM, the process's own; getrusage's peak also counts what the launcher held before exec), and on an
+    accelerator its peak allocated memory, in MiB, on every rank (a collective). Zeros where /proc is
+    missing."""
     try:
         mine = [_status_kib("VmRSS:") / 1024.0, _status_kib("VmHWM:") / 1024.0]
     except (OSError, StopIteration):
         mine = [0.0, 0.0]
+    accelerator = get_accelerator()
+    on_accelerator = accelerator.device_name() != "cpu"
+    if on_accelerator:
+        mine.append(accelerator.max_memory_allocated() / 2**20)
     every = per_rank(mine)
-    return {"rss_mib_per_rank": [round(r[0], 1) for r in every], "peak_rss_mib_per_rank": [round(r[1], 1) for r in every]}
+    record = {"rss_mib_per_rank": [round(r[0], 1) for r in every],
+              "peak_rss_mib_per_rank": [round(r[1], 1) for r in every]}
+    if on_accelerator:
+        record["accelerator_peak_mib_per_rank"] = [round(r[2], 1) for r in every]
+    return record
 
 
 def per_rank(values: list[float]) -> list[list[float]]:
@@ -120,13 +129,15 @@ def release_freed_memory() -> None:
         _LIBC.malloc_trim(0)
 
 
-def reset_peak_rss() -> None:
-    """Start a new peak (VmHWM) from the current RSS, so each phase's own peak can be read."""
+def reset_peak_memory() -> None:
+    """Start new peaks (VmHWM from the current RSS, and the accelerator's), so each phase's own can be read."""
     try:
         with open("/proc/self/clear_refs", "w") as clear_refs:
             clear_refs.write("5")
     except OSError:
         pass
+    if get_accelerator().device_name() != "cpu":
+        get_accelerator().reset_peak_memory_stats()
 
 
 def device() -> torch.device:

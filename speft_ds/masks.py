@@ -65,14 +65,6 @@ def largest_magnitudes(values: dict[str, torch.Tensor], n_keep: int) -> dict[str
     return select_global(scores, n_keep, all_reduce=lambda tensor: None)
 
 
-def exclude(scores: dict[str, ShardScores], indices: dict[str, torch.Tensor]) -> None:
-    """Make the given flat indices unselectable (score -inf) in this rank's score shards."""
-    for name, s in scores.items():
-        if name in indices:
-            inside = indices[name][(indices[name] >= s.start) & (indices[name] < s.start + s.scores.numel())]
-            s.scores[inside - s.start] = float("-inf")
-
-
 def union(names: list[str], kept: dict[str, torch.Tensor], grown: dict[str, torch.Tensor],
           kept_tensors: dict[str, dict[str, torch.Tensor]]) -> tuple[dict[str, torch.Tensor], dict[str, dict]]:
     """Sorted union of kept and grown indices per layer (in `names` order, empty layers left out), with

@@ -36,6 +36,19 @@ def skeleton_model(model_config, trust_remote_code: bool = False) -> nn.Module:
 SUPPORTED_TARGETS = (nn.Linear, nn.Embedding)
 
 
+def decoder_blocks(model: nn.Module) -> dict[str, nn.Module]:
+    """The decoder blocks (children of the outermost ModuleLists) by name, in model order."""
+    lists = [name for name, module in model.named_modules() if isinstance(module, nn.ModuleList)]
+    outermost = [name for name in lists if not any(name.startswith(f"{other}.") for other in lists)]
+    return {f"{name}.{child}": block for name in outermost
+            for child, block in model.get_submodule(name).named_children()}
+
+
+def block_of(name: str, blocks: dict[str, nn.Module]) -> str | None:
+    """The decoder block holding module `name`, if any."""
+    return next((block for block in blocks if name.startswith(f"{block}.")), None)
+
+
 def find_targets(model: nn.Module, spec: str | None) -> dict[str, nn.Module]:
     """Targeted layers by name, in `named_modules()` order.
 

@@ -25,14 +25,15 @@ from .config import ConfigError, TrainConfig, TrainingError
 from .data import (calibration_indices, collate, load_raw_dataset, pad_token_id, rank_batches,
                    tokenize_dataset, train_eval_split, train_micro_batches)
 from .distributed import (device, init_distributed, leave_process_group, memory_mib_per_rank, naming_lost_ranks,
-                          per_rank, release_freed_memory, reset_peak_rss)
+                          per_rank, release_freed_memory, reset_peak_memory)
 from .ds_config import fill_auto, read_ds_config, reconcile, resolve_bf16, salience_ds_config
 from .launch_env import world_size_from_env
 from .losses import causal_lm_loss_sum
 from .metrics_log import MetricsLog
 from .model import check_backends, find_targets, load_model, load_model_config, load_tokenizer, skeleton_model
-from .salience import compute_salience
-from .selection import gather_indices, num_to_select, score_summary, select_global, select_local
+from .salience import score_groups
+from .salience_budget import SaliencePlan, plan_salience
+from .selection import gather_indices, num_to_select, select_from_groups
 
 
 @dataclass
@@ -46,6 +47,7 @@ class Plan:
     resume_from: tuple | None  # (checkpoint root, tag)
     base_config_hash: str
     total_steps: int
+    salience: SaliencePlan
     tokenizer: object
     train_set: object
     eval_set: object
@@ -81,7 +83,8 @@ def plan_run(config: TrainConfig, explicit: set[str]) -> Plan:
     """Check the whole job (configs, model shape, targets, data) without loading weights or forming a group."""
     ds_config = read_ds_config(config.ds_config)
     model_config = load_model_config(config)
-    targets = find_targets(skeleton_model(model_config, config.trust_remote_code), config.target_modules)
+    skeleton = skeleton_model(model_config, config.trust_remote_code)
+    targets = find_targets(skeleton, config.target_modules)
     target_shapes = {name: tuple(m.weight.shape) for name, m in targets.items()}
     k = num_to_select(config.density, config.num_trainable, sum(m.weight.numel() for m in targets.values()))
     _check_output_dir(config)
@@ -91,11 +94,12 @@ def plan_run(config: TrainConfig, explicit: set[str]) -> Plan:
     check_backends(config, accelerator.device_name())
     bf16 = resolve_bf16(config, accelerator.device_name(), accelerator.is_bf16_supported())
     config, bf16 = reconcile(ds_config, config, explicit, bf16)
+    world_size = world_size_from_env()
+    salience = plan_salience(config, model_config, skeleton, target_shapes, k, ds_config, world_size, bf16, accelerator)
 
     tokenizer = load_tokenizer(config)
     train_set, eval_set = train_eval_split(tokenize_dataset(load_raw_dataset(config), tokenizer, config),
                                            config.val_size, config.seed)
-    world_size = world_size_from_env()
     steps_per_epoch = len(train_set) // (config.micro_batch_size * world_size) // config.gradient_accumulation_steps
     if steps_per_epoch == 0:
         raise ConfigError(f"{len(train_set)} training examples make no full step of micro_batch_size x "
@@ -104,7 +108,7 @@ def plan_run(config: TrainConfig, explicit: set[str]) -> Plan:
     ds_config = fill_auto(ds_config, config, world_size=world_size, hidden_size=model_config.hidden_size,
                           total_steps=total_steps, bf16=bf16)
     return Plan(config, ds_config, bf16, k, target_shapes, resume_from, base_config_hash(model_config), total_steps,
-                tokenizer, train_set, eval_set)
+                salience, tokenizer, train_set, eval_set)
 
 
 def micro_batch_stream(plan: Plan, rank: int, world_size: int):
@@ -188,37 +192,29 @@ def _targets(model, plan: Plan) -> dict:
             for name in plan.target_names}
 
 
-def score(model, plan: Plan, log: MetricsLog, rank: int, world_size: int, calibration_round: int) -> dict:
-    """Salience per shard over calibration subset number `calibration_round` (0: the first mask)."""
+def select_masks(model, plan: Plan, log: MetricsLog, rank: int, world_size: int, calibration_round: int = 0,
+                 k: int | None = None, excluded: dict[str, torch.Tensor] | None = None) -> tuple[dict, dict]:
+    """Salience over calibration subset number `calibration_round` (0: the first mask), one group of
+    weights at a time as plan.salience says, each group merged into the selection before the next is
+    scored. Returns the flat indices selected in this rank's shard of each weight, and a summary of the
+    scores. `k` and `excluded` (entries that cannot be selected) serve drop_regrow, whose top-k is global."""
     config = plan.config
-    started = time.perf_counter()
     calibration = calibration_indices(len(plan.train_set), config.calibration_examples,
                                       config.seed + calibration_round)
     batches = rank_batches(plan.train_set, calibration, rank, world_size, config.micro_batch_size,
                            pad_token_id(plan.tokenizer))
-    scores = compute_salience(model, _targets(model, plan), batches, config.metric, seed=config.seed,
-                              show_progress=rank == 0)
-    log.write({"event": "salience", "metric": config.metric, "examples": len(calibration),
-               "wall_time_s": time.perf_counter() - started})
-    return scores
-
-
-def select_masks(model, plan: Plan, log: MetricsLog, rank: int, world_size: int,
-                 calibration_round: int = 0) -> tuple[dict[str, torch.Tensor], dict]:
-    """Salience, then the top-k: the flat indices selected in this rank's shard of each weight, and a
-    summary of the scores."""
-    config = plan.config
-    scores = score(model, plan, log, rank, world_size, calibration_round)
-
+    local = config.selection == "local" and excluded is None
     started = time.perf_counter()
-    if config.selection == "global":
-        selected = select_global(scores, plan.k)
-    else:
-        selected = select_local(scores, config.density)
-    summary = score_summary(scores, selected)
-    k = int(_sum_over_ranks(sum(t.numel() for t in selected.values())))
-    log.write({"event": "selection", "selection": config.selection, "k": k,
-               "wall_time_s": time.perf_counter() - started})
+    groups = score_groups(model, _targets(model, plan), plan.salience.groups, batches, config.metric, seed=config.seed,
+                          show_progress=rank == 0, offload=plan.salience.offload)
+    selected, summary, selecting = select_from_groups(groups, plan.target_names, k=None if local else k or plan.k,
+                                                      density=config.density, excluded=excluded)
+    log.write({"event": "salience", "metric": config.metric, "examples": len(calibration),
+               "chunks": len(plan.salience.groups), "offload": plan.salience.offload,
+               "wall_time_s": time.perf_counter() - started - selecting})
+    count = int(_sum_over_ranks(sum(t.numel() for t in selected.values())))
+    log.write({"event": "selection", "selection": "local" if local else "global", "k": count,
+               "wall_time_s": selecting})
     return selected, summary
 
 
@@ -347,10 +343,8 @@ def drop_regrow(engine, model, layers: dict, folded: masks.FoldedDeltas, plan: P
     for layer in layers.values():
         layer.delta_values.requires_grad_(False)
     salience_engine = deepspeed.initialize(model=model, config=salience_ds_config(plan.ds_config))[0]
-    scores = score(model, plan, log, rank, world_size, calibration_round=update)
-    masks.exclude(scores, kept)
-    selected = select_global(scores, n_swap)
-    summary = score_summary(scores, selected)
+    selected, summary = select_masks(model, plan, log, rank, world_size, calibration_round=update, k=n_swap,
+                                     excluded=kept)
     grown = dict(gather_indices(selected))
     salience_engine.destroy()
     masks.unwrap(model, layers)
@@ -399,15 +393,33 @@ def save_trained_adapter(engine, layers: dict, folded: masks.FoldedDeltas, score
         raise RuntimeError("rank 0 failed to write the adapter (its error is in rank 0's output)")
 
 
-def log_memory(log: MetricsLog, phase: str) -> None:
+def log_memory(log: MetricsLog, phase: str) -> dict:
     """Every rank's RSS now and its peak during the phase that just ended (a collective), then a new peak."""
-    log.write({"event": "memory", "phase": phase, **memory_mib_per_rank()})
-    reset_peak_rss()
+    record = {"event": "memory", "phase": phase, **memory_mib_per_rank()}
+    log.write(record)
+    reset_peak_memory()
+    return record
+
+
+def report_salience_memory(log: MetricsLog, salience: SaliencePlan, start: dict, after: dict, rank: int) -> None:
+    """The salience phase's measured peak per rank next to the plan: the accelerator's peak allocation, or
+    on CPU the peak RSS over the RSS before the model was loaded (what the planner counts)."""
+    measured = after.get("accelerator_peak_mib_per_rank") or [
+        peak - before for peak, before in zip(after["peak_rss_mib_per_rank"], start["rss_mib_per_rank"])]
+    gib = [round(m / 1024, 3) for m in measured]
+    log.write({"event": "salience_memory", "planned_peak_gib": round(salience.planned_peak / 2**30, 3),
+               "measured_peak_gib_per_rank": gib, "max_memory_gib": round(salience.budget / 2**30, 3)})
+    if rank == 0:
+        print(f"salience: measured peak {max(gib):.2f} GiB per rank, planned {salience.planned_peak / 2**30:.2f} GiB",
+              flush=True)
 
 
 def run(plan: Plan) -> RunResult:
     config = plan.config
     init_distributed(config.ddp_timeout)
+    # Every rank has checked the output directory (plan_run) before rank 0 writes into it; a group formed
+    # before plan_run (tests, notebooks) would otherwise let rank 0 run ahead.
+    dist.barrier()
     rank, world_size = dist.get_rank(), dist.get_world_size()
     logging.getLogger("DeepSpeed").setLevel(logging.WARNING)
     torch.manual_seed(config.seed)
@@ -415,7 +427,7 @@ def run(plan: Plan) -> RunResult:
     log = MetricsLog(Path(config.output_dir) / "metrics.jsonl", enabled=rank == 0,
                      resume_step=point.step if point else None)
 
-    log_memory(log, "start")
+    start_memory = log_memory(log, "start")
     started = time.perf_counter()
     model, hf_ds_config = load_model(config, plan.ds_config, torch.bfloat16 if plan.bf16 else torch.float32)
     log.write({"event": "load", "wall_time_s": time.perf_counter() - started})
@@ -428,13 +440,16 @@ def run(plan: Plan) -> RunResult:
         checkpoint.load_engine_state(engine, point)
         del point  # and with it every layer's whole index list: the layers keep their partitions
     else:
+        log.write(plan.salience.record())
+        if rank == 0:
+            print(plan.salience.describe(), flush=True)
         # No optimizer: this engine only gathers the partitioned weights around each layer's forward and backward.
         engine = deepspeed.initialize(model=model, config=salience_ds_config(plan.ds_config))[0]
         selected, summary = select_masks(model, plan, log, rank, world_size)
         engine.destroy()
         release_freed_memory()
         folded, start = masks.FoldedDeltas(), 0
-        log_memory(log, "salience")  # and selection
+        report_salience_memory(log, plan.salience, start_memory, log_memory(log, "salience"), rank)  # and selection
         layers = inject_selected(model, plan, selected)
         del selected
         engine = training_engine(model, _values(layers), plan, completed_steps=start)

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import zlib
 from dataclasses import dataclass
-from typing import Callable
+from typing import Callable, Iterator
 
 import torch
 from torch import nn
@@ -125,36 +125,57 @@ class ShardScores:
 
 
 def _statistics(needs: tuple[str, ...], model: nn.Module, targets: dict[str, nn.Module], batches: list[dict],
-                show_progress: bool) -> dict[str, dict[str, torch.Tensor]]:
+                show_progress: bool, offload: bool, desc: str) -> dict[str, dict[str, torch.Tensor]]:
     stats = {}
     if "grad" in needs:
-        stats["grad"] = shard_grads.gradient(model, targets, batches, show_progress)
+        stats["grad"] = shard_grads.gradient(model, targets, batches, show_progress, offload=offload, desc=desc)
     if "grad_sq" in needs:
-        stats["grad_sq"] = shard_grads.mean_squared_example_gradient(model, targets, batches, show_progress)
+        stats["grad_sq"] = shard_grads.mean_squared_example_gradient(model, targets, batches, show_progress,
+                                                                     offload=offload, desc=desc)
     if "synflow_grad" in needs:
-        stats["synflow_grad"] = shard_grads.synflow_gradient(model, targets)
+        stats["synflow_grad"] = shard_grads.synflow_gradient(model, targets, offload=offload)
     if "hessian_grad" in needs:
-        stats["hessian_grad"] = shard_grads.hessian_gradient(model, targets, batches, stats["grad"], show_progress)
+        stats["hessian_grad"] = shard_grads.hessian_gradient(model, targets, batches, stats["grad"], show_progress,
+                                                             offload=offload, desc=desc)
     return stats
 
 
 def compute_salience(model: nn.Module, targets: dict[str, nn.Module], batches: list[dict],
-                     metric: str = "gradient", seed: int = 0, show_progress: bool = True) -> dict[str, ShardScores]:
+                     metric: str = "gradient", seed: int = 0, show_progress: bool = True, offload: bool = False,
+                     desc: str = "salience") -> dict[str, ShardScores]:
     """Score every targeted weight on this rank's shard.
 
-    `batches` are this rank's calibration micro-batches (every rank must pass the same number).
+    `batches` are this rank's calibration micro-batches (every rank must pass the same number). With
+    `offload` the statistics and scores live in host memory. Each weight's statistics are freed as soon
+    as it is scored, so the peak is one set of statistics plus one weight's scores.
     """
     chosen = get_metric(metric)
     if chosen.needs and shard_grads.calibration_tokens(batches) == 0:
         raise ConfigError("the calibration examples have no loss tokens: check --response_field / --seq_len")
-    stats = _statistics(chosen.needs, model, targets, batches, show_progress)
+    stats = _statistics(chosen.needs, model, targets, batches, show_progress, offload, desc)
+    where = torch.device("cpu") if offload else comm_device()
     scores = {}
     for name, module in targets.items():
         start, stop = zero3.shard_range(module.weight)
         n = stop - start
-        weight = zero3.local_shard(module.weight)[:n].float() if chosen.reads_weight else None
-        shard = ShardStats(name, start, n, weight, seed, **{key: per_name[name][:n] for key, per_name in stats.items()})
-        accumulator_numel = max((per_name[name].numel() for per_name in stats.values()), default=0)
-        scores[name] = ShardScores(start, chosen.score(shard).float(), zero3.full_numel(module.weight),
-                                   accumulator_numel)
+        own = {key: per_name.pop(name) for key, per_name in stats.items()}
+        weight = zero3.local_shard(module.weight)[:n].to(where, torch.float32) if chosen.reads_weight else None
+        shard = ShardStats(name, start, n, weight, seed, **{key: t[:n] for key, t in own.items()})
+        scores[name] = ShardScores(start, chosen.score(shard).to(where, torch.float32), zero3.full_numel(module.weight),
+                                   max((t.numel() for t in own.values()), default=0))
+        del own, shard
     return scores
+
+
+def score_groups(model: nn.Module, targets: dict[str, nn.Module], groups: list[list[str]], batches: list[dict],
+                 metric: str = "gradient", seed: int = 0, show_progress: bool = True,
+                 offload: bool = False) -> Iterator[dict[str, ShardScores]]:
+    """compute_salience for one group of targets at a time (one pass over the calibration set each): only
+    one group's statistics exist at once, and each pass's backward stops below its group's lowest block."""
+    if len(groups) > 1 and metric == "grasp":
+        raise ConfigError("--metric grasp nudges every targeted weight at once, so it cannot score them in groups: "
+                          "use --salience_chunks 1 (with --salience_offload cpu where that does not fit)")
+    for i, names in enumerate(groups):
+        desc = "salience" if len(groups) == 1 else f"salience {i + 1}/{len(groups)}"
+        yield compute_salience(model, {name: targets[name] for name in names}, batches, metric, seed, show_progress,
+                               offload, desc)

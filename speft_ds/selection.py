@@ -8,12 +8,15 @@ histogram size are fixed, so one selection communicates the same bytes whatever 
 
 from __future__ import annotations
 
-from typing import Callable, Iterator
+import time
+from dataclasses import dataclass
+from typing import Callable, Iterable, Iterator
 
 import torch
 import torch.distributed as dist
 
 from .config import ConfigError
+from .distributed import device as comm_device
 from .salience import ShardScores
 
 AllReduce = Callable[[torch.Tensor], object]
@@ -22,9 +25,12 @@ _FLAT_INDEX_BITS = 40  # weights of up to 2^40 elements
 _POSITION_BITS = 64 - 8  # module index in the top 16 bits; a multiple of 8 keeps rounds whole
 
 
-def _all_reduce(tensor: torch.Tensor) -> None:
+def _all_reduce(tensor: torch.Tensor, op=dist.ReduceOp.SUM) -> None:
+    """In place over every rank, through the communication device (scores may sit in host memory)."""
     if dist.is_initialized() and dist.get_world_size() > 1:
-        dist.all_reduce(tensor)
+        moved = tensor.to(comm_device())
+        dist.all_reduce(moved, op=op)
+        tensor.copy_(moved)
 
 
 def score_keys(scores: torch.Tensor) -> torch.Tensor:
@@ -63,32 +69,82 @@ def _radix_select(key_shards: list[Callable[[], torch.Tensor]], k: int, bits: in
     return prefix, remaining
 
 
-def _select(shards: list[tuple[int, ShardScores]], k: int, all_reduce: AllReduce) -> list[torch.Tensor]:
-    """Top-k over the given (module position, shard) pairs; returns the selected flat indices per shard."""
-    device = shards[0][1].scores.device
-    total = torch.tensor(sum(s.scores.numel() for _, s in shards), dtype=torch.int64, device=device)
+@dataclass
+class _Candidates:
+    """Scores on this rank, each named by a position key (module position << 40 | flat index) that breaks
+    ties: the lower key wins."""
+    scores: torch.Tensor
+    position_keys: Callable[[torch.Tensor], torch.Tensor]  # offsets into `scores` -> their int64 keys
+
+
+def _shard_candidates(position: int, shard: ShardScores) -> _Candidates:
+    first = (position << _FLAT_INDEX_BITS) + shard.start
+    return _Candidates(shard.scores, lambda offsets: offsets + first)
+
+
+def _global_sum(value: int, all_reduce: AllReduce) -> int:
+    total = torch.tensor(value, dtype=torch.int64)
     all_reduce(total)
-    check_k(k, total.item())
-    has_nan = torch.tensor(int(any(torch.isnan(s.scores).any() for _, s in shards)), dtype=torch.int64,
-                           device=device)
-    all_reduce(has_nan)  # every rank raises together, none waits in a collective the others left
-    if has_nan.item():
+    return int(total)
+
+
+def _check_finite_order(sources: list[_Candidates], all_reduce: AllReduce) -> None:
+    # every rank raises together, none waits in a collective the others left
+    if _global_sum(int(any(torch.isnan(s.scores).any() for s in sources)), all_reduce):
         raise ConfigError("salience scores contain NaN: check the model and calibration data")
 
-    threshold, ties_needed = _radix_select([lambda s=s: score_keys(s.scores) for _, s in shards],
+
+def _select(sources: list[_Candidates], k: int, all_reduce: AllReduce) -> list[torch.Tensor]:
+    """Top-k over every rank's candidates (k at most their number); returns, per source, the sorted offsets
+    of its selected scores."""
+    device = sources[0].scores.device
+    threshold, ties_needed = _radix_select([lambda s=s: score_keys(s.scores) for s in sources],
                                            k, _SCORE_BITS, True, True, all_reduce, device)
-    # Entries at the threshold score, as position keys (module position, then flat index): found once,
-    # since the tie-break's rounds read them again and again.
-    tied = [(position << _FLAT_INDEX_BITS) | (torch.nonzero(score_keys(s.scores) == threshold).view(-1) + s.start)
-            for position, s in shards]
-    last_tie, _ = _radix_select([lambda t=t: t for t in tied], ties_needed, _POSITION_BITS, False, False,
+    # Entries at the threshold score and their position keys: found once, since the tie-break's rounds
+    # read them again and again.
+    tied = [torch.nonzero(score_keys(s.scores) == threshold).view(-1) for s in sources]
+    tied_keys = [s.position_keys(offsets) for s, offsets in zip(sources, tied)]
+    last_tie, _ = _radix_select([lambda t=t: t for t in tied_keys], ties_needed, _POSITION_BITS, False, False,
                                 all_reduce, device)
-    selected = []
-    for (position, s), ties in zip(shards, tied):
-        above = torch.nonzero(score_keys(s.scores) > threshold).view(-1) + s.start
-        chosen = ties[ties <= last_tie] - (position << _FLAT_INDEX_BITS)
-        selected.append(torch.cat([above, chosen]).sort().values)
-    return selected
+    return [torch.cat([torch.nonzero(score_keys(s.scores) > threshold).view(-1), offsets[keys <= last_tie]]).sort().values
+            for s, offsets, keys in zip(sources, tied, tied_keys)]
+
+
+class RunningTopK:
+    """The exact global top-k of scores that arrive a group of weights at a time.
+
+    Each rank keeps the entries of its own shards that are in the top k of everything seen so far (their
+    score and position key: about k / ranks of them), and merges each new group into them with one
+    selection. Since the order (score, then module position, then flat index) is total, the top k of
+    (top k so far + new group) is the top k of everything: the result equals one selection over all
+    weights at once, ties included."""
+
+    def __init__(self, k: int, names: list[str], all_reduce: AllReduce = _all_reduce):
+        self.k, self.all_reduce = k, all_reduce
+        self.positions = {name: position for position, name in enumerate(names)}
+        self.scores = torch.zeros(0)
+        self.keys = torch.zeros(0, dtype=torch.int64)
+        self.seen = 0  # entries offered so far, over all ranks
+
+    def add(self, shards: dict[str, ShardScores]) -> None:
+        sources = [_shard_candidates(self.positions[name], s) for name, s in shards.items()]
+        _check_finite_order(sources, self.all_reduce)
+        self.seen += _global_sum(sum(s.scores.numel() for s in sources), self.all_reduce)
+        kept = _Candidates(self.scores.to(sources[0].scores.device), lambda offsets: self.keys[offsets])
+        sources.insert(0, kept)
+        if self.seen <= self.k:
+            chosen = [torch.arange(s.scores.numel(), device=s.scores.device) for s in sources]
+        else:
+            chosen = _select(sources, self.k, self.all_reduce)
+        self.keys = torch.cat([s.position_keys(offsets) for s, offsets in zip(sources, chosen)])
+        self.scores = torch.cat([s.scores[offsets] for s, offsets in zip(sources, chosen)])
+
+    def selected(self) -> dict[str, torch.Tensor]:
+        """This rank's selected flat indices per weight (sorted; every weight offered, empty where none)."""
+        check_k(self.k, self.seen)
+        keys = self.keys.sort().values
+        modules, flat = keys >> _FLAT_INDEX_BITS, keys & ((1 << _FLAT_INDEX_BITS) - 1)
+        return {name: flat[modules == position] for name, position in self.positions.items()}
 
 
 def check_k(k: int, total_elements: int) -> None:
@@ -106,15 +162,51 @@ def num_to_select(density: float, num_trainable: int | None, total_elements: int
 def select_global(scores: dict[str, ShardScores], k: int,
                   all_reduce: AllReduce = _all_reduce) -> dict[str, torch.Tensor]:
     """One top-k over all targeted weights together. Returns this rank's selected flat indices per weight."""
-    selected = _select(list(enumerate(scores.values())), k, all_reduce)
-    return dict(zip(scores, selected))
+    top = RunningTopK(k, list(scores), all_reduce)
+    top.add(scores)
+    return top.selected()
 
 
 def select_local(scores: dict[str, ShardScores], density: float,
                  all_reduce: AllReduce = _all_reduce) -> dict[str, torch.Tensor]:
     """The same fraction inside each weight: k_w = max(1, round(density * numel_w))."""
-    return {name: _select([(0, s)], max(1, round(density * s.numel)), all_reduce)[0]
+    return {name: select_global({name: s}, max(1, round(density * s.numel)), all_reduce)[name]
             for name, s in scores.items()}
+
+
+def exclude(scores: dict[str, ShardScores], indices: dict[str, torch.Tensor]) -> None:
+    """Make the given flat indices unselectable (score -inf) in this rank's score shards."""
+    for name, s in scores.items():
+        if name in indices:
+            inside = indices[name][(indices[name] >= s.start) & (indices[name] < s.start + s.scores.numel())]
+            s.scores[inside - s.start] = float("-inf")
+
+
+def select_from_groups(groups: Iterable[dict[str, ShardScores]], names: list[str], k: int | None = None,
+                       density: float | None = None, excluded: dict[str, torch.Tensor] | None = None
+                       ) -> tuple[dict[str, torch.Tensor], dict, float]:
+    """The global top-k (or, given `density` instead, each weight's own top fraction) over scores that
+    arrive one group of weights at a time (`names`: every weight, in model order), never holding more
+    than one group's scores. `excluded` entries cannot be selected. Returns this rank's selected flat
+    indices per weight, the score summary, and the seconds spent selecting (beside producing scores)."""
+    top, summary, selected, seconds = RunningTopK(k, names) if k else None, ScoreSummary(), {}, 0.0
+    for scores in groups:
+        started = time.perf_counter()
+        exclude(scores, excluded or {})
+        summary.add(scores)
+        if top:
+            top.add(scores)
+        else:
+            chosen = select_local(scores, density)
+            for name, indices in chosen.items():
+                summary.add_selected(scores[name].scores[indices - scores[name].start])
+            selected.update(chosen)
+        del scores
+        seconds += time.perf_counter() - started
+    if top:
+        selected = top.selected()
+        summary.add_selected(top.scores)
+    return selected, summary.result(), seconds
 
 
 def gather_indices(selected: dict[str, torch.Tensor]) -> Iterator[tuple[str, torch.Tensor]]:
@@ -141,24 +233,35 @@ def _gather_one(mine: torch.Tensor) -> torch.Tensor:
 _LOG10_LOW, _LOG10_HIGH, _BINS = -12.0, 4.0, 64
 
 
-def score_summary(scores: dict[str, ShardScores], selected: dict[str, torch.Tensor]) -> dict:
-    """A compact, all-reduced summary of the score distribution (never the scores themselves): histograms
-    of log10 |score| for positive and negative scores, the zero count, and the lowest selected score."""
-    device = next(iter(scores.values())).scores.device
-    counts = torch.zeros(2 * _BINS + 1, dtype=torch.int64, device=device)
-    lowest = torch.tensor(float("inf"), device=device)
-    for name, s in scores.items():
-        nonzero = s.scores[s.scores != 0]
-        logs = nonzero.abs().log10().clamp(_LOG10_LOW, _LOG10_HIGH - 1e-6)
-        bins = ((logs - _LOG10_LOW) / (_LOG10_HIGH - _LOG10_LOW) * _BINS).long()
-        counts[:_BINS] += torch.bincount(bins[nonzero > 0], minlength=_BINS)
-        counts[_BINS:2 * _BINS] += torch.bincount(bins[nonzero < 0], minlength=_BINS)
-        counts[-1] += int((s.scores == 0).sum())
-        if selected[name].numel():
-            lowest = torch.minimum(lowest, s.scores[selected[name] - s.start].min())
-    _all_reduce(counts)
-    if dist.is_initialized() and dist.get_world_size() > 1:
-        dist.all_reduce(lowest, op=dist.ReduceOp.MIN)
-    return {"log10_edges": torch.linspace(_LOG10_LOW, _LOG10_HIGH, _BINS + 1).tolist(),
-            "positive": counts[:_BINS].tolist(), "negative": counts[_BINS:2 * _BINS].tolist(),
-            "zero": int(counts[-1]), "lowest_selected": lowest.item()}
+class ScoreSummary:
+    """A compact summary of the score distribution (never the scores themselves), built group by group:
+    histograms of log10 |score| for positive and negative scores, the zero count, and the lowest selected
+    score."""
+
+    def __init__(self):
+        self.counts = torch.zeros(2 * _BINS + 1, dtype=torch.int64)
+        self.lowest = float("inf")
+
+    def add(self, scores: dict[str, ShardScores]) -> None:
+        for s in scores.values():
+            nonzero = s.scores[s.scores != 0]
+            logs = nonzero.abs().log10().clamp(_LOG10_LOW, _LOG10_HIGH - 1e-6)
+            bins = ((logs - _LOG10_LOW) / (_LOG10_HIGH - _LOG10_LOW) * _BINS).long().cpu()
+            positive = (nonzero > 0).cpu()
+            self.counts[:_BINS] += torch.bincount(bins[positive], minlength=_BINS)
+            self.counts[_BINS:2 * _BINS] += torch.bincount(bins[~positive], minlength=_BINS)
+            self.counts[-1] += int((s.scores == 0).sum())
+
+    def add_selected(self, selected_scores: torch.Tensor) -> None:
+        if selected_scores.numel():
+            self.lowest = min(self.lowest, selected_scores.min().item())
+
+    def result(self) -> dict:
+        """Every rank's summary joined (collectives)."""
+        counts = self.counts.clone()
+        _all_reduce(counts)
+        lowest = torch.tensor(self.lowest)
+        _all_reduce(lowest, op=dist.ReduceOp.MIN)
+        return {"log10_edges": torch.linspace(_LOG10_LOW, _LOG10_HIGH, _BINS + 1).tolist(),
+                "positive": counts[:_BINS].tolist(), "negative": counts[_BINS:2 * _BINS].tolist(),
+                "zero": int(counts[-1]), "lowest_selected": lowest.item()}

@@ -15,6 +15,7 @@ from typing import Callable
 
 import torch
 import torch.distributed as dist
+from deepspeed.accelerator import get_accelerator
 from torch import nn
 from tqdm import tqdm
 
@@ -22,22 +23,23 @@ from . import zero3
 from .delta import weight_grad_fn
 from .distributed import device as comm_device, release_freed_memory
 from .losses import causal_lm_loss_sum, per_example_mean_loss_sum
+from .model import block_of, decoder_blocks
 
 LossFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]  # (logits, labels) -> scalar loss
 
 
 class _ShardAccumulator:
     """Hooks adding each targeted layer's dW slice (or, per example, dW squared) into accumulators (fp32:
-    the smallest dtype that keeps the selection, bench/accumulator_dtype.py).
+    the smallest dtype that keeps the selection, bench/accumulator_dtype.py), on the accelerator or, with
+    `offload`, in (pinned) host memory.
 
     A layer's reduce-scatter runs while the backward computes the layer before it; at most one is in
     flight, so no more than two layers' dW exist at a time."""
 
-    def __init__(self, targets: dict[str, nn.Module], per_example_squares: bool, dtype: torch.dtype):
+    def __init__(self, targets: dict[str, nn.Module], per_example_squares: bool, dtype: torch.dtype, offload: bool):
         self.targets = targets
         self.per_example_squares = per_example_squares
-        self.accumulators = {name: torch.zeros(zero3.shard_numel(m.weight), dtype=dtype, device=comm_device())
-                             for name, m in targets.items()}
+        self.accumulators = {name: _zeros(zero3.shard_numel(m.weight), dtype, offload) for name, m in targets.items()}
         self._handles = [m.register_forward_hook(self._forward_hook(name)) for name, m in targets.items()]
         self._in_flight: Callable[[], None] | None = None
 
@@ -70,22 +72,69 @@ class _ShardAccumulator:
             handle.remove()
 
 
+def _zeros(numel: int, dtype: torch.dtype, offload: bool) -> torch.Tensor:
+    if offload:
+        return get_accelerator().pin_memory(torch.zeros(numel, dtype=dtype))
+    return torch.zeros(numel, dtype=dtype, device=comm_device())
+
+
+def _hidden_states_leaf(module, args, kwargs):
+    """A block's input as a new leaf that asks for gradients: autograd records nothing below this block."""
+    if args:
+        return (args[0].detach().requires_grad_(True), *args[1:]), kwargs
+    return args, {**kwargs, "hidden_states": kwargs["hidden_states"].detach().requires_grad_(True)}
+
+
+@contextlib.contextmanager
+def _gradients_from_lowest_target(model: nn.Module, targets: dict[str, nn.Module]):
+    """Make the backward reach every target and stop below the lowest decoder block holding one.
+
+    The base weights are frozen, so no gradient flows unless an input asks for one: the lowest block's
+    input where every target sits inside a block, else the embedding output. Blocks from there up
+    recompute their activations in the backward where gradient checkpointing is on (it only acts on
+    blocks in training mode; the pass keeps the rest of the model in eval mode, without dropout); blocks
+    below run without autograd, as in inference."""
+    blocks = decoder_blocks(model)
+    owners = [block_of(name, blocks) for name in targets]
+    handles, checkpointed = [], []
+    require_input_grads = bool(getattr(model, "_require_grads_hooks", None))  # gradient checkpointing's
+    if require_input_grads:
+        model.disable_input_require_grads()
+    try:
+        if all(owners):
+            names = list(blocks)
+            lowest = min(names.index(owner) for owner in owners)
+            handles.append(blocks[names[lowest]].register_forward_pre_hook(_hidden_states_leaf, with_kwargs=True))
+            checkpointed = [b for b in list(blocks.values())[lowest:] if getattr(b, "gradient_checkpointing", False)]
+        else:
+            handles.append(model.get_input_embeddings().register_forward_hook(lambda m, i, out: out.requires_grad_(True)))
+            checkpointed = [b for b in blocks.values() if getattr(b, "gradient_checkpointing", False)]
+        for block in checkpointed:
+            block.training = True  # the block alone: its submodules' dropout stays off
+        yield
+    finally:
+        for handle in handles:
+            handle.remove()
+        for block in checkpointed:
+            block.training = False
+        if require_input_grads:
+            model.enable_input_require_grads()
+
+
 @contextlib.contextmanager
 def _accumulating(model: nn.Module, targets: dict[str, nn.Module], per_example_squares: bool = False,
-                  dtype: torch.dtype = torch.float32):
-    # The base weights stay frozen, so gradients reach the layers only if the embedding output asks for one.
-    # Registered before the accumulator's hooks, so an embedding target already sees it.
-    embed_hook = model.get_input_embeddings().register_forward_hook(lambda m, i, out: out.requires_grad_(True))
-    accumulator = _ShardAccumulator(targets, per_example_squares, dtype)
+                  dtype: torch.dtype = torch.float32, offload: bool = False):
     was_training = model.training
     model.eval()  # no dropout: the statistics are of the model as it is
-    try:
-        yield accumulator.accumulators
-        accumulator.finish_in_flight()
-    finally:
-        embed_hook.remove()
-        accumulator.remove()
-        model.train(was_training)
+    # Entered before the accumulator's hooks exist, so an embedding target's output already asks for gradients.
+    with _gradients_from_lowest_target(model, targets):
+        accumulator = _ShardAccumulator(targets, per_example_squares, dtype, offload)
+        try:
+            yield accumulator.accumulators
+            accumulator.finish_in_flight()
+        finally:
+            accumulator.remove()
+            model.train(was_training)
 
 
 def _backward_over(model: nn.Module, batches: list[dict], loss_fn: LossFn, desc: str, show_progress: bool) -> None:
@@ -114,30 +163,32 @@ def calibration_examples(batches: list[dict]) -> int:
     return global_count(sum(int((b["labels"][:, 1:] != -100).any(dim=1).sum()) for b in batches))
 
 
-def gradient(model: nn.Module, targets: dict[str, nn.Module], batches: list[dict],
-             show_progress: bool = False, dtype: torch.dtype = torch.float32) -> dict[str, torch.Tensor]:
+def gradient(model: nn.Module, targets: dict[str, nn.Module], batches: list[dict], show_progress: bool = False,
+             dtype: torch.dtype = torch.float32, offload: bool = False, desc: str = "salience") -> dict[str, torch.Tensor]:
     """g = d(summed token loss / total loss tokens of the calibration set)/dW: independent of how the
-    calibration set is cut into micro-batches and ranks. `dtype`: the accumulators'."""
+    calibration set is cut into micro-batches and ranks. `dtype`: the accumulators'; `offload`: keep them
+    in host memory."""
     total_tokens = calibration_tokens(batches)
-    with _accumulating(model, targets, dtype=dtype) as accumulators:
+    with _accumulating(model, targets, dtype=dtype, offload=offload) as accumulators:
         _backward_over(model, batches, lambda logits, labels: causal_lm_loss_sum(logits, labels)[0] / total_tokens,
-                       "salience", show_progress)
+                       desc, show_progress)
     return accumulators
 
 
 def mean_squared_example_gradient(model: nn.Module, targets: dict[str, nn.Module], batches: list[dict],
-                                  show_progress: bool = False) -> dict[str, torch.Tensor]:
+                                  show_progress: bool = False, offload: bool = False,
+                                  desc: str = "salience") -> dict[str, torch.Tensor]:
     """(1/N) sum_i (d loss_i / dW)^2, loss_i the mean token loss of example i (the empirical Fisher)."""
-    with _accumulating(model, targets, per_example_squares=True) as accumulators:
-        _backward_over(model, batches, per_example_mean_loss_sum, "salience (fisher)", show_progress)
+    with _accumulating(model, targets, per_example_squares=True, offload=offload) as accumulators:
+        _backward_over(model, batches, per_example_mean_loss_sum, f"{desc} (fisher)", show_progress)
     n = calibration_examples(batches)
-    return {name: acc / max(n, 1) for name, acc in accumulators.items()}
+    return {name: acc.div_(max(n, 1)) for name, acc in accumulators.items()}
 
 
 _ACTIVATION_MODULES = ("torch.nn.modules.activation", "transformers.activations")
 
 
-def synflow_gradient(model: nn.Module, targets: dict[str, nn.Module]) -> dict[str, torch.Tensor]:
+def synflow_gradient(model: nn.Module, targets: dict[str, nn.Module], offload: bool = False) -> dict[str, torch.Tensor]:
     """d sum(logits)/dW for the model with every weight made non-negative, activation modules replaced by
     the identity and an all-ones input embedding of one token (SynFlow, as the paper's code computes it).
     Attention's softmax stays; over a single token it is 1 anyway."""
@@ -146,7 +197,7 @@ def synflow_gradient(model: nn.Module, targets: dict[str, nn.Module]) -> dict[st
                       if type(m).__module__ in _ACTIVATION_MODULES]
     world = dist.get_world_size() if dist.is_initialized() else 1
     try:
-        with zero3.preserved_shards(params), _accumulating(model, targets) as accumulators:
+        with zero3.preserved_shards(params), _accumulating(model, targets, offload=offload) as accumulators:
             with torch.no_grad():
                 for param in params:
                     zero3.local_shard(param).abs_()
@@ -176,10 +227,12 @@ HESSIAN_STEP = 1e-3
 
 
 def hessian_gradient(model: nn.Module, targets: dict[str, nn.Module], batches: list[dict],
-                     grad: dict[str, torch.Tensor], show_progress: bool = False) -> dict[str, torch.Tensor]:
+                     grad: dict[str, torch.Tensor], show_progress: bool = False, offload: bool = False,
+                     desc: str = "salience") -> dict[str, torch.Tensor]:
     """H g (H: Hessian of the calibration loss over the targeted weights) by a central difference of
     gradients, (g(W + eps g) - g(W - eps g)) / (2 eps), with each rank nudging only its own shards and
-    the weights restored bit-exactly afterwards."""
+    the weights restored bit-exactly afterwards. It nudges every targeted weight at once, so `targets`
+    must be all of them; it holds three sets of accumulators (g and the two nudged gradients)."""
     ranges = {name: zero3.shard_range(m.weight) for name, m in targets.items()}
     valid = {name: grad[name][:stop - start] for name, (start, stop) in ranges.items()}
     weights = [zero3.local_shard(m.weight)[:stop - start] for m, (start, stop) in zip(targets.values(), ranges.values())]
@@ -190,6 +243,9 @@ def hessian_gradient(model: nn.Module, targets: dict[str, nn.Module], batches: l
             with torch.no_grad():
                 for name, module in targets.items():
                     shard = zero3.local_shard(module.weight)
-                    shard[:valid[name].numel()] += (sign * eps * valid[name]).to(shard.dtype)
-            gradients.append(gradient(model, targets, batches, show_progress))
-    return {name: (gradients[0][name] - gradients[1][name]) / (2 * eps) for name in targets}
+                    shard[:valid[name].numel()] += (sign * eps * valid[name]).to(shard)
+            gradients.append(gradient(model, targets, batches, show_progress, offload=offload,
+                                      desc=f"{desc} (grasp {'+' if sign > 0 else '-'})"))
+    plus, minus = gradients
+    # In place, each nudged pair freed as it is used: never a fourth set.
+    return {name: plus.pop(name).sub_(minus.pop(name)).div_(2 * eps) for name in list(targets)}

@@ -59,6 +59,14 @@ CASES = {
     "quantized_with_a_weight_metric": (["--quantize", "nf4", "--metric", "synflow"], "--metric synflow reads"),
     "quantized_with_mask_updates": (["--quantize", "nf4", "--mask_update_steps", "10"], "re-quantize"),
     "flash_attention_on_cpu": (["--attn", "flash_attention_2"], "flash"),
+    "salience_chunks_zero": (["--salience_chunks", "0"], "--salience_chunks 0"),
+    "salience_chunks_not_a_number": (["--salience_chunks", "many"], "--salience_chunks many"),
+    "more_salience_chunks_than_weights": (["--salience_chunks", "999"], "more than the 28 targeted weights"),
+    "grasp_in_groups": (["--metric", "grasp", "--salience_chunks", "2"], "--metric grasp"),
+    "unknown_salience_offload": (["--salience_offload", "disk"], "--salience_offload"),
+    "max_memory_zero": (["--max_memory_gib", "0"], "--max_memory_gib"),
+    "salience_fits_no_budget": (["--max_memory_gib", "0.00001"], "over the budget of 0.00 GiB (--max_memory_gib)"),
+    "grasp_fits_no_budget": (["--metric", "grasp", "--max_memory_gib", "0.00001"], "even in 1 group,"),
 }
 
 

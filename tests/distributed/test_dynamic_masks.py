@@ -22,6 +22,7 @@ from tests.references import decoder_linears, dense_gradient, reference_top_k
 
 WORLD, STEPS, EVERY, MICRO_BATCH, LR, MAX_NORM = 2, 4, 2, 2, 1e-2, 1.0
 DENSITY, CALIBRATION, REGROW = 0.05, 16, 0.25
+SALIENCE_CHUNKS = {"reselect": "2", "drop_regrow": "3"}
 
 
 def _worker(rank, world_size, argv):
@@ -54,7 +55,9 @@ def run_result(request, tmp_path_factory):
             "--learning_rate", str(LR), "--lr_scheduler", "constant", "--max_grad_norm", str(MAX_NORM),
             "--calibration_examples", str(CALIBRATION), "--density", str(DENSITY), "--seq_len", "48",
             "--logging_steps", "1", "--val_size", "0.1", "--mask_update_steps", str(EVERY),
-            "--mask_update", request.param, "--regrow_fraction", str(REGROW)]
+            "--mask_update", request.param, "--regrow_fraction", str(REGROW),
+            # every salience pass in groups of weights: the masks must still be the dense reference's
+            "--salience_chunks", SALIENCE_CHUNKS[request.param]]
     results = run_ranks(_worker, WORLD, argv, out_dir=root / "ranks")
     config = TrainConfig(model=str(model_dir), dataset=str(dataset), seq_len=48, val_size=0.1)
     return {"strategy": request.param, "results": results, "config": config, "out": root / "out"}

@@ -7,7 +7,8 @@ import torch
 
 from speft_ds.config import ConfigError
 from speft_ds.salience import ShardScores
-from speft_ds.selection import check_k, num_to_select, score_keys, select_global, select_local
+from speft_ds.selection import (RunningTopK, check_k, num_to_select, score_keys, select_from_groups, select_global,
+                                 select_local)
 
 NAMES = ["a.q_proj", "a.v_proj", "b.down_proj", "b.up_proj"]
 
@@ -196,3 +197,52 @@ def test_negative_zero_ties_with_zero():
     """-0.0 == 0.0 as scores, so position (lower flat index first) should break the tie."""
     scores = {"m": torch.tensor([-0.0, 0.0])}
     assert_same_selection(select_global({"m": whole(scores["m"])}, 1), reference_top_k(scores, 1), 1)
+
+
+@pytest.mark.parametrize("kind", ["random", "ties", "signed_ties", "magnitudes"])
+@pytest.mark.parametrize("seed", [0, 1])
+def test_running_top_k_over_groups_matches_reference(kind, seed):
+    """Scores offered group by group (each group's shards arriving together) give the reference's top k for
+    every grouping of the modules, k from 1 to all: the ties decided by module order across groups."""
+    gen = torch.Generator().manual_seed(seed)
+    scores = random_module_scores(gen, kind)
+    total = sum(s.numel() for s in scores.values())
+    for k in k_values(total, gen):
+        for cuts in ([1], [2], [3], [1, 2], [1, 3], [1, 2, 3]):
+            bounds = [0, *cuts, len(NAMES)]
+            top = RunningTopK(k, NAMES)
+            for a, b in zip(bounds, bounds[1:]):
+                top.add({n: whole(scores[n]) for n in NAMES[a:b]})
+            assert_same_selection(top.selected(), reference_top_k(scores, k), k)
+
+
+def test_select_from_groups_gives_the_global_or_local_selection_and_summary_of_one_pass():
+    gen = torch.Generator().manual_seed(3)
+    scores = random_module_scores(gen, "signed_ties")
+    groups = [{n: whole(scores[n].clone()) for n in NAMES[:1]}, {n: whole(scores[n].clone()) for n in NAMES[1:]}]
+    one = [{n: whole(scores[n].clone()) for n in NAMES}]
+    for kwargs in (dict(k=40), dict(density=0.1)):
+        grouped, grouped_summary, _ = select_from_groups(iter(groups), NAMES, **kwargs)
+        single, single_summary, _ = select_from_groups(iter(one), NAMES, **kwargs)
+        assert grouped.keys() == single.keys() and all(torch.equal(grouped[n], single[n]) for n in NAMES)
+        assert grouped_summary == single_summary
+        assert grouped_summary["zero"] == sum(int((s == 0).sum()) for s in scores.values())
+    expected = reference_top_k(scores, 40)
+    assert_same_selection(select_from_groups(iter(groups), NAMES, k=40)[0], expected, 40)
+    assert select_from_groups(iter(groups), NAMES, k=40)[1]["lowest_selected"] == min(
+        scores[n][expected[n]].min().item() for n in NAMES if expected[n].numel())
+
+
+def test_excluded_entries_are_never_selected():
+    scores = {n: torch.arange(10, dtype=torch.float32) for n in NAMES}
+    best = {n: torch.tensor([9, 8]) for n in NAMES}
+    groups = [{n: whole(scores[n].clone())} for n in NAMES]
+    selected, _, _ = select_from_groups(iter(groups), NAMES, k=8, excluded=best)
+    assert all(torch.equal(selected[n], torch.tensor([6, 7])) for n in NAMES)
+
+
+def test_running_top_k_refuses_more_than_it_was_offered():
+    top = RunningTopK(11, NAMES[:1])
+    top.add({NAMES[0]: whole(torch.ones(10))})
+    with pytest.raises(ConfigError, match="k = 11 is outside"):
+        top.selected()
