@@ -6,7 +6,8 @@ loop and evaluation; only the model's trainable part differs:
   lora   HF peft LoRA of rank --lora_r on the same target modules;
   full   every parameter trained;
   paper  the reference SPEFT code's layer: W + scatter_add(indices, values) built as a dense weight each
-         forward, plain autograd, on the mask of a finished speft run (--mask).
+         forward, plain autograd, on the mask of a finished speft run (--mask);
+  base   no training: the model as loaded, evaluated (bench/quality.py's baseline row).
 Rank 0 writes the run's figures as one JSON object to --result.
 
     deepspeed --num_gpus 2 bench/compare_worker.py --method lora --lora_r 5 --result r.json -- TRAIN FLAGS
@@ -16,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import re
 import statistics
 import sys
 import time
@@ -24,6 +26,7 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
+import deepspeed  # noqa: E402
 import torch  # noqa: E402
 import torch.distributed as dist  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
@@ -36,8 +39,9 @@ from speft_ds.cli import parse_config  # noqa: E402
 from speft_ds.distributed import init_distributed, leave_process_group, per_rank  # noqa: E402
 from speft_ds.metrics_log import MetricsLog  # noqa: E402
 from speft_ds.model import load_model  # noqa: E402
-from speft_ds.recipe import (evaluate, log_memory, micro_batch_stream, plan_run, run, train_steps,  # noqa: E402
-                             training_engine)
+from speft_ds.ds_config import salience_ds_config  # noqa: E402
+from speft_ds.recipe import (evaluate, log_memory, micro_batch_stream, plan_run, run, score_task,  # noqa: E402
+                             train_steps, training_engine)
 
 
 class PaperSparseLinear(nn.Module):
@@ -81,7 +85,8 @@ def _full(model: nn.Module) -> list:
 
 
 def _train_other(args, plan) -> tuple[object, Path]:
-    """The recipe's load / train / eval for a model whose trainable part is not speft's."""
+    """The recipe's load / train / eval (task accuracy before and after where --eval_task is given) for a
+    model whose trainable part is not speft's; `base` evaluates the model as loaded, without training."""
     config = plan.config
     init_distributed(config.ddp_timeout)
     rank, world_size = dist.get_rank(), dist.get_world_size()
@@ -89,21 +94,42 @@ def _train_other(args, plan) -> tuple[object, Path]:
     log_memory(log, "start")
     model, hf_ds_config = load_model(config, plan.ds_config, torch.bfloat16 if plan.bf16 else torch.float32)
     log_memory(log, "load")
-    params = {"lora": lambda: _lora(model, plan, args.lora_r), "full": lambda: _full(model),
-              "paper": lambda: _paper_layers(model, plan, Path(args.mask))}[args.method]()
-    engine = training_engine(model, params, plan, completed_steps=0)
-    with tqdm(total=plan.total_steps, desc="train", disable=rank != 0) as progress:
-        train_steps(engine, plan, micro_batch_stream(plan, rank, world_size), range(1, plan.total_steps + 1), log,
-                    progress, after_step=lambda step: None)
-    log_memory(log, "training")
+    if args.method == "base":
+        engine = deepspeed.initialize(model=model, config=salience_ds_config(plan.ds_config))[0]
+    else:
+        params = {"lora": lambda: _lora(model, plan, args.lora_r), "full": lambda: _full(model),
+                  "paper": lambda: _paper_layers(model, plan, Path(args.mask))}[args.method]()
+        engine = training_engine(model, params, plan, completed_steps=0)
+    if plan.eval_task:
+        score_task(engine, plan, log, 0, "before")
+    if args.method != "base":
+        with tqdm(total=plan.total_steps, desc="train", disable=rank != 0) as progress:
+            train_steps(engine, plan, micro_batch_stream(plan, rank, world_size), range(1, plan.total_steps + 1), log,
+                        progress, after_step=lambda step: None)
+        log_memory(log, "training")
     log.write({"event": "eval", "eval_loss": evaluate(engine, plan, rank, world_size)})
+    if plan.eval_task:
+        score_task(engine, plan, log, plan.total_steps, "after")
     del hf_ds_config
     return engine, Path(config.output_dir) / "metrics.jsonl"
 
 
+def k_shares(adapter: Path) -> dict[str, dict[str, float]]:
+    """The share of k each module type (q_proj, ...) and each decoder layer received, from an adapter file."""
+    counts = {name: idx.numel() for name, idx in read_adapter(adapter)[0].items()}
+    k = sum(counts.values())
+    shares = {"k_share_by_module": {}, "k_share_by_layer": {}}
+    for name, count in counts.items():
+        layer = re.search(r"\.layers\.(\d+)\.", name)
+        for key, group in (("k_share_by_module", name.rsplit(".", 1)[-1]),
+                           ("k_share_by_layer", f"layer {layer.group(1)}" if layer else "other")):
+            shares[key][group] = shares[key].get(group, 0.0) + count / k
+    return shares
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--method", choices=("speft", "lora", "full", "paper"), required=True)
+    parser.add_argument("--method", choices=("speft", "lora", "full", "paper", "base"), required=True)
     parser.add_argument("--lora_r", type=int, default=8)
     parser.add_argument("--mask", help="paper: the adapter directory of a speft run whose mask to train")
     parser.add_argument("--warmup_steps_excluded", type=int, default=1)
@@ -120,16 +146,19 @@ def main() -> int:
         engine, metrics = _train_other(args, plan)
     trainable = sum(zero3.resident_bytes(p) for p in engine.module.parameters() if p.requires_grad)
     trainable_numel = sum(zero3.full_numel(p) for p in engine.module.parameters() if p.requires_grad)
-    held = per_rank([trainable, zero3.optimizer_bytes(engine)])
+    held = per_rank([trainable, 0 if args.method == "base" else zero3.optimizer_bytes(engine)])
     if dist.get_rank() == 0:
         records = [json.loads(line) for line in metrics.read_text().splitlines()]
         events = {r["event"]: r for r in records if "event" in r and r["event"] != "memory"}
         memory = {r["phase"]: r for r in records if r.get("event") == "memory"}
-        step_times = [r["step_time_s"] for r in records if "step" in r][args.warmup_steps_excluded:]
+        step_times = [r["step_time_s"] for r in records if "event" not in r][args.warmup_steps_excluded:]
+        tasks = {f"task_{r['when']}": r for r in records if r.get("event") == "task_eval"}
+        adapter = Path(config.output_dir) / "adapter"
         Path(args.result).write_text(json.dumps({
             "method": args.method, "world_size": dist.get_world_size(), "trainable": trainable_numel,
-            "median_step_s": statistics.median(step_times), "step_times_s": step_times,
-            "peak_rss_mib_per_rank": memory["training"]["peak_rss_mib_per_rank"],
+            "median_step_s": statistics.median(step_times) if step_times else None, "step_times_s": step_times,
+            "peak_rss_mib_per_rank": memory.get("training", memory["load"])["peak_rss_mib_per_rank"],
+            **tasks, **(k_shares(adapter) if args.method == "speft" else {}),
             "trainable_bytes_per_rank": [int(r[0]) for r in held], "optimizer_bytes_per_rank": [int(r[1]) for r in held],
             "eval_loss": events["eval"]["eval_loss"],
             "salience_s": events.get("salience", {}).get("wall_time_s"),

@@ -1,7 +1,7 @@
 """Billion-parameter runs on this machine: a random-weight LLaMA of a real model's shape, 2 ranks, ZeRO-3 on CPU.
 
     python bench/scale.py                                   # TinyLlama-1.1B's shape, fp32, 3 steps
-    python bench/scale.py --versus_one_pass 0.6             # the same with a salience budget, against one pass
+    python bench/scale.py --versus_one_pass 0.6 --bf16 --gradient_checkpointing   # a salience budget vs one pass
     python bench/scale.py --shape llama-2-7b --quantize nf4 --seq_len 32 --calibration 4
 
 Writes the random checkpoint once (bf16 safetensors shards of 1 GiB, generated and written one shard at a
@@ -70,7 +70,9 @@ def run_job(args, work: Path, model_dir: Path, out: Path, extra: list[str]) -> t
                "--seq_len", str(args.seq_len), "--calibration_examples", str(args.calibration),
                "--density", str(DENSITY), "--max_steps", str(args.steps), "--micro_batch_size", str(args.micro_batch),
                "--logging_steps", "1", "--val_size", str(args.val_size), "--output_dir", str(out),
-               "--ds_config", str(ds_config), *(["--quantize", args.quantize] if args.quantize else []), *extra]
+               "--ds_config", str(ds_config), "--bf16", "true" if args.bf16 else "false",
+               *(["--gradient_checkpointing"] if args.gradient_checkpointing else []),
+               *(["--quantize", args.quantize] if args.quantize else []), *extra]
     print(" ".join(command), flush=True)
     started = time.perf_counter()
     proc = subprocess.run(command, cwd=REPO, env={**os.environ, "DS_ACCELERATOR": os.environ.get("DS_ACCELERATOR", "cpu")})
@@ -82,7 +84,7 @@ def run_job(args, work: Path, model_dir: Path, out: Path, extra: list[str]) -> t
 
 def report(args, records: list[dict], wall: float) -> None:
     events = {r["event"]: r for r in records if "event" in r}
-    steps = [r for r in records if "step" in r]
+    steps = [r for r in records if "event" not in r]
     salience_plan = events["salience_plan"]
     print(f"\nk = {events['selection']['k']:,} trainable values; eval loss {events['eval']['eval_loss']:.3f}")
     print(f"salience plan: {salience_plan['chunks']} group(s), offload {salience_plan['offload']}, planned peak "
@@ -102,8 +104,8 @@ def report(args, records: list[dict], wall: float) -> None:
         print(f"peak RSS per rank during {record['phase']:17} (MiB): "
               + ", ".join(f"{m:,.0f}" for m in record["peak_rss_mib_per_rank"]))
     zero = json.loads(SHIPPED_DS_CONFIG.read_text())["zero_optimization"]
-    job = Job(world_size=WORLD_SIZE, density=DENSITY, seq_len=args.seq_len, micro_batch=args.micro_batch, bf16=False,
-              quantize=args.quantize, **{**zero_settings(zero), "max_live_elements": MAX_LIVE_ELEMENTS})
+    job = Job(world_size=WORLD_SIZE, density=DENSITY, seq_len=args.seq_len, micro_batch=args.micro_batch, bf16=args.bf16,
+              quantize=args.quantize, gradient_checkpointing=args.gradient_checkpointing, **{**zero_settings(zero), "max_live_elements": MAX_LIVE_ELEMENTS})
     planned = plan(ModelShape.from_config(SHAPES[args.shape]), job)
     planned_peaks = {"load": planned["load"]["peak"] / MIB, "salience": salience_plan["planned_peak_gib"] * 1024,
                      "training": planned["training"]["peak"] / MIB}
@@ -132,6 +134,8 @@ def main() -> int:
     parser.add_argument("--calibration", type=int, default=16, help="Calibration examples.")
     parser.add_argument("--micro_batch", type=int, default=1)
     parser.add_argument("--val_size", type=float, default=0.0625)
+    parser.add_argument("--bf16", action="store_true", help="bf16 weights and compute (fp32 otherwise).")
+    parser.add_argument("--gradient_checkpointing", action="store_true")
     parser.add_argument("--max_memory_gib", type=float, default=None)
     parser.add_argument("--salience_chunks", default="auto")
     parser.add_argument("--versus_one_pass", type=float, default=None, metavar="F",

@@ -12,6 +12,7 @@ sys.path = [p for p in sys.path if os.path.abspath(p or ".") != os.path.dirname(
 
 from speft_ds.cli import adapter_tool_parser, run_main  # noqa: E402
 from speft_ds.config import ConfigError  # noqa: E402
+from speft_ds.gguf_models import resolve_model  # noqa: E402
 
 
 def main(argv) -> int:
@@ -20,21 +21,21 @@ def main(argv) -> int:
     parser.add_argument("--max_new_tokens", type=int, default=64)
     parser.add_argument("--do_sample", action="store_true", help="Sample instead of greedy decoding.")
     args = parser.parse_args(argv)
-    if not os.path.isfile(os.path.join(args.model, "config.json")):
-        raise ConfigError(f"--model {args.model} is not a model directory (no config.json)")
+    model_dir = resolve_model(args.model)
+    if not os.path.isfile(os.path.join(model_dir, "config.json")):
+        raise ConfigError(f"--model {args.model} is not a model directory (no config.json) or a .gguf file")
 
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from speft_ds import load_adapter
+    from speft_ds.data import prompt_ids
 
-    tokenizer = AutoTokenizer.from_pretrained(args.model, trust_remote_code=args.trust_remote_code)
-    model = AutoModelForCausalLM.from_pretrained(args.model, use_safetensors=True, dtype="auto",
+    tokenizer = AutoTokenizer.from_pretrained(model_dir, trust_remote_code=args.trust_remote_code)
+    model = AutoModelForCausalLM.from_pretrained(model_dir, use_safetensors=True, dtype="auto",
                                                  trust_remote_code=args.trust_remote_code)
     load_adapter(model, args.adapter).eval()
-    # The same framing as training: BOS, then the prompt's tokens.
-    bos = [tokenizer.bos_token_id] if tokenizer.bos_token_id is not None else []
-    input_ids = torch.tensor([bos + tokenizer.encode(args.prompt, add_special_tokens=False)])
+    input_ids = torch.tensor([prompt_ids(tokenizer, args.prompt)])  # framed as training frames prompts
     with torch.no_grad():
         output = model.generate(input_ids, attention_mask=torch.ones_like(input_ids), do_sample=args.do_sample,
                                 max_new_tokens=args.max_new_tokens, pad_token_id=tokenizer.pad_token_id)

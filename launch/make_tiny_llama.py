@@ -2,7 +2,8 @@
 
     python launch/make_tiny_llama.py [--pretrain_steps 1500]
 
-Writes speft_ds/assets/arithmetic.jsonl (prompt/response word problems) and speft_ds/assets/tiny-llama/
+Writes speft_ds/assets/arithmetic.jsonl (prompt/response word problems), arithmetic_test.jsonl (a generation
+task held out by operation and operands: prompt/answer) and speft_ds/assets/tiny-llama/
 (an ordinary HF model directory: config, tokenizer trained with `tokenizers`, safetensors weights).
 The model is briefly pretrained on generated sentences and equations, never on the question/answer
 format, so that fine-tuning on the dataset has something to learn.
@@ -31,29 +32,51 @@ THINGS = ["apples", "books", "coins", "pens", "cards", "stones", "shells", "stam
 SPECIAL = ["<pad>", "<s>", "</s>"]
 
 
-def word_problem(rng: random.Random) -> dict:
+def word_problem(rng: random.Random) -> tuple[tuple, dict]:
+    """(operation and operands, the example): the key the held-out split is disjoint by."""
     name, other = rng.sample(NAMES, 2)
     thing = rng.choice(THINGS)
     kind = rng.randrange(4)
     if kind == 0:
         a, b = rng.randint(2, 60), rng.randint(2, 40)
+        key, answer = ("+", a, b), a + b
         prompt = f"{name} has {a} {thing}. {name} gets {b} more from {other}. How many {thing} does {name} have now?"
         response = f"{a} + {b} = {a + b}. {name} has {a + b} {thing}."
     elif kind == 1:
         a = rng.randint(10, 90)
         b = rng.randint(1, a - 1)
+        key, answer = ("-", a, b), a - b
         prompt = f"{name} had {a} {thing} and gave {b} to {other}. How many {thing} does {name} have left?"
         response = f"{a} - {b} = {a - b}. {name} has {a - b} {thing} left."
     elif kind == 2:
         a, b = rng.randint(2, 12), rng.randint(2, 12)
+        key, answer = ("*", a, b), a * b
         prompt = f"{name} fills {a} bags with {b} {thing} each. How many {thing} are in the bags?"
         response = f"{a} * {b} = {a * b}. The bags hold {a * b} {thing}."
     else:
         a, b, c = rng.randint(2, 30), rng.randint(2, 30), rng.randint(2, 30)
+        key, answer = ("+", a, b, c), a + b + c
         prompt = (f"{name} has {a} {thing}, {other} has {b} {thing} and they find {c} more. "
                   f"How many {thing} do they have together?")
         response = f"{a} + {b} + {c} = {a + b + c}. They have {a + b + c} {thing}."
-    return {"prompt": f"Question: {prompt}\nAnswer:", "response": f" {response}"}
+    return key, {"prompt": f"Question: {prompt}\nAnswer:", "response": f" {response}", "answer": str(answer)}
+
+
+def split_problems(rng: random.Random, n_train: int, n_test: int) -> tuple[list[dict], list[dict]]:
+    """Training examples, and held-out ones whose (operation, operands) no training example has: the test
+    asks for sums and products the model never saw worked, not the same ones in other words."""
+    test, test_keys = [], set()
+    while len(test) < n_test:
+        key, example = word_problem(rng)
+        if key not in test_keys:
+            test_keys.add(key)
+            test.append({"prompt": example["prompt"], "answer": example["answer"], "stop": ["\n"]})
+    train = []
+    while len(train) < n_train:
+        key, example = word_problem(rng)
+        if key not in test_keys:
+            train.append({"prompt": example["prompt"], "response": example["response"]})
+    return train, test
 
 
 def pretraining_text(rng: random.Random) -> str:
@@ -69,10 +92,11 @@ def pretraining_text(rng: random.Random) -> str:
 def build_tokenizer(texts: list[str]) -> PreTrainedTokenizerFast:
     tokenizer = Tokenizer(models.BPE(unk_token=None))
     tokenizer.normalizer = normalizers.NFKC()
-    # Single digits keep arithmetic learnable for a small model.
+    # Single digits keep arithmetic learnable for a small model. The word-boundary mark goes only before the
+    # text's first piece and after spaces, not before every digit: "90" is "9", "0" and decodes as "90".
     tokenizer.pre_tokenizer = pre_tokenizers.Sequence([pre_tokenizers.Digits(individual_digits=True),
-                                                       pre_tokenizers.Metaspace()])
-    tokenizer.decoder = decoders.Metaspace()
+                                                       pre_tokenizers.Metaspace(prepend_scheme="first")])
+    tokenizer.decoder = decoders.Metaspace(prepend_scheme="first")
     tokenizer.train_from_iterator(texts, trainers.BpeTrainer(vocab_size=384, special_tokens=SPECIAL,
                                                              show_progress=False))
     return PreTrainedTokenizerFast(tokenizer_object=tokenizer, pad_token="<pad>", bos_token="<s>",
@@ -103,15 +127,17 @@ def pretrain(model: LlamaForCausalLM, tokenizer, texts: list[str], steps: int, s
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--examples", type=int, default=4000)
+    parser.add_argument("--test_examples", type=int, default=200)
     parser.add_argument("--pretrain_steps", type=int, default=1500)
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args()
 
     rng = random.Random(args.seed)
-    examples = [word_problem(rng) for _ in range(args.examples)]
+    examples, held_out = split_problems(rng, args.examples, args.test_examples)
     corpus = [pretraining_text(rng) for _ in range(20000)]
-    with (ASSETS / "arithmetic.jsonl").open("w") as fh:
-        fh.writelines(json.dumps(e) + "\n" for e in examples)
+    for name, rows in (("arithmetic.jsonl", examples), ("arithmetic_test.jsonl", held_out)):
+        with (ASSETS / name).open("w") as fh:
+            fh.writelines(json.dumps(e) + "\n" for e in rows)
 
     tokenizer = build_tokenizer(corpus + [e["prompt"] + e["response"] for e in examples])
     torch.manual_seed(args.seed)

@@ -17,6 +17,7 @@ from pathlib import Path
 
 from speft_ds.cli import adapter_tool_parser, run_main
 from speft_ds.config import ConfigError
+from speft_ds.gguf_models import resolve_model
 
 
 def _size(text: str) -> int:
@@ -39,16 +40,17 @@ def main(argv) -> int:
     out = Path(args.out)
     if out.exists():
         raise ConfigError(f"--out {out} already exists: choose a new directory")
-    if not Path(args.model, "config.json").is_file():
-        raise ConfigError(f"--model {args.model} is not a model directory (no config.json)")
     max_shard_bytes = _size(args.max_shard_size)
+    model = resolve_model(args.model)
+    if not Path(model, "config.json").is_file():
+        raise ConfigError(f"--model {args.model} is not a model directory (no config.json) or a .gguf file")
 
     import torch
 
     from speft_ds.merge import merge_checkpoint
 
     dtype = None if args.dtype == "auto" else getattr(torch, args.dtype)
-    files = merge_checkpoint(args.model, args.adapter, out, max_shard_bytes, dtype=dtype,
+    files = merge_checkpoint(model, args.adapter, out, max_shard_bytes, dtype=dtype,
                              trust_remote_code=args.trust_remote_code)
     print(f"merged model written to {out} ({len(files)} shard{'s' if len(files) > 1 else ''})")
     return 0

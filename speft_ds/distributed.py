@@ -110,7 +110,7 @@ def memory_mib_per_rank() -> dict[str, list[float]]:
     record = {"rss_mib_per_rank": [round(r[0], 1) for r in every],
               "peak_rss_mib_per_rank": [round(r[1], 1) for r in every]}
     if on_accelerator:
-        record["accelerator_peak_mib_per_rank"] = [round(r[2], 1) for r in every]
+        record["device_peak_mib_per_rank"] = [round(r[2], 1) for r in every]
     return record
 
 

@@ -128,8 +128,12 @@ def _walk(node, prefix=""):
 
 
 def salience_ds_config(ds: dict) -> dict:
-    """The config for the salience pass: no optimizer or scheduler, and every weight partitioned (none kept
-    whole as 'persistent'), so each rank's shard is the only copy and metrics may modify it in place."""
+    """The config for the salience pass: no optimizer or scheduler, every weight partitioned (none kept
+    whole as 'persistent'), so each rank's shard is the only copy and metrics may modify it in place, and
+    no gathered weight kept for reuse: a pass in groups runs the blocks below its group forward only, and
+    ZeRO-3, following the trace of an earlier pass, would keep their weights for a backward that never
+    comes (seen: the lower blocks of a small model left gathered after the pass)."""
     ds = {key: value for key, value in ds.items() if key not in ("optimizer", "scheduler")}
-    ds["zero_optimization"] = {**ds["zero_optimization"], "stage3_param_persistence_threshold": 0}
+    ds["zero_optimization"] = {**ds["zero_optimization"], "stage3_param_persistence_threshold": 0,
+                               "stage3_max_reuse_distance": 0}
     return ds

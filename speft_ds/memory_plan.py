@@ -38,21 +38,26 @@ class ModelShape:
     kv_heads: int
     vocab: int
     tied: bool = False
+    head_dim: int | None = None  # None: hidden // heads
 
     @classmethod
     def from_config(cls, config: dict) -> "ModelShape":
         return cls(config["hidden_size"], config["intermediate_size"], config["num_hidden_layers"],
                    config["num_attention_heads"], config.get("num_key_value_heads") or config["num_attention_heads"],
-                   config["vocab_size"], bool(config.get("tie_word_embeddings", False)))
+                   config["vocab_size"], bool(config.get("tie_word_embeddings", False)), config.get("head_dim"))
+
+    @property
+    def q_dim(self) -> int:
+        return (self.head_dim or self.hidden // self.heads) * self.heads
 
     @property
     def kv_dim(self) -> int:
-        return self.hidden // self.heads * self.kv_heads
+        return (self.head_dim or self.hidden // self.heads) * self.kv_heads
 
     def layer_linears(self) -> dict[str, int]:
         """Elements of each linear weight of one decoder layer (the default targets)."""
         h, i = self.hidden, self.intermediate
-        return {"q_proj": h * h, "k_proj": h * self.kv_dim, "v_proj": h * self.kv_dim, "o_proj": h * h,
+        return {"q_proj": h * self.q_dim, "k_proj": h * self.kv_dim, "v_proj": h * self.kv_dim, "o_proj": h * self.q_dim,
                 "gate_proj": h * i, "up_proj": h * i, "down_proj": h * i}
 
     @property
@@ -138,8 +143,8 @@ def _activations(shape: ModelShape, job: Job, dtype_bytes: int, from_layer: int 
     tokens = job.micro_batch * job.seq_len
     h, i = shape.hidden, shape.intermediate
     # per token and layer: two norms' inputs and outputs (4h), q/k/v after rotary and the attention output
-    # (2h + 2 kv_dim), o_proj's input (h), attention log-sum-exp (heads), gate, up, act(gate), product (4i)
-    per_layer = 7 * h + 2 * shape.kv_dim + shape.heads + 4 * i
+    # (2 q_dim + 2 kv_dim), o_proj's input (h), attention log-sum-exp (heads), gate, up, act(gate), product (4i)
+    per_layer = 5 * h + 2 * shape.q_dim + 2 * shape.kv_dim + shape.heads + 4 * i
     kept = shape.layers - from_layer
     layers = (kept * h + per_layer) if job.gradient_checkpointing else kept * per_layer
     logits = 2 * shape.vocab * 4  # fp32 logits and their gradient
@@ -239,12 +244,18 @@ class NoSaliencePlanFits(ValueError):
         self.least_job, self.least_bytes = least_job, least_bytes
 
 
+# The share of a memory budget a plan may fill: the planner counted 0.91-0.99 of the peaks measured on CPU
+# (docs/plan_check.md, docs/salience_memory.md), and an accelerator's allocator and context need room too.
+PLANNING_HEADROOM = 0.9
+
+
 def choose_salience(shape: ModelShape, job: Job, max_device_bytes: float, max_host_bytes: float,
-                    chunks: int | None, offload: bool | None, shared_memory: bool = False) -> Job:
+                    chunks: int | None, offload: bool | None, shared_memory: bool = False,
+                    headroom: float = PLANNING_HEADROOM) -> Job:
     """The job with the fewest salience groups (`chunks` if fixed) whose planned salience peak fits
-    `max_device_bytes`; at equal groups without offload first, then with it (`offload` if fixed) where
-    the host part fits `max_host_bytes`. `shared_memory`: the device is the host (CPU), one budget for
-    both parts. Only grasp's Hessian needs every weight at once: one group."""
+    `headroom` x `max_device_bytes`; at equal groups without offload first, then with it (`offload` if
+    fixed) where the host part fits `headroom` x `max_host_bytes`. `shared_memory`: the device is the host
+    (CPU), one budget for both parts. Only grasp's Hessian needs every weight at once: one group."""
     most = 1 if job.metric == "grasp" else len(targets(shape, job))
     tried = []
     for groups in ([chunks] if chunks else range(1, most + 1)):
@@ -254,7 +265,7 @@ def choose_salience(shape: ModelShape, job: Job, max_device_bytes: float, max_ho
             device, host = planned["salience"]["peak"], planned["salience host"]["peak"]
             if shared_memory:
                 device, host = device + host, 0
-            if device <= max_device_bytes and host <= max_host_bytes:
+            if device <= headroom * max_device_bytes and host <= headroom * max_host_bytes:
                 return candidate
             tried.append((device, candidate))
     least, least_job = min(tried, key=lambda t: t[0])

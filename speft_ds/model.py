@@ -11,6 +11,7 @@ from transformers.integrations import HfDeepSpeedConfig
 
 from .config import ConfigError, TrainConfig, target_pattern
 from .distributed import device
+from .quantized_layers import release_gathered_4bit_weights
 
 
 def load_model_config(config: TrainConfig):
@@ -111,6 +112,8 @@ def load_model(config: TrainConfig, ds_config: dict, dtype: torch.dtype) -> tupl
         model = AutoModelForCausalLM.from_pretrained(config.model, quantization_config=_quantization_config(config, dtype),
                                                      device_map={"": device()}, **kwargs)
         hf_ds_config = HfDeepSpeedConfig(ds_config)
+        if config.quantize in ("nf4", "fp4"):
+            release_gathered_4bit_weights(model.requires_grad_(False))
         for module in model.modules():
             if hasattr(module, "support_avx512bf16_for_cpu"):
                 # bitsandbytes repacks a 4-bit weight in place for faster CPU inference; under ZeRO-3 that

@@ -6,7 +6,7 @@ import logging
 import math
 import time
 import warnings
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from itertools import count
 from pathlib import Path
 from typing import Sequence
@@ -19,7 +19,7 @@ from tqdm import tqdm
 from transformers import get_scheduler
 
 from . import checkpoint, masks, zero3
-from .adapter import base_config_hash, inject_sparse_deltas, save_adapter
+from .adapter import base_config_hash, save_adapter
 from .cli import parse_config
 from .config import ConfigError, TrainConfig, TrainingError
 from .data import (calibration_indices, collate, load_raw_dataset, pad_token_id, rank_batches,
@@ -27,13 +27,16 @@ from .data import (calibration_indices, collate, load_raw_dataset, pad_token_id,
 from .distributed import (device, init_distributed, leave_process_group, memory_mib_per_rank, naming_lost_ranks,
                           per_rank, release_freed_memory, reset_peak_memory)
 from .ds_config import fill_auto, read_ds_config, reconcile, resolve_bf16, salience_ds_config
+from .gguf_models import resolve_model
 from .launch_env import world_size_from_env
 from .losses import causal_lm_loss_sum
 from .metrics_log import MetricsLog
 from .model import check_backends, find_targets, load_model, load_model_config, load_tokenizer, skeleton_model
+from .partitioned_deltas import inject_partitioned
 from .salience import score_groups
 from .salience_budget import SaliencePlan, plan_salience
 from .selection import gather_indices, num_to_select, select_from_groups
+from .task_eval import Task, evaluate_task, load_task
 
 
 @dataclass
@@ -48,6 +51,7 @@ class Plan:
     base_config_hash: str
     total_steps: int
     salience: SaliencePlan
+    eval_task: Task | None
     tokenizer: object
     train_set: object
     eval_set: object
@@ -80,8 +84,11 @@ def _check_output_dir(config: TrainConfig) -> None:
 
 
 def plan_run(config: TrainConfig, explicit: set[str]) -> Plan:
-    """Check the whole job (configs, model shape, targets, data) without loading weights or forming a group."""
+    """Check the whole job (configs, model shape, targets, data, task) without loading weights or forming a
+    group. A .gguf model is converted into a directory first (once), which the run then loads."""
     ds_config = read_ds_config(config.ds_config)
+    eval_task = load_task(config.eval_task_file) if config.eval_task_file else None
+    config = replace(config, model=resolve_model(config.model))
     model_config = load_model_config(config)
     skeleton = skeleton_model(model_config, config.trust_remote_code)
     targets = find_targets(skeleton, config.target_modules)
@@ -108,7 +115,7 @@ def plan_run(config: TrainConfig, explicit: set[str]) -> Plan:
     ds_config = fill_auto(ds_config, config, world_size=world_size, hidden_size=model_config.hidden_size,
                           total_steps=total_steps, bf16=bf16)
     return Plan(config, ds_config, bf16, k, target_shapes, resume_from, base_config_hash(model_config), total_steps,
-                salience, tokenizer, train_set, eval_set)
+                salience, eval_task, tokenizer, train_set, eval_set)
 
 
 def micro_batch_stream(plan: Plan, rank: int, world_size: int):
@@ -192,7 +199,7 @@ def _targets(model, plan: Plan) -> dict:
             for name in plan.target_names}
 
 
-def select_masks(model, plan: Plan, log: MetricsLog, rank: int, world_size: int, calibration_round: int = 0,
+def select_masks(engine, plan: Plan, log: MetricsLog, rank: int, world_size: int, calibration_round: int = 0,
                  k: int | None = None, excluded: dict[str, torch.Tensor] | None = None) -> tuple[dict, dict]:
     """Salience over calibration subset number `calibration_round` (0: the first mask), one group of
     weights at a time as plan.salience says, each group merged into the selection before the next is
@@ -205,8 +212,9 @@ def select_masks(model, plan: Plan, log: MetricsLog, rank: int, world_size: int,
                            pad_token_id(plan.tokenizer))
     local = config.selection == "local" and excluded is None
     started = time.perf_counter()
+    model = engine.module
     groups = score_groups(model, _targets(model, plan), plan.salience.groups, batches, config.metric, seed=config.seed,
-                          show_progress=rank == 0, offload=plan.salience.offload)
+                          show_progress=rank == 0, offload=plan.salience.offload, release=engine.empty_partition_cache)
     selected, summary, selecting = select_from_groups(groups, plan.target_names, k=None if local else k or plan.k,
                                                       density=config.density, excluded=excluded)
     log.write({"event": "salience", "metric": config.metric, "examples": len(calibration),
@@ -270,27 +278,13 @@ def training_engine(model, params: list, plan: Plan, completed_steps: int):
 
 
 def _inject(model, plan: Plan, indices: dict, values: dict | None = None) -> dict:
-    with zero3.partitioned_init(plan.ds_config):
-        return _share_base_weights(inject_sparse_deltas(model, indices, values, plan.config.delta_impl))
-
-
-def _share_base_weights(layers: dict) -> dict:
-    # A delta layer multiplies by W + D itself instead of calling its base layer.
-    for layer in layers.values():
-        for param in layer.base_layer.parameters():
-            zero3.use_in_forward(layer, param)
-    return layers
+    return inject_partitioned(model, plan.ds_config, indices.items(), values, plan.config.delta_impl)
 
 
 def inject_selected(model, plan: Plan, selected: dict[str, torch.Tensor]) -> dict:
     """Wrap each weight with selected entries in a delta layer partitioned across ranks: a weight's whole
     index list exists only while its layer is created, never every weight's at once."""
-    layers = {}
-    with zero3.partitioned_init(plan.ds_config):
-        for name, indices in gather_indices(selected):
-            if indices.numel():  # ZeRO-3 cannot partition an empty parameter
-                layers.update(inject_sparse_deltas(model, {name: indices}, impl=plan.config.delta_impl))
-    return _share_base_weights(layers)
+    return inject_partitioned(model, plan.ds_config, gather_indices(selected), impl=plan.config.delta_impl)
 
 
 def _log_delta(log: MetricsLog, layers: dict) -> None:
@@ -311,7 +305,7 @@ def reselect(engine, model, layers: dict, folded: masks.FoldedDeltas, plan: Plan
     folded.fold(_base_weights(layers), indices, values)
     masks.unwrap(model, layers)
     salience_engine = deepspeed.initialize(model=model, config=salience_ds_config(plan.ds_config))[0]
-    selected, summary = select_masks(model, plan, log, rank, world_size, calibration_round=update)
+    selected, summary = select_masks(salience_engine, plan, log, rank, world_size, calibration_round=update)
     salience_engine.destroy()
     layers = inject_selected(model, plan, selected)
     return training_engine(model, _values(layers), plan, completed_steps), layers, summary
@@ -343,8 +337,8 @@ def drop_regrow(engine, model, layers: dict, folded: masks.FoldedDeltas, plan: P
     for layer in layers.values():
         layer.delta_values.requires_grad_(False)
     salience_engine = deepspeed.initialize(model=model, config=salience_ds_config(plan.ds_config))[0]
-    selected, summary = select_masks(model, plan, log, rank, world_size, calibration_round=update, k=n_swap,
-                                     excluded=kept)
+    selected, summary = select_masks(salience_engine, plan, log, rank, world_size, calibration_round=update,
+                                     k=n_swap, excluded=kept)
     grown = dict(gather_indices(selected))
     salience_engine.destroy()
     masks.unwrap(model, layers)
@@ -404,7 +398,7 @@ def log_memory(log: MetricsLog, phase: str) -> dict:
 def report_salience_memory(log: MetricsLog, salience: SaliencePlan, start: dict, after: dict, rank: int) -> None:
     """The salience phase's measured peak per rank next to the plan: the accelerator's peak allocation, or
     on CPU the peak RSS over the RSS before the model was loaded (what the planner counts)."""
-    measured = after.get("accelerator_peak_mib_per_rank") or [
+    measured = after.get("device_peak_mib_per_rank") or [
         peak - before for peak, before in zip(after["peak_rss_mib_per_rank"], start["rss_mib_per_rank"])]
     gib = [round(m / 1024, 3) for m in measured]
     log.write({"event": "salience_memory", "planned_peak_gib": round(salience.planned_peak / 2**30, 3),
@@ -412,6 +406,26 @@ def report_salience_memory(log: MetricsLog, salience: SaliencePlan, start: dict,
     if rank == 0:
         print(f"salience: measured peak {max(gib):.2f} GiB per rank, planned {salience.planned_peak / 2**30:.2f} GiB",
               flush=True)
+
+
+def score_task(engine, plan: Plan, log: MetricsLog, step: int, when: str) -> dict:
+    """Task accuracy of the model as it is now (every rank takes part), as one metrics record."""
+    result = evaluate_task(engine.module, plan.tokenizer, plan.eval_task, show_progress=dist.get_rank() == 0)
+    record = {"event": "task_eval", "task": result.task, "step": step, "when": when, "accuracy": result.accuracy,
+              "stderr": result.stderr, "examples": result.examples}
+    log.write(record)
+    return record
+
+
+def _accuracy(record: dict) -> str:
+    return f"{record['accuracy']:.1%} ± {record['stderr']:.1%}"
+
+
+def report_task_scores(scores: list[dict]) -> None:
+    """One line: the task accuracy before training (where this run scored it), during, and after."""
+    steps = " -> ".join(f"{_accuracy(r)} " + (f"at step {r['step']}" if r["when"] == "during" else r["when"])
+                        for r in scores)
+    print(f"task {scores[-1]['task']} ({scores[-1]['examples']} held-out examples): {steps}", flush=True)
 
 
 def run(plan: Plan) -> RunResult:
@@ -445,7 +459,7 @@ def run(plan: Plan) -> RunResult:
             print(plan.salience.describe(), flush=True)
         # No optimizer: this engine only gathers the partitioned weights around each layer's forward and backward.
         engine = deepspeed.initialize(model=model, config=salience_ds_config(plan.ds_config))[0]
-        selected, summary = select_masks(model, plan, log, rank, world_size)
+        selected, summary = select_masks(engine, plan, log, rank, world_size)
         engine.destroy()
         release_freed_memory()
         folded, start = masks.FoldedDeltas(), 0
@@ -455,10 +469,17 @@ def run(plan: Plan) -> RunResult:
         engine = training_engine(model, _values(layers), plan, completed_steps=start)
     _log_delta(log, layers)
 
-    def save_if_due(step: int) -> None:  # reads the current engine, masks and folds
+    task_scores = [score_task(engine, plan, log, 0, "before")] if plan.eval_task and not start else []
+
+    def between_steps(step: int) -> None:  # reads the current engine, masks and folds
         if config.save_steps and step % config.save_steps == 0:
             checkpoint.save(engine, config.output_dir, step, full_indices(engine, layers, keep=rank == 0), folded, summary,
                             config.save_total_limit)
+        if config.eval_steps and step % config.eval_steps == 0 and step < plan.total_steps:
+            log.write({"event": "eval", "step": step, "eval_loss": evaluate(engine, plan, rank, world_size),
+                       "examples": len(plan.eval_set)})
+            if plan.eval_task:
+                task_scores.append(score_task(engine, plan, log, step, "during"))
 
     stream = micro_batch_stream(plan, rank, world_size)
     for _ in range(start * config.gradient_accumulation_steps):  # the data a resumed run has already seen
@@ -469,7 +490,7 @@ def run(plan: Plan) -> RunResult:
     with tqdm(total=plan.total_steps, initial=start, desc="train", disable=rank != 0) as progress:
         while step < plan.total_steps:
             last = min((step // every + 1) * every, plan.total_steps)
-            train_steps(engine, plan, stream, range(step + 1, last + 1), log, progress, after_step=save_if_due)
+            train_steps(engine, plan, stream, range(step + 1, last + 1), log, progress, after_step=between_steps)
             if last < plan.total_steps:
                 started = time.perf_counter()
                 engine, layers, summary = MASK_UPDATES[config.mask_update](
@@ -477,11 +498,15 @@ def run(plan: Plan) -> RunResult:
                     completed_steps=last)
                 log.write({"event": "mask_update", "step": last, "strategy": config.mask_update, "k": _delta_count(layers),
                            "wall_time_s": time.perf_counter() - started})
-            save_if_due(last)  # after any mask update, so a resumed run continues with the new mask
+            between_steps(last)  # after any mask update, so a resumed run continues with the new mask
             step = last
     log_memory(log, "training")
-    log.write({"event": "eval", "eval_loss": evaluate(engine, plan, rank, world_size),
+    log.write({"event": "eval", "step": plan.total_steps, "eval_loss": evaluate(engine, plan, rank, world_size),
                "examples": len(plan.eval_set)})
+    if plan.eval_task:
+        task_scores.append(score_task(engine, plan, log, plan.total_steps, "after"))
+        if rank == 0:
+            report_task_scores(task_scores)
     started = time.perf_counter()
     save_trained_adapter(engine, layers, folded, summary, plan, rank)
     log.write({"event": "adapter", "wall_time_s": time.perf_counter() - started})

@@ -168,14 +168,19 @@ def compute_salience(model: nn.Module, targets: dict[str, nn.Module], batches: l
 
 
 def score_groups(model: nn.Module, targets: dict[str, nn.Module], groups: list[list[str]], batches: list[dict],
-                 metric: str = "gradient", seed: int = 0, show_progress: bool = True,
-                 offload: bool = False) -> Iterator[dict[str, ShardScores]]:
+                 metric: str = "gradient", seed: int = 0, show_progress: bool = True, offload: bool = False,
+                 release: Callable[[], None] = lambda: None) -> Iterator[dict[str, ShardScores]]:
     """compute_salience for one group of targets at a time (one pass over the calibration set each): only
-    one group's statistics exist at once, and each pass's backward stops below its group's lowest block."""
+    one group's statistics exist at once, and each pass's backward stops below its group's lowest block.
+
+    `release` runs after each pass: the engine's empty_partition_cache, since ZeRO-3 hands back the weights
+    it prefetched for a backward only in an optimizer step, which the salience pass never takes."""
     if len(groups) > 1 and metric == "grasp":
         raise ConfigError("--metric grasp nudges every targeted weight at once, so it cannot score them in groups: "
                           "use --salience_chunks 1 (with --salience_offload cpu where that does not fit)")
     for i, names in enumerate(groups):
         desc = "salience" if len(groups) == 1 else f"salience {i + 1}/{len(groups)}"
-        yield compute_salience(model, {name: targets[name] for name in names}, batches, metric, seed, show_progress,
-                               offload, desc)
+        scores = compute_salience(model, {name: targets[name] for name in names}, batches, metric, seed,
+                                  show_progress, offload, desc)
+        release()
+        yield scores

@@ -9,8 +9,8 @@ import psutil
 
 from .config import ConfigError, TrainConfig
 from .launch_env import local_size_from_env
-from .memory_plan import Job, ModelShape, NoSaliencePlanFits, choose_salience, contiguous_groups, plan, salience_time, \
-    zero_settings
+from .memory_plan import (PLANNING_HEADROOM, Job, ModelShape, NoSaliencePlanFits, choose_salience, contiguous_groups,
+                          plan, salience_time, zero_settings)
 from .model import block_of, decoder_blocks
 
 GIB = 2**30
@@ -44,8 +44,9 @@ def free_host_bytes_per_rank() -> float:
 def plan_salience(config: TrainConfig, model_config, skeleton, target_shapes: dict[str, tuple[int, int]], k: int,
                   ds_config: dict, world_size: int, bf16: bool, accelerator) -> SaliencePlan:
     """The fewest groups (or --salience_chunks) and, off CPU, the offload choice whose planned salience peak
-    fits --max_memory_gib, with offloaded accumulators within --max_host_memory_gib. On CPU the host is the
-    accelerator: both parts count against one budget, and offload is never chosen for it."""
+    fits 90% of --max_memory_gib, with offloaded accumulators within 90% of --max_host_memory_gib
+    (memory_plan.PLANNING_HEADROOM). On CPU the host is the accelerator: both parts count against one
+    budget, and offload is never chosen for it."""
     try:
         shape = ModelShape.from_config(model_config.to_dict())
     except KeyError as err:
@@ -76,9 +77,9 @@ def plan_salience(config: TrainConfig, model_config, skeleton, target_shapes: di
         except NoSaliencePlanFits as err:
             n = err.least_job.salience_chunks
             raise ConfigError(f"the salience pass needs {err.least_bytes / GIB:.2f} GiB per rank even in {n} "
-                              f"group{'s' if n > 1 else ''}, over the budget of {budget / GIB:.2f} GiB "
-                              "(--max_memory_gib): raise it, add ranks, pass --gradient_checkpointing or a smaller "
-                              "--micro_batch_size") from None
+                              f"group{'s' if n > 1 else ''}, over {PLANNING_HEADROOM:.0%} of the budget of "
+                              f"{budget / GIB:.2f} GiB (--max_memory_gib): raise it, add ranks, pass "
+                              "--gradient_checkpointing or a smaller --micro_batch_size") from None
     planned = plan(shape, job)
     device, offloaded = planned["salience"]["peak"], planned["salience host"]["peak"]
     names = list(target_shapes)

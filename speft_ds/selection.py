@@ -1,9 +1,10 @@
 """Exact, deterministic top-k over scores spread across ranks, without gathering them.
 
-A radix select: each round all-reduces a 256-bin histogram of the next 8 bits of an order-preserving
-integer key, narrowing to the k-th largest score. Ties at that score are then broken by position
-(module order, then lower flat index) with a second radix select over position keys. The rounds and the
-histogram size are fixed, so one selection communicates the same bytes whatever the model size.
+Scores map to order-preserving int32 keys. A histogram of the keys' high 16 bits, all-reduced, finds the
+bin of the k-th largest score; a second pass takes everything above that bin and a histogram of the low
+16 bits of the bin's own entries finds the k-th score itself. Ties at that score are broken by position
+(module order, then lower flat index) with a radix select over position keys, 8 bits per round. The rounds
+and histogram sizes are fixed, so one selection communicates the same bytes whatever the model size.
 """
 
 from __future__ import annotations
@@ -20,7 +21,6 @@ from .distributed import device as comm_device
 from .salience import ShardScores
 
 AllReduce = Callable[[torch.Tensor], object]
-_SCORE_BITS = 32
 _FLAT_INDEX_BITS = 40  # weights of up to 2^40 elements
 _POSITION_BITS = 64 - 8  # module index in the top 16 bits; a multiple of 8 keeps rounds whole
 
@@ -43,30 +43,34 @@ def score_keys(scores: torch.Tensor) -> torch.Tensor:
     return flip.bitwise_xor_(bits)
 
 
-def _radix_select(key_shards: list[Callable[[], torch.Tensor]], k: int, bits: int, largest: bool, signed: bool,
-                  all_reduce: AllReduce, device: torch.device) -> tuple[int, int]:
-    """The k-th key (k-th largest if `largest`, else k-th smallest) over all ranks, and how many keys
-    equal to it belong to the top k. Keys are `bits`-wide integers; `signed`: two's complement."""
+def _smallest_key(key_shards: list[torch.Tensor], k: int, bits: int, all_reduce: AllReduce,
+                  device: torch.device) -> int:
+    """The k-th smallest of non-negative `bits`-wide integer keys over all ranks, 8 bits per round."""
     prefix, remaining = 0, k
     for shift in range(bits - 8, -1, -8):
-        # In the top byte of a signed key, flipping the sign bit turns two's complement order into byte order.
-        flip = 0x80 if signed and shift == bits - 8 else 0
         hist = torch.zeros(256, dtype=torch.int64, device=device)
-        for make_keys in key_shards:
-            keys = make_keys()
+        for keys in key_shards:
             if shift < bits - 8:
                 keys = keys[(keys >> (shift + 8)) == (prefix >> (shift + 8))]
-            hist += torch.bincount(((keys >> shift) & 0xFF) ^ flip, minlength=256)
+            hist += torch.bincount((keys >> shift) & 0xFF, minlength=256)
         all_reduce(hist)
-        ordered = hist.flip(0) if largest else hist
-        cumulative = ordered.cumsum(0)
+        cumulative = hist.cumsum(0)
         b = int(torch.searchsorted(cumulative, torch.tensor(remaining, device=device)))
-        remaining -= int(cumulative[b] - ordered[b])
-        byte = (255 - b if largest else b) ^ flip
-        if signed and shift == bits - 8 and byte >= 0x80:
-            byte -= 0x100  # a negative top byte: prefix stays the key's signed value
-        prefix |= byte << shift
-    return prefix, remaining
+        remaining -= int(cumulative[b] - hist[b])
+        prefix |= b << shift
+    return prefix
+
+
+def _kth_largest_bin(hist: torch.Tensor, k: int) -> tuple[int, int]:
+    """The bin of a histogram holding its k-th largest entry, and how many of that bin's entries are among
+    the k largest."""
+    ordered = hist.flip(0)
+    cumulative = ordered.cumsum(0)
+    b = int(torch.searchsorted(cumulative, torch.tensor(k, device=hist.device)))
+    return hist.numel() - 1 - b, k - int(cumulative[b] - ordered[b])
+
+
+_HALF_BINS = 1 << 16
 
 
 @dataclass
@@ -96,18 +100,37 @@ def _check_finite_order(sources: list[_Candidates], all_reduce: AllReduce) -> No
 
 def _select(sources: list[_Candidates], k: int, all_reduce: AllReduce) -> list[torch.Tensor]:
     """Top-k over every rank's candidates (k at most their number); returns, per source, the sorted offsets
-    of its selected scores."""
+    of its selected scores.
+
+    Two passes over the scores: a histogram of the keys' high 16 bits (sign, exponent and the top mantissa
+    bits) finds the bin of the k-th score; a second pass takes every entry above that bin and keeps the
+    bin's own entries, usually a small share, as candidates for a histogram of their low 16 bits."""
     device = sources[0].scores.device
-    threshold, ties_needed = _radix_select([lambda s=s: score_keys(s.scores) for s in sources],
-                                           k, _SCORE_BITS, True, True, all_reduce, device)
-    # Entries at the threshold score and their position keys: found once, since the tie-break's rounds
-    # read them again and again.
-    tied = [torch.nonzero(score_keys(s.scores) == threshold).view(-1) for s in sources]
+    hist = torch.zeros(_HALF_BINS, dtype=torch.int64, device=device)
+    for s in sources:
+        hist += torch.bincount((score_keys(s.scores) >> 16) + _HALF_BINS // 2, minlength=_HALF_BINS)
+    all_reduce(hist)
+    high, needed = _kth_largest_bin(hist, k)
+    high -= _HALF_BINS // 2
+    above, inside, low = [], [], []
+    for s in sources:
+        keys = score_keys(s.scores)
+        above.append(torch.nonzero((keys >> 16) > high).view(-1))
+        offsets = torch.nonzero((keys >> 16) == high).view(-1)
+        inside.append(offsets)
+        low.append(keys[offsets] & 0xFFFF)
+        del keys
+    hist = torch.zeros(_HALF_BINS, dtype=torch.int64, device=device)
+    for bits in low:
+        hist += torch.bincount(bits, minlength=_HALF_BINS)
+    all_reduce(hist)
+    threshold, ties_needed = _kth_largest_bin(hist, needed)
+    # Entries at the k-th score itself, by position (module position, then flat index): the lower keys win.
+    tied = [offsets[bits == threshold] for offsets, bits in zip(inside, low)]
     tied_keys = [s.position_keys(offsets) for s, offsets in zip(sources, tied)]
-    last_tie, _ = _radix_select([lambda t=t: t for t in tied_keys], ties_needed, _POSITION_BITS, False, False,
-                                all_reduce, device)
-    return [torch.cat([torch.nonzero(score_keys(s.scores) > threshold).view(-1), offsets[keys <= last_tie]]).sort().values
-            for s, offsets, keys in zip(sources, tied, tied_keys)]
+    last_tie = _smallest_key(tied_keys, ties_needed, _POSITION_BITS, all_reduce, device)
+    return [torch.cat([up, offsets[bits > threshold], ties[keys <= last_tie]]).sort().values
+            for up, offsets, bits, ties, keys in zip(above, inside, low, tied, tied_keys)]
 
 
 class RunningTopK:

@@ -79,7 +79,11 @@ def _zeros(numel: int, dtype: torch.dtype, offload: bool) -> torch.Tensor:
 
 
 def _hidden_states_leaf(module, args, kwargs):
-    """A block's input as a new leaf that asks for gradients: autograd records nothing below this block."""
+    """A block's input as a new leaf that asks for gradients: autograd records nothing below this block.
+
+    Registered ahead of ZeRO-3's own pre-forward hook, which must see an input that asks for gradients:
+    it attaches the release of the block's gathered weights to that input's backward (otherwise every
+    pass in groups left its lowest block gathered: +9 weights per group, seen on a 1.1B model)."""
     if args:
         return (args[0].detach().requires_grad_(True), *args[1:]), kwargs
     return args, {**kwargs, "hidden_states": kwargs["hidden_states"].detach().requires_grad_(True)}
@@ -104,7 +108,8 @@ def _gradients_from_lowest_target(model: nn.Module, targets: dict[str, nn.Module
         if all(owners):
             names = list(blocks)
             lowest = min(names.index(owner) for owner in owners)
-            handles.append(blocks[names[lowest]].register_forward_pre_hook(_hidden_states_leaf, with_kwargs=True))
+            handles.append(blocks[names[lowest]].register_forward_pre_hook(_hidden_states_leaf, with_kwargs=True,
+                                                                            prepend=True))
             checkpointed = [b for b in list(blocks.values())[lowest:] if getattr(b, "gradient_checkpointing", False)]
         else:
             handles.append(model.get_input_embeddings().register_forward_hook(lambda m, i, out: out.requires_grad_(True)))

@@ -4,17 +4,20 @@ from itertools import islice
 from pathlib import Path
 
 import torch
-from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
+from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerBase
 
 from speft_ds.config import EMBEDDED_DATASET, EMBEDDED_MODEL
 
 
 def write_tiny_llama(path: Path, num_layers: int = 2, seed: int = 0, max_shard_size: str | None = None,
-                     hidden_size: int = 33, intermediate_size: int = 45) -> Path:
+                     hidden_size: int = 33, intermediate_size: int = 45,
+                     tokenizer: PreTrainedTokenizerBase | None = None) -> Path:
     """hidden 33 / intermediate 45: the MLP weights have an odd element count, so 2-rank partitions pad.
     (bitsandbytes' 4-bit layers need even element counts: give other sizes for quantized bases.)
-    With `max_shard_size` the weights are split over several safetensors files plus an index."""
-    tokenizer = AutoTokenizer.from_pretrained(EMBEDDED_MODEL)
+    With `max_shard_size` the weights are split over several safetensors files plus an index.
+    `tokenizer` replaces the embedded one (the vocabulary size follows it)."""
+    if tokenizer is None:
+        tokenizer = AutoTokenizer.from_pretrained(EMBEDDED_MODEL)
     config = LlamaConfig(vocab_size=len(tokenizer), hidden_size=hidden_size, intermediate_size=intermediate_size, head_dim=8,
                          num_hidden_layers=num_layers, num_attention_heads=3, num_key_value_heads=1,
                          max_position_embeddings=128, tie_word_embeddings=False,

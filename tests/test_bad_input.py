@@ -65,7 +65,7 @@ CASES = {
     "grasp_in_groups": (["--metric", "grasp", "--salience_chunks", "2"], "--metric grasp"),
     "unknown_salience_offload": (["--salience_offload", "disk"], "--salience_offload"),
     "max_memory_zero": (["--max_memory_gib", "0"], "--max_memory_gib"),
-    "salience_fits_no_budget": (["--max_memory_gib", "0.00001"], "over the budget of 0.00 GiB (--max_memory_gib)"),
+    "salience_fits_no_budget": (["--max_memory_gib", "0.00001"], "over 90% of the budget of 0.00 GiB (--max_memory_gib)"),
     "grasp_fits_no_budget": (["--metric", "grasp", "--max_memory_gib", "0.00001"], "even in 1 group,"),
 }
 

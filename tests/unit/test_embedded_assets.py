@@ -1,0 +1,58 @@
+"""The embedded demo's data: a held-out task disjoint from training by operation and operands, and a
+tokenizer that keeps numbers readable."""
+
+from __future__ import annotations
+
+import json
+import re
+
+from transformers import AutoTokenizer
+
+from speft_ds.config import EMBEDDED_DATASET, EMBEDDED_MODEL, EMBEDDED_TASK
+from speft_ds.task_eval import is_correct, load_task
+
+# The four problem templates of launch/make_tiny_llama.py, each giving (operation, operands).
+TEMPLATES = [
+    (re.compile(r"has (\d+) \w+\. \w+ gets (\d+) more"), "+"),
+    (re.compile(r"had (\d+) \w+ and gave (\d+) to"), "-"),
+    (re.compile(r"fills (\d+) bags with (\d+) \w+ each"), "*"),
+    (re.compile(r"has (\d+) \w+, \w+ has (\d+) \w+ and they find (\d+) more"), "+"),
+]
+
+
+def problem_key(prompt: str) -> tuple:
+    for pattern, operation in TEMPLATES:
+        match = pattern.search(prompt)
+        if match:
+            return (operation, *map(int, match.groups()))
+    raise AssertionError(f"no template matches {prompt!r}")
+
+
+def test_held_out_task_shares_no_operation_and_operands_with_training():
+    train = {problem_key(json.loads(line)["prompt"]) for line in EMBEDDED_DATASET.read_text().splitlines()}
+    task = load_task(EMBEDDED_TASK)
+    assert task.kind == "generation" and len(task.examples) == 200
+    held_out = [problem_key(e["prompt"]) for e in task.examples]
+    assert len(set(held_out)) == len(held_out) and not set(held_out) & train
+    assert {key[0] for key in held_out} == {"+", "-", "*"}
+    for example, (operation, *operands) in zip(task.examples, held_out):
+        value = operands[0] * operands[1] if operation == "*" else (
+            operands[0] - operands[1] if operation == "-" else sum(operands))
+        assert example["answer"] == str(value)
+
+
+def test_training_responses_end_with_the_task_answer_as_their_last_number():
+    for line in EMBEDDED_DATASET.read_text().splitlines()[:200]:
+        example = json.loads(line)
+        operation, *operands = problem_key(example["prompt"])
+        value = operands[0] * operands[1] if operation == "*" else (
+            operands[0] - operands[1] if operation == "-" else sum(operands))
+        assert is_correct(example["response"], str(value)), example
+
+
+def test_numbers_decode_as_they_were_written():
+    tokenizer = AutoTokenizer.from_pretrained(EMBEDDED_MODEL)
+    text = "Question: Sam fills 10 bags with 9 apples each.\nAnswer: 10 * 9 = 90. The bags hold 90 apples."
+    assert tokenizer.decode(tokenizer.encode(text, add_special_tokens=False)) == text
+    response = tokenizer.encode(" 10 * 9 = 90.", add_special_tokens=False)
+    assert tokenizer.decode(response) == "10 * 9 = 90."  # a response's first space is the word-boundary mark
