@@ -135,8 +135,12 @@ def main() -> int:
     if args.table:
         rows = table(read_results())
         print("\n".join(rows))
+        status = (f"Cells run: {len(read_results())}; planned cells not yet run: {len(remaining)} "
+                  "(`python bench/quality.py --run_next N` runs the next N, about 13 minutes each on 2 CPU cores). "
+                  "No verdict is drawn until the sweep and both tasks are in.")
         (REPO / "docs" / "quality.md").write_text(
-            "# Quality on a pretrained model\n\n" + __doc__.split("\n\n")[0] + "\n\n" + "\n".join(rows) + "\n")
+            "# Quality on a pretrained model\n\n" + __doc__.split("\n\n")[0] + "\n\n" + status + "\n\n"
+            + "\n".join(rows) + "\n")
     return 0
 
 

@@ -40,7 +40,8 @@ def load_raw_dataset(config: TrainConfig) -> datasets.Dataset:
 def prompt_ids(tokenizer, text: str) -> list[int]:
     """How a prompt is framed, in training and at inference: BOS, then the text's own tokens."""
     bos = [tokenizer.bos_token_id] if tokenizer.bos_token_id is not None else []
-    return bos + tokenizer.encode(text, add_special_tokens=False)
+    # verbose=False: texts longer than the model's maximum are truncated by the caller, not an error here.
+    return bos + tokenizer.encode(text, add_special_tokens=False, verbose=False)
 
 
 def tokenize_example(example: dict, tokenizer, config: TrainConfig) -> dict:
@@ -51,7 +52,7 @@ def tokenize_example(example: dict, tokenizer, config: TrainConfig) -> dict:
         labels = list(ids)
     else:
         prompt = prompt_ids(tokenizer, example[config.prompt_field])
-        response = tokenizer.encode(example[config.response_field], add_special_tokens=False) + eos
+        response = tokenizer.encode(example[config.response_field], add_special_tokens=False, verbose=False) + eos
         ids = prompt + response
         labels = [IGNORE_INDEX] * len(prompt) + response
     return {"input_ids": ids[: config.seq_len], "labels": labels[: config.seq_len]}

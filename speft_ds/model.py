@@ -127,6 +127,10 @@ def load_model(config: TrainConfig, ds_config: dict, dtype: torch.dtype) -> tupl
         # Reentrant: its recompute runs as a forward, where ZeRO-3's hooks gather the partitioned weights
         # (the non-reentrant variant recomputes without them). It needs inputs that require grad, which the
         # frozen embedding's output does not by itself.
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": True})
+        kwargs = {"use_reentrant": True}
+        if hasattr(model, "activation_checkpointing_enable"):  # newer transformers, where the old name warns
+            model.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs)
+        else:
+            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
         model.enable_input_require_grads()
     return model, hf_ds_config

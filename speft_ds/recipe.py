@@ -159,7 +159,7 @@ def train_steps(engine, plan: Plan, stream, steps: range, log: MetricsLog, progr
         step_loss = 0.0
         for _ in range(config.gradient_accumulation_steps):
             batch = _on_device(collate([plan.train_set[i] for i in next(stream)], pad_id))
-            logits = engine(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+            logits = engine(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], use_cache=False).logits
             loss_sum, tokens = causal_lm_loss_sum(logits, batch["labels"])
             loss = loss_sum / max(tokens, 1)
             engine.backward(loss)
@@ -186,7 +186,7 @@ def evaluate(engine, plan: Plan, rank: int, world_size: int) -> float:
     engine.eval()
     totals = torch.zeros(2, dtype=torch.float64, device=device())
     for batch in map(_on_device, batches):
-        logits = engine(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+        logits = engine(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], use_cache=False).logits
         loss_sum, tokens = causal_lm_loss_sum(logits, batch["labels"])
         totals += torch.tensor([loss_sum.item(), tokens], dtype=torch.float64, device=device())
     dist.all_reduce(totals)

@@ -173,7 +173,7 @@ def _choose(model, tokenizer, example: dict) -> dict:
     pad = _pad_id(tokenizer)
     ids = torch.tensor([r + [pad] * (length - len(r)) for r in rows], device=_device(model))
     mask = torch.tensor([[1] * len(r) + [0] * (length - len(r)) for r in rows], device=ids.device)
-    logprobs = F.log_softmax(model(input_ids=ids, attention_mask=mask).logits.double(), dim=-1)
+    logprobs = F.log_softmax(model(input_ids=ids, attention_mask=mask, use_cache=False).logits.double(), dim=-1)
     scores = []
     for row, (start, stop) in enumerate(spans):
         targets = ids[row, start:stop]
