@@ -132,5 +132,8 @@ def load_model(config: TrainConfig, ds_config: dict, dtype: torch.dtype) -> tupl
             model.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs)
         else:
             model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
-        model.enable_input_require_grads()
+        # Newer transformers register this hook themselves for reentrant checkpointing; a second one would
+        # be out of reach of disable_input_require_grads, and the salience pass in groups needs to remove it.
+        if not getattr(model, "_require_grads_hooks", None):
+            model.enable_input_require_grads()
     return model, hf_ds_config

@@ -184,3 +184,5 @@ def score_groups(model: nn.Module, targets: dict[str, nn.Module], groups: list[l
                                   show_progress, offload, desc)
         release()
         yield scores
+        # The consumer has merged this group: without this the next group's pass would run beside its scores.
+        del scores

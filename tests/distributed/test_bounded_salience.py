@@ -40,7 +40,7 @@ def _masks(rank, world_size, model_dir, examples, metric, quantize, k, plans, ch
     from speft_ds.config import TrainConfig
     from speft_ds.data import rank_batches
     from speft_ds.ds_config import salience_ds_config
-    from speft_ds.model import find_targets, load_model
+    from speft_ds.model import block_of, decoder_blocks, find_targets, load_model
     from speft_ds.salience import score_groups
     from speft_ds.selection import gather_indices, select_from_groups
 
@@ -48,17 +48,39 @@ def _masks(rank, world_size, model_dir, examples, metric, quantize, k, plans, ch
     model, hf_ds_config = load_model(config, zero3_config(world_size), torch.float32)
     engine = deepspeed.initialize(model=model, config=salience_ds_config(zero3_config(world_size)))[0]
     targets = find_targets(model, None)
+    block_modules = decoder_blocks(model)
+    blocks = list(block_modules)
+    recording = set()  # decoder blocks whose input asked for gradients in the pass now running
+
+    def watch(position):
+        def hook(module, args, kwargs):
+            if (args[0] if args else kwargs["hidden_states"]).requires_grad:
+                recording.add(position)
+        return hook
+
+    for position, block in enumerate(block_modules.values()):
+        block.register_forward_pre_hook(watch(position), with_kwargs=True)
+
+    def per_group(passes, autograd):
+        for scores in passes:
+            autograd.append(sorted(recording))
+            recording.clear()
+            yield scores
+
     names = list(targets)
     sizes = [zero3.full_numel(m.weight) for m in targets.values()]
     batches = rank_batches(examples, list(range(len(examples))), rank, world_size, MICRO_BATCH, pad_id=0)
     result = {}
     for chunks, offload in plans:
         groups = [[names[i] for i in run] for run in contiguous_groups(sizes, chunks)]
+        autograd = []
         scores = score_groups(model, targets, groups, batches, metric, show_progress=False, offload=offload,
                               release=engine.empty_partition_cache)
-        selected, summary, _ = select_from_groups(scores, names, k=k)
+        selected, summary, _ = select_from_groups(per_group(scores, autograd), names, k=k)
+        lowest = [min(blocks.index(block_of(name, block_modules)) for name in group) for group in groups]
         result[(chunks, offload)] = {"masks": dict(gather_indices(selected)), "summary": summary,
-                                     "groups": groups,
+                                     "groups": groups, "autograd_blocks": autograd,
+                                     "blocks_from_lowest": [list(range(low, len(blocks))) for low in lowest],
                                      "left_gathered": [n for n, p in model.named_parameters()
                                                        if p.ds_status == ZeroParamStatus.AVAILABLE]}
     engine.destroy()
@@ -87,6 +109,8 @@ def _assert_same_masks(result: dict, baseline: tuple, others: list[tuple]) -> No
         got = result[plan]
         # Every pass hands its gathered weights back (its lowest block's too, though nothing below asks for them).
         assert got["left_gathered"] == [], f"{plan}: weights left gathered after the pass: {got['left_gathered']}"
+        # Blocks below a group's lowest one run as in inference: autograd keeps nothing of theirs.
+        assert got["autograd_blocks"] == got["blocks_from_lowest"], f"{plan}: autograd recorded other blocks"
         assert list(got["masks"]) == list(want["masks"])
         for name in want["masks"]:
             assert torch.equal(got["masks"][name], want["masks"][name]), f"{plan}: {name} differs from one pass"
