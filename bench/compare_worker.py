@@ -100,7 +100,7 @@ def _train_other(args, plan) -> tuple[object, Path]:
         params = {"lora": lambda: _lora(model, plan, args.lora_r), "full": lambda: _full(model),
                   "paper": lambda: _paper_layers(model, plan, Path(args.mask))}[args.method]()
         engine = training_engine(model, params, plan, completed_steps=0)
-    if plan.eval_task:
+    if plan.eval_task and (config.eval_on_start or args.method == "base"):
         score_task(engine, plan, log, 0, "before")
     if args.method != "base":
         with tqdm(total=plan.total_steps, desc="train", disable=rank != 0) as progress:

@@ -60,6 +60,8 @@ class TrainConfig:
                                     "training on the embedded dataset; none: no task.")
     eval_steps: int = _field(0, "Also compute the eval loss and task accuracy every N optimizer steps (0: at the end "
                                 "only).")
+    eval_on_start: bool = _field(True, "Score --eval_task on the base before training (false: skip it, as when "
+                                       "many runs share one base).")
     ds_config: str = _field(str(SHIPPED_DS_CONFIG), "DeepSpeed JSON config; 'auto' values are filled from these flags.")
     trust_remote_code: bool = _field(False, "Allow model code from the model directory (off by default).")
     quantize: Optional[str] = _field(None, "Load the base quantized with bitsandbytes (QLoRA-style); the deltas "

@@ -469,7 +469,8 @@ def run(plan: Plan) -> RunResult:
         engine = training_engine(model, _values(layers), plan, completed_steps=start)
     _log_delta(log, layers)
 
-    task_scores = [score_task(engine, plan, log, 0, "before")] if plan.eval_task and not start else []
+    before = plan.eval_task and config.eval_on_start and not start
+    task_scores = [score_task(engine, plan, log, 0, "before")] if before else []
 
     def between_steps(step: int) -> None:  # reads the current engine, masks and folds
         if config.save_steps and step % config.save_steps == 0:

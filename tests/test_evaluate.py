@@ -159,24 +159,26 @@ def test_two_zero3_ranks_and_the_merged_model_give_the_single_process_result(tra
         assert all(p["loglikelihoods"] != q["loglikelihoods"] for p, q in zip(base["predictions"], one["predictions"]))
 
 
-def test_training_scores_the_task_before_during_and_after(tmp_path):
+@pytest.mark.parametrize("eval_on_start", [True, False])
+def test_training_scores_the_task_before_during_and_after(tmp_path, eval_on_start):
     root, model_dir, dataset = tiny_job(tmp_path, 48)
     generation, _ = _write_tasks(root)
     out = root / "out"
     proc = subprocess.run(["deepspeed", "--num_gpus", "2", "--master_port", str(free_port()), "launch/train.py",
                            "--model", str(model_dir), "--dataset", str(dataset), "--output_dir", str(out),
                            "--max_steps", "4", "--eval_steps", "2", "--micro_batch_size", "2", "--seq_len", "48",
-                           "--calibration_examples", "8", "--val_size", "0.1", "--eval_task", str(generation)],
+                           "--calibration_examples", "8", "--val_size", "0.1", "--eval_task", str(generation),
+                           "--eval_on_start", str(eval_on_start)],
                           cwd=REPO, capture_output=True, text=True, env={**os.environ, "DS_ACCELERATOR": "cpu"},
                           timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
     records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     scores = [r for r in records if r.get("event") == "task_eval"]
-    assert [(r["when"], r["step"]) for r in scores] == [("before", 0), ("during", 2), ("after", 4)]
+    assert [(r["when"], r["step"]) for r in scores] == [("before", 0)] * eval_on_start + [("during", 2), ("after", 4)]
     assert all(set(r) == {"event", "task", "step", "when", "accuracy", "stderr", "examples"} for r in scores)
     assert all(r["examples"] == 5 and 0 <= r["accuracy"] <= 1 for r in scores)
     assert [r["step"] for r in records if r.get("event") == "eval"] == [2, 4]
     others = [key for r in records if r.get("event") != "task_eval" for key in r if "acc" in key]
     assert not others, f"only task_eval records may carry accuracy-like keys: {others}"
     summary = [line for line in proc.stdout.splitlines() if line.startswith("task gen (5 held-out examples)")]
-    assert len(summary) == 1 and summary[0].count("->") == 2, proc.stdout[-2000:]
+    assert len(summary) == 1 and summary[0].count("->") == len(scores) - 1, proc.stdout[-2000:]
