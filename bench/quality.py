@@ -1,7 +1,7 @@
-"""Quality on a pretrained model: SPEFT (gradient global, gradient local, random mask) against LoRA at the same
-trainable count on the same modules, full fine-tuning and the base model, on SmolLM2-135M-Instruct with
-2 CPU ranks and two tasks (bench/quality_tasks.py): held-out accuracy with its standard error, held-out
-loss, and where SPEFT puts its k.
+"""Quality on a pretrained model: SPEFT (gradient global, gradient local, random mask, global over scores
+normalised per weight) against LoRA at the same trainable count on the same modules, full fine-tuning and
+the base model, on SmolLM2-135M-Instruct with 2 CPU ranks and two tasks (bench/quality_tasks.py):
+held-out accuracy with its standard error, held-out loss, and where SPEFT puts its k.
 
     python bench/quality.py --run_next 3     # run the next 3 cells of the plan below, appending each result
     python bench/quality.py --table          # docs/quality.md from bench/results/quality.jsonl
@@ -35,9 +35,11 @@ WORK = Path(os.environ.get("SPEFT_QUALITY_WORK", "/tmp/speft-quality"))
 WORLD_SIZE, STEPS, MICRO_BATCH, SEQ_LEN, DENSITY, CALIBRATION = 2, 60, 8, 96, 0.01, 128
 # method -> (compare_worker method, extra training flags)
 METHODS = {"base": ("base", []), "speft-global": ("speft", []), "speft-local": ("speft", ["--selection", "local"]),
-           "speft-random": ("speft", ["--metric", "random"]), "lora": ("lora", []), "full": ("full", [])}
+           "speft-random": ("speft", ["--metric", "random"]), "lora": ("lora", []), "full": ("full", []),
+           "speft-normalized": ("speft", ["--selection", "normalized"])}
 GRID = {"base": [0.0], "speft-global": [3e-4, 1e-3, 3e-3], "speft-local": [3e-4, 1e-3, 3e-3],
-        "speft-random": [3e-4, 1e-3, 3e-3], "lora": [3e-4, 1e-3, 3e-3], "full": [1e-5, 3e-5, 1e-4]}
+        "speft-random": [3e-4, 1e-3, 3e-3], "lora": [3e-4, 1e-3, 3e-3], "full": [1e-5, 3e-5, 1e-4],
+        "speft-normalized": [3e-4, 1e-3, 3e-3]}
 SWEEP_TASK, TASKS, SEEDS = "arith", ("arith", "choose"), (1, 2)
 
 

@@ -75,8 +75,9 @@ class TrainConfig:
     # --- salience and selection
     metric: str = _field("gradient", "Salience metric (the paper's best: gradient).", choices=METRIC_NAMES)
     calibration_examples: int = _field(128, "Training examples drawn (with --seed) for the salience pass.")
-    selection: str = _field("global", "One top-k over all targeted weights, or the same fraction per weight.",
-                            choices=("global", "local"))
+    selection: str = _field("global", "One top-k over all targeted weights (global), the same fraction per weight "
+                                      "(local), or one top-k over scores divided by each weight's mean |score| "
+                                      "(normalized).", choices=("global", "local", "normalized"))
     density: float = _field(0.01, "Fraction of targeted weight elements to train, in (0, 1].")
     num_trainable: Optional[int] = _field(None, "Exact number of trainable elements (overrides --density).")
     target_modules: Optional[str] = _field(

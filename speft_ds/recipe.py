@@ -216,12 +216,14 @@ def select_masks(engine, plan: Plan, log: MetricsLog, rank: int, world_size: int
     groups = score_groups(model, _targets(model, plan), plan.salience.groups, batches, config.metric, seed=config.seed,
                           show_progress=rank == 0, offload=plan.salience.offload, release=engine.empty_partition_cache)
     selected, summary, selecting = select_from_groups(groups, plan.target_names, k=None if local else k or plan.k,
-                                                      density=config.density, excluded=excluded)
+                                                      density=config.density, excluded=excluded,
+                                                      normalize=config.selection == "normalized")
     log.write({"event": "salience", "metric": config.metric, "examples": len(calibration),
                "chunks": len(plan.salience.groups), "offload": plan.salience.offload,
                "wall_time_s": time.perf_counter() - started - selecting})
     count = int(_sum_over_ranks(sum(t.numel() for t in selected.values())))
-    log.write({"event": "selection", "selection": "local" if local else "global", "k": count,
+    kind = "local" if local else "normalized" if config.selection == "normalized" else "global"
+    log.write({"event": "selection", "selection": kind, "k": count,
                "wall_time_s": selecting})
     return selected, summary
 

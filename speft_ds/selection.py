@@ -205,16 +205,30 @@ def exclude(scores: dict[str, ShardScores], indices: dict[str, torch.Tensor]) ->
             s.scores[inside - s.start] = float("-inf")
 
 
+def normalize_per_weight(scores: dict[str, ShardScores], all_reduce: AllReduce = _all_reduce) -> None:
+    """Divide each weight's scores, in place, by its mean |score| over every rank: a global top-k then
+    compares each element with its own weight's typical score, so weights whose scores run larger (by
+    shape or position) do not take most of k. A weight whose scores are all zero is left as it is."""
+    sums = torch.tensor([s.scores.abs().sum(dtype=torch.float64).item() for s in scores.values()], dtype=torch.float64)
+    all_reduce(sums)
+    for s, total in zip(scores.values(), sums.tolist()):
+        if total > 0:
+            s.scores.div_(total / s.numel)
+
+
 def select_from_groups(groups: Iterable[dict[str, ShardScores]], names: list[str], k: int | None = None,
-                       density: float | None = None, excluded: dict[str, torch.Tensor] | None = None
-                       ) -> tuple[dict[str, torch.Tensor], dict, float]:
+                       density: float | None = None, excluded: dict[str, torch.Tensor] | None = None,
+                       normalize: bool = False) -> tuple[dict[str, torch.Tensor], dict, float]:
     """The global top-k (or, given `density` instead, each weight's own top fraction) over scores that
     arrive one group of weights at a time (`names`: every weight, in model order), never holding more
-    than one group's scores. `excluded` entries cannot be selected. Returns this rank's selected flat
+    than one group's scores. `excluded` entries cannot be selected; with `normalize` each weight's scores
+    are first divided by their mean magnitude (normalize_per_weight). Returns this rank's selected flat
     indices per weight, the score summary, and the seconds spent selecting (beside producing scores)."""
     top, summary, selected, seconds = RunningTopK(k, names) if k else None, ScoreSummary(), {}, 0.0
     for scores in groups:
         started = time.perf_counter()
+        if normalize:
+            normalize_per_weight(scores)
         exclude(scores, excluded or {})
         summary.add(scores)
         if top:

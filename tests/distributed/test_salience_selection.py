@@ -28,8 +28,8 @@ def _salience_and_selection(model_dir: str, examples: list[dict], rank: int, wor
     from speft_ds.config import TrainConfig
     from speft_ds.data import rank_batches
     from speft_ds.model import find_targets, load_model
-    from speft_ds.salience import compute_salience
-    from speft_ds.selection import gather_indices, num_to_select, select_global, select_local
+    from speft_ds.salience import ShardScores, compute_salience
+    from speft_ds.selection import gather_indices, num_to_select, select_from_groups, select_global, select_local
 
     model, hf_ds_config = load_model(TrainConfig(model=model_dir), zero3_config(world_size), torch.float32)
     engine = deepspeed.initialize(model=model, config=zero3_config(world_size))[0]
@@ -60,6 +60,9 @@ def _salience_and_selection(model_dir: str, examples: list[dict], rank: int, wor
         "partition": {n: (m.weight.numel(), m.weight.ds_numel, m.weight.ds_tensor.numel()) for n, m in targets.items()},
         "global": dict(gather_indices(selected)),
         "local": dict(gather_indices(select_local(scores, DENSITY))),
+        "normalized": dict(gather_indices(select_from_groups(
+            iter([{n: ShardScores(s.start, s.scores.clone(), s.numel, 0) for n, s in scores.items()}]), list(scores),
+            k=k, normalize=True)[0])),
         "base_state_during": base_state_during,
         "base_state_after": base_state_after,
     }
@@ -155,6 +158,18 @@ def test_global_selection_is_exact_and_matches_reference(setup, reference):
     for name in names:  # 1 rank and 2 ranks agree but for near-ties
         _assert_same_but_near_ties(set(setup["one"][0]["global"][name].tolist()),
                                    set(setup["two"][0]["global"][name].tolist()), reference[name], kth)
+
+
+def test_normalized_selection_matches_reference(setup, reference):
+    names = list(reference)
+    normalized = [reference[n] / (reference[n].sum(dtype=torch.float64).item() / reference[n].numel()) for n in names]
+    k = setup["two"][0]["k"]
+    want, kth = reference_top_k(normalized, k)
+    for world in ("two", "one"):
+        got = setup[world][0]["normalized"]
+        assert sum(t.numel() for t in got.values()) == k
+        for i, name in enumerate(names):
+            _assert_same_but_near_ties(set(got[name].tolist()), want[i], normalized[i], kth)
 
 
 def test_local_selection_matches_reference(setup, reference):

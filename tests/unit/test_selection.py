@@ -7,7 +7,8 @@ import torch
 
 from speft_ds.config import ConfigError
 from speft_ds.salience import ShardScores
-from speft_ds.selection import (RunningTopK, check_k, num_to_select, score_keys, select_from_groups, select_global,
+from speft_ds.selection import (RunningTopK, check_k, normalize_per_weight, num_to_select, score_keys, select_from_groups,
+                                select_global,
                                  select_local)
 
 NAMES = ["a.q_proj", "a.v_proj", "b.down_proj", "b.up_proj"]
@@ -246,3 +247,28 @@ def test_running_top_k_refuses_more_than_it_was_offered():
     top.add({NAMES[0]: whole(torch.ones(10))})
     with pytest.raises(ConfigError, match="k = 11 is outside"):
         top.selected()
+
+
+def _over_mean_magnitude(scores: torch.Tensor) -> torch.Tensor:
+    return scores / (scores.abs().sum(dtype=torch.float64).item() / scores.numel())
+
+
+def test_normalized_selection_is_the_top_k_of_each_weights_scores_over_their_mean_magnitude():
+    gen = torch.Generator().manual_seed(4)
+    scores = random_module_scores(gen, "random")
+    scores["b.down_proj"] *= 1000.0  # one weight's scores run far larger than the others'
+    k = 40
+    one_pass = [{n: whole(scores[n].clone()) for n in NAMES}]
+    plain = select_from_groups(iter(one_pass), NAMES, k=k)[0]
+    assert plain["b.down_proj"].numel() == min(k, scores["b.down_proj"].numel())  # it takes what it can of k
+    expected = reference_top_k({n: _over_mean_magnitude(s) for n, s in scores.items()}, k)
+    for grouping in (one_pass, [{n: whole(scores[n].clone())} for n in NAMES]):
+        assert_same_selection(select_from_groups(iter(grouping), NAMES, k=k, normalize=True)[0], expected, k)
+    assert 0 < expected["b.down_proj"].numel() < k
+
+
+def test_normalizing_leaves_an_all_zero_weight_as_it_is():
+    shards = {"a": whole(torch.zeros(5)), "b": whole(torch.tensor([1.0, -3.0]))}
+    normalize_per_weight(shards)
+    assert torch.equal(shards["a"].scores, torch.zeros(5))
+    assert torch.equal(shards["b"].scores, torch.tensor([0.5, -1.5]))
