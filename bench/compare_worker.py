@@ -115,15 +115,19 @@ def _train_other(args, plan) -> tuple[object, Path]:
 
 
 def k_shares(adapter: Path) -> dict[str, dict[str, float]]:
-    """The share of k each module type (q_proj, ...) and each decoder layer received, from an adapter file."""
-    counts = {name: idx.numel() for name, idx in read_adapter(adapter)[0].items()}
-    k = sum(counts.values())
-    shares = {"k_share_by_module": {}, "k_share_by_layer": {}}
+    """The share of k each module type (q_proj, ...) and each decoder layer received, and their shares of
+    the targeted weights' elements (what an even spread would give them), from an adapter file."""
+    indices, _, adapter_config = read_adapter(adapter)
+    counts = {name: idx.numel() for name, idx in indices.items()}
+    sizes = {name: rows * cols for name, (rows, cols) in adapter_config["shapes"].items()}
+    k, total = sum(counts.values()), sum(sizes.values())
+    shares = {f"{kind}_share_by_{by}": {} for kind in ("k", "weight") for by in ("module", "layer")}
     for name, count in counts.items():
         layer = re.search(r"\.layers\.(\d+)\.", name)
-        for key, group in (("k_share_by_module", name.rsplit(".", 1)[-1]),
-                           ("k_share_by_layer", f"layer {layer.group(1)}" if layer else "other")):
-            shares[key][group] = shares[key].get(group, 0.0) + count / k
+        for by, group in (("module", name.rsplit(".", 1)[-1]), ("layer", f"layer {layer.group(1)}" if layer else "other")):
+            for kind, share in (("k", count / k), ("weight", sizes[name] / total)):
+                into = shares[f"{kind}_share_by_{by}"]
+                into[group] = into.get(group, 0.0) + share
     return shares
 
 

@@ -69,8 +69,9 @@ def run_cell(method: str, task: str, lr: float, seed: int) -> dict:
                *([] if method == "base" else ["--eval_on_start", "false"])]
     print(" ".join(command), flush=True)
     subprocess.run(command, cwd=REPO, check=True, env={**os.environ, "DS_ACCELERATOR": "cpu"})
-    record = {"method": method, "task": task, "lr": lr, "seed": seed, "steps": 0 if method == "base" else STEPS,
-              **json.loads(result.read_text())}
+    # the cell's own names last: the worker's "method" is its kind of training (speft, lora, ...)
+    record = {**json.loads(result.read_text()), "method": method, "task": task, "lr": lr, "seed": seed,
+              "steps": 0 if method == "base" else STEPS}
     RESULTS.parent.mkdir(parents=True, exist_ok=True)
     with RESULTS.open("a") as fh:
         fh.write(json.dumps(record) + "\n")
@@ -101,21 +102,52 @@ def planned_cells(results: list[dict]) -> list[tuple[str, str, float, int]]:
     return [cell for cell in cells if cell not in done]
 
 
-def _k_share(shares: dict) -> str:
+def _top_layers(shares: dict) -> str:
     top = sorted(shares.items(), key=lambda item: -item[1])[:3]
     return ", ".join(f"{name} {share:.0%}" for name, share in top)
 
 
+def _order(r: dict) -> tuple:
+    return r["task"], list(METHODS).index(r["method"]), r["seed"], r["lr"]
+
+
 def table(results: list[dict]) -> list[str]:
-    rows = ["| task | method | lr | seed | trainable | held-out accuracy (± s.e.) | held-out loss "
-            "| step s | k: top modules | k: top layers |", "|---|---|---|---|---|---|---|---|---|---|"]
-    for r in sorted(results, key=lambda r: (r["task"], list(METHODS).index(r["method"]), r["seed"], r["lr"])):
+    rows = ["| task | method | lr | seed | trainable | held-out accuracy (± s.e.) | held-out loss | step s |",
+            "|---|---|---|---|---|---|---|---|"]
+    for r in sorted(results, key=_order):
         after = r["task_after"]
         rows.append(f"| {r['task']} | {r['method']} | {r['lr']:g} | {r['seed']} | {r['trainable']:,} | "
                     f"{after['accuracy']:.1%} ± {after['stderr']:.1%} | {r['eval_loss']:.4f} | "
-                    f"{r.get('median_step_s') or 0:.1f} | {_k_share(r.get('k_share_by_module', {}))} | "
-                    f"{_k_share(r.get('k_share_by_layer', {}))} |")
+                    f"{r.get('median_step_s') or 0:.1f} |")
     return rows
+
+
+def k_table(results: list[dict]) -> list[str]:
+    """Where each SPEFT cell put its k, by module type (against the types' shares of the weights) and layer."""
+    cells = sorted((r for r in results if "weight_share_by_module" in r), key=_order)
+    if not cells:
+        return []
+    modules = list(cells[0]["weight_share_by_module"])
+    rows = ["| task | method | lr | seed | " + " | ".join(modules) + " | layers with the most k |",
+            "|---|---|---|---|" + "---|" * (len(modules) + 1),
+            "| | share of the weights | | | " + " | ".join(f"{cells[0]['weight_share_by_module'][m]:.1%}"
+                                                        for m in modules) + " | |"]
+    for r in cells:
+        k, weights = r["k_share_by_module"], r["weight_share_by_module"]
+        rows.append(f"| {r['task']} | {r['method']} | {r['lr']:g} | {r['seed']} | "
+                    + " | ".join(f"{k.get(m, 0.0):.1%} ({k.get(m, 0.0) / weights[m]:.1f}x)" for m in modules)
+                    + f" | {_top_layers(r['k_share_by_layer'])} |")
+    return rows
+
+
+def quality_page(results: list[dict], remaining: int) -> str:
+    status = (f"Cells run: {len(results)}; planned cells not yet run: {remaining} (`python bench/quality.py "
+              "--run_next N` runs the next N, about 14 minutes each on 2 CPU cores). No verdict is drawn until "
+              "the sweep and both tasks are in.")
+    shares = ("Each SPEFT cell's share of k per module type, and in brackets that share over the module type's "
+              "share of the targeted weights (1.0x: what an even spread would give it).")
+    return "\n\n".join(["# Quality on a pretrained model", __doc__.split("\n\n")[0], status, "\n".join(table(results)),
+                        "## Where SPEFT puts k", shares, "\n".join(k_table(results))]) + "\n"
 
 
 def main() -> int:
@@ -137,14 +169,9 @@ def main() -> int:
     remaining = planned_cells(read_results())
     print(f"{len(remaining)} planned cells remain" + (f"; next: {remaining[0]}" if remaining else ""))
     if args.table:
-        rows = table(read_results())
-        print("\n".join(rows))
-        status = (f"Cells run: {len(read_results())}; planned cells not yet run: {len(remaining)} "
-                  "(`python bench/quality.py --run_next N` runs the next N, about 13 minutes each on 2 CPU cores). "
-                  "No verdict is drawn until the sweep and both tasks are in.")
-        (REPO / "docs" / "quality.md").write_text(
-            "# Quality on a pretrained model\n\n" + __doc__.split("\n\n")[0] + "\n\n" + status + "\n\n"
-            + "\n".join(rows) + "\n")
+        page = quality_page(read_results(), len(remaining))
+        print(page)
+        (REPO / "docs" / "quality.md").write_text(page)
     return 0
 
 
