@@ -100,7 +100,7 @@ def _train_other(args, plan) -> tuple[object, Path]:
         params = {"lora": lambda: _lora(model, plan, args.lora_r), "full": lambda: _full(model),
                   "paper": lambda: _paper_layers(model, plan, Path(args.mask))}[args.method]()
         engine = training_engine(model, params, plan, completed_steps=0)
-    if plan.eval_task and (config.eval_on_start or args.method == "base"):
+    if plan.eval_task and config.eval_on_start and args.method != "base":  # untrained, the base scores once: after
         score_task(engine, plan, log, 0, "before")
     if args.method != "base":
         with tqdm(total=plan.total_steps, desc="train", disable=rank != 0) as progress:
@@ -108,7 +108,7 @@ def _train_other(args, plan) -> tuple[object, Path]:
                         progress, after_step=lambda step: None)
         log_memory(log, "training")
     log.write({"event": "eval", "eval_loss": evaluate(engine, plan, rank, world_size)})
-    if plan.eval_task and args.method != "base":  # untrained, the base's one score is its 'after' too
+    if plan.eval_task:
         score_task(engine, plan, log, plan.total_steps, "after")
     del hf_ds_config
     return engine, Path(config.output_dir) / "metrics.jsonl"
@@ -157,8 +157,6 @@ def main() -> int:
         memory = {r["phase"]: r for r in records if r.get("event") == "memory"}
         step_times = [r["step_time_s"] for r in records if "event" not in r][args.warmup_steps_excluded:]
         tasks = {f"task_{r['when']}": r for r in records if r.get("event") == "task_eval"}
-        if args.method == "base" and "task_before" in tasks:
-            tasks["task_after"] = tasks["task_before"]
         adapter = Path(config.output_dir) / "adapter"
         Path(args.result).write_text(json.dumps({
             "method": args.method, "world_size": dist.get_world_size(), "trainable": trainable_numel,

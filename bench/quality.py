@@ -64,9 +64,8 @@ def run_cell(method: str, task: str, lr: float, seed: int) -> dict:
                "--micro_batch_size", str(MICRO_BATCH), "--max_steps", str(STEPS), "--warmup_steps", str(STEPS // 10),
                "--learning_rate", str(lr or 1e-3), "--seed", str(seed), "--density", str(DENSITY),
                "--calibration_examples", str(CALIBRATION), "--val_size", "0.05", "--logging_steps", "10",
-               "--output_dir", str(WORK / tag), "--overwrite_output_dir", *extra,
                # every cell starts from the same base, whose score is the base cell's
-               *([] if method == "base" else ["--eval_on_start", "false"])]
+               "--output_dir", str(WORK / tag), "--overwrite_output_dir", "--eval_on_start", "false", *extra]
     print(" ".join(command), flush=True)
     subprocess.run(command, cwd=REPO, check=True, env={**os.environ, "DS_ACCELERATOR": "cpu"})
     # the cell's own names last: the worker's "method" is its kind of training (speft, lora, ...)

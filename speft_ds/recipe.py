@@ -211,20 +211,20 @@ def select_masks(engine, plan: Plan, log: MetricsLog, rank: int, world_size: int
     batches = rank_batches(plan.train_set, calibration, rank, world_size, config.micro_batch_size,
                            pad_token_id(plan.tokenizer))
     local = config.selection == "local" and excluded is None
+    normalize = config.selection == "normalized"
     started = time.perf_counter()
     model = engine.module
     groups = score_groups(model, _targets(model, plan), plan.salience.groups, batches, config.metric, seed=config.seed,
                           show_progress=rank == 0, offload=plan.salience.offload, release=engine.empty_partition_cache)
     selected, summary, selecting = select_from_groups(groups, plan.target_names, k=None if local else k or plan.k,
                                                       density=config.density, excluded=excluded,
-                                                      normalize=config.selection == "normalized")
+                                                      normalize=normalize)
     log.write({"event": "salience", "metric": config.metric, "examples": len(calibration),
                "chunks": len(plan.salience.groups), "offload": plan.salience.offload,
                "wall_time_s": time.perf_counter() - started - selecting})
     count = int(_sum_over_ranks(sum(t.numel() for t in selected.values())))
-    kind = "local" if local else "normalized" if config.selection == "normalized" else "global"
-    log.write({"event": "selection", "selection": kind, "k": count,
-               "wall_time_s": selecting})
+    log.write({"event": "selection", "selection": "local" if local else "normalized" if normalize else "global",
+               "k": count, "wall_time_s": selecting})
     return selected, summary
 
 

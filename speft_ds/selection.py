@@ -209,7 +209,7 @@ def normalize_per_weight(scores: dict[str, ShardScores], all_reduce: AllReduce =
     """Divide each weight's scores, in place, by its mean |score| over every rank: a global top-k then
     compares each element with its own weight's typical score, so weights whose scores run larger (by
     shape or position) do not take most of k. A weight whose scores are all zero is left as it is."""
-    sums = torch.tensor([s.scores.abs().sum(dtype=torch.float64).item() for s in scores.values()], dtype=torch.float64)
+    sums = torch.stack([s.scores.abs().sum(dtype=torch.float64) for s in scores.values()])
     all_reduce(sums)
     for s, total in zip(scores.values(), sums.tolist()):
         if total > 0:
