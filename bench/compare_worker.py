@@ -2,8 +2,9 @@
 
 Every method goes through speft-ds's own plan (data, ZeRO-3 config, steps), model loading, training
 loop and evaluation; only the model's trainable part differs:
-  speft  this project's recipe (salience, global top-k, sparse-delta layers);
-  lora   HF peft LoRA of rank --lora_r on the same target modules;
+  speft     this project's recipe (salience, global top-k, sparse-delta layers);
+  lora      the recipe with --peft lora (PEFT's LoRA layers) of rank --lora_r on the same target modules;
+  roselora  the recipe with --peft roselora of rank --lora_r;
   full   every parameter trained;
   paper  the reference SPEFT code's layer: W + scatter_add(indices, values) built as a dense weight each
          forward, plain autograd, on the mask of a finished speft run (--mask);
@@ -37,11 +38,11 @@ from speft_ds import zero3  # noqa: E402
 from speft_ds.adapter import read_adapter  # noqa: E402
 from speft_ds.cli import parse_config  # noqa: E402
 from speft_ds.distributed import init_distributed, leave_process_group, per_rank  # noqa: E402
-from speft_ds.metrics_log import MetricsLog  # noqa: E402
+from speft_ds.metrics_log import MetricsLog, log_memory  # noqa: E402
 from speft_ds.model import load_model  # noqa: E402
 from speft_ds.ds_config import salience_ds_config  # noqa: E402
-from speft_ds.recipe import (evaluate, log_memory, micro_batch_stream, plan_run, run, score_task,  # noqa: E402
-                             train_steps, training_engine)
+from speft_ds.recipe import (evaluate, micro_batch_stream, plan_run, run, score_task, train_steps,  # noqa: E402
+                             training_engine)
 
 
 class PaperSparseLinear(nn.Module):
@@ -72,21 +73,13 @@ def _paper_layers(model: nn.Module, plan, mask: Path) -> list:
     return params
 
 
-def _lora(model: nn.Module, plan, r: int) -> list:
-    from peft import LoraConfig, get_peft_model
-
-    targets = sorted({name.rsplit(".", 1)[-1] for name in plan.target_names})
-    peft_model = get_peft_model(model, LoraConfig(r=r, lora_alpha=2 * r, lora_dropout=0.0, target_modules=targets))
-    return [p for p in peft_model.parameters() if p.requires_grad]
-
-
 def _full(model: nn.Module) -> list:
     return list(model.requires_grad_(True).parameters())
 
 
 def _train_other(args, plan) -> tuple[object, Path]:
     """The recipe's load / train / eval (task accuracy before and after where --eval_task is given) for a
-    model whose trainable part is not speft's; `base` evaluates the model as loaded, without training."""
+    model whose trainable part is none of the recipe's methods; `base` evaluates the model as loaded."""
     config = plan.config
     init_distributed(config.ddp_timeout)
     rank, world_size = dist.get_rank(), dist.get_world_size()
@@ -97,8 +90,7 @@ def _train_other(args, plan) -> tuple[object, Path]:
     if args.method == "base":
         engine = deepspeed.initialize(model=model, config=salience_ds_config(plan.ds_config))[0]
     else:
-        params = {"lora": lambda: _lora(model, plan, args.lora_r), "full": lambda: _full(model),
-                  "paper": lambda: _paper_layers(model, plan, Path(args.mask))}[args.method]()
+        params = {"full": lambda: _full(model), "paper": lambda: _paper_layers(model, plan, Path(args.mask))}[args.method]()
         engine = training_engine(model, params, plan, completed_steps=0)
     if plan.eval_task and config.eval_on_start and args.method != "base":  # untrained, the base scores once: after
         score_task(engine, plan, log, 0, "before")
@@ -131,19 +123,28 @@ def k_shares(adapter: Path) -> dict[str, dict[str, float]]:
     return shares
 
 
+def _side_file(adapter: Path) -> dict:
+    """RoseLoRA's final non-zeros and budget, from its adapter's side file."""
+    side = adapter / "speft_ds_adapter.json"
+    record = json.loads(side.read_text()) if side.is_file() else {}
+    return {key: record[key] for key in ("nonzeros", "final_budget") if key in record}
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--method", choices=("speft", "lora", "full", "paper", "base"), required=True)
+    parser.add_argument("--method", choices=("speft", "lora", "roselora", "full", "paper", "base"), required=True)
     parser.add_argument("--lora_r", type=int, default=8)
     parser.add_argument("--mask", help="paper: the adapter directory of a speft run whose mask to train")
     parser.add_argument("--warmup_steps_excluded", type=int, default=1)
     parser.add_argument("--result", required=True)
     parser.add_argument("--local_rank", type=int, default=0)  # the DeepSpeed launcher passes it
     args, train_argv = parser.parse_known_args()
-    config, explicit = parse_config([a for a in train_argv if a != "--"])
+    recipe_method = args.method in ("speft", "lora", "roselora")
+    peft_flags = ["--peft", args.method, "--lora_r", str(args.lora_r)] if recipe_method else []
+    config, explicit = parse_config([a for a in train_argv if a != "--"] + peft_flags)
     plan = plan_run(config, explicit)
     started = time.perf_counter()
-    if args.method == "speft":
+    if recipe_method:
         engine = run(plan).engine
         metrics = Path(config.output_dir) / "metrics.jsonl"
     else:
@@ -162,7 +163,7 @@ def main() -> int:
             "method": args.method, "world_size": dist.get_world_size(), "trainable": trainable_numel,
             "median_step_s": statistics.median(step_times) if step_times else None, "step_times_s": step_times,
             "peak_rss_mib_per_rank": memory.get("training", memory["load"])["peak_rss_mib_per_rank"],
-            **tasks, **(k_shares(adapter) if args.method == "speft" else {}),
+            **tasks, **(k_shares(adapter) if args.method == "speft" else {}), **_side_file(adapter),
             "trainable_bytes_per_rank": [int(r[0]) for r in held], "optimizer_bytes_per_rank": [int(r[1]) for r in held],
             "eval_loss": events["eval"]["eval_loss"],
             "salience_s": events.get("salience", {}).get("wall_time_s"),

@@ -1,11 +1,13 @@
 """Quality on a pretrained model: SPEFT (gradient global, gradient local, random mask, global over scores
-normalised per weight) against LoRA at the same trainable count on the same modules, full fine-tuning and
-the base model, on SmolLM2-135M-Instruct with 2 CPU ranks and two tasks (bench/quality_tasks.py):
-held-out accuracy with its standard error, held-out loss, and where SPEFT puts its k.
+normalised per weight) against LoRA and RoseLoRA at the same trainable count (RoseLoRA: its final non-zeros)
+on the same modules, full fine-tuning and the base model, on SmolLM2-135M-Instruct with 2 CPU ranks and two
+tasks (bench/quality_tasks.py): held-out accuracy with its standard error, held-out loss, and where SPEFT
+puts its k.
 
     python bench/quality.py --run_next 3     # run the next 3 cells of the plan below, appending each result
-    python bench/quality.py --table          # docs/quality.md from bench/results/quality.jsonl
+    python bench/quality.py --table          # docs/quality.md and docs/methods.md from bench/results/quality.jsonl
     python bench/quality.py --cell lora --task arith --lr 1e-3 --seed 1    # one cell by hand
+    python bench/quality.py --speed speft-global lora roselora   # step time and memory alone, 8 steps each
 
 The plan (at most STEPS optimizer steps per cell): every method over its learning-rate grid on task `arith`,
 seed 1; then, at each method's best rate there (accuracy, ties to the lower held-out loss), task `choose`
@@ -31,45 +33,68 @@ from speft_ds.config import DEFAULT_MODEL  # noqa: E402
 from speft_ds.distributed import free_port  # noqa: E402
 
 RESULTS = REPO / "bench" / "results" / "quality.jsonl"
+SPEED_RESULTS = REPO / "bench" / "results" / "method_speed.jsonl"  # cells share the CPU with other work: not timed
 WORK = Path(os.environ.get("SPEFT_QUALITY_WORK", "/tmp/speft-quality"))
 WORLD_SIZE, STEPS, MICRO_BATCH, SEQ_LEN, DENSITY, CALIBRATION = 2, 60, 8, 96, 0.01, 128
+ROSE_SPARSITY = 0.9  # RoseLoRA's default: its rank is chosen so that the final non-zeros match SPEFT's k
 # method -> (compare_worker method, extra training flags)
 METHODS = {"base": ("base", []), "speft-global": ("speft", []), "speft-local": ("speft", ["--selection", "local"]),
            "speft-random": ("speft", ["--metric", "random"]), "lora": ("lora", []), "full": ("full", []),
-           "speft-normalized": ("speft", ["--selection", "normalized"])}
+           "speft-normalized": ("speft", ["--selection", "normalized"]),
+           "roselora": ("roselora", ["--rose_sparsity", str(ROSE_SPARSITY)])}
 GRID = {"base": [0.0], "speft-global": [3e-4, 1e-3, 3e-3], "speft-local": [3e-4, 1e-3, 3e-3],
         "speft-random": [3e-4, 1e-3, 3e-3], "lora": [3e-4, 1e-3, 3e-3], "full": [1e-5, 3e-5, 1e-4],
-        "speft-normalized": [3e-4, 1e-3, 3e-3]}
+        "speft-normalized": [3e-4, 1e-3, 3e-3], "roselora": [3e-4, 1e-3, 3e-3]}
 SWEEP_TASK, TASKS, SEEDS = "arith", ("arith", "choose"), (1, 2)
 
 
-def lora_rank(model: str, density: float) -> int:
+def lora_rank(model: str, method: str) -> int:
+    """LoRA's rank with r x sum(in + out) closest to SPEFT's k; RoseLoRA's with its final non-zeros, about
+    (1 - sparsity) x r x sum(in + out), closest to k."""
     from bench.compare import lora_rank as nearest_rank
 
-    return nearest_rank(Path(model), density)
+    return nearest_rank(Path(model), DENSITY / (1 - ROSE_SPARSITY) if method == "roselora" else DENSITY)
 
 
-def run_cell(method: str, task: str, lr: float, seed: int) -> dict:
+def _train(method: str, task: str, lr: float, seed: int, tag: str, steps: int, *flags: str) -> dict:
+    """One compare_worker job on the cell's model, data and budget; returns its result."""
     from speft_ds.gguf_models import resolve_model
 
     model = resolve_model(DEFAULT_MODEL)
     train, test = write_task(task, WORK / "tasks")
-    tag = f"{method}-{task}-lr{lr:g}-s{seed}"
     result = WORK / f"{tag}.json"
     worker, extra = METHODS[method]
     command = ["deepspeed", "--num_gpus", str(WORLD_SIZE), "--master_port", str(free_port()), "bench/compare_worker.py",
-               "--method", worker, "--lora_r", str(lora_rank(model, DENSITY)), "--result", str(result),
+               "--method", worker, "--lora_r", str(lora_rank(model, method)), "--result", str(result),
                "--warmup_steps_excluded", "1", "--",
                "--model", model, "--dataset", str(train), "--eval_task", str(test), "--seq_len", str(SEQ_LEN),
-               "--micro_batch_size", str(MICRO_BATCH), "--max_steps", str(STEPS), "--warmup_steps", str(STEPS // 10),
+               "--micro_batch_size", str(MICRO_BATCH), "--max_steps", str(steps), "--warmup_steps", str(STEPS // 10),
                "--learning_rate", str(lr or 1e-3), "--seed", str(seed), "--density", str(DENSITY),
                "--calibration_examples", str(CALIBRATION), "--val_size", "0.05", "--logging_steps", "10",
                # every cell starts from the same base, whose score is the base cell's
-               "--output_dir", str(WORK / tag), "--overwrite_output_dir", "--eval_on_start", "false", *extra]
+               "--output_dir", str(WORK / tag), "--overwrite_output_dir", "--eval_on_start", "false", *extra, *flags]
     print(" ".join(command), flush=True)
     subprocess.run(command, cwd=REPO, check=True, env={**os.environ, "DS_ACCELERATOR": "cpu"})
+    return json.loads(result.read_text())
+
+
+def run_speed(method: str, steps: int = 8) -> dict:
+    """Step time (median of steps 2-8, one per log record) and peak memory per rank of a method alone on
+    the CPU, at its cell's budget: run with nothing else on the machine."""
+    result = _train(method, SWEEP_TASK, 1e-3, 1, f"speed-{method}", steps, "--logging_steps", "1", "--eval_task", "none")
+    record = {key: result.get(key) for key in ("method", "trainable", "nonzeros", "median_step_s", "salience_s",
+                                               "peak_rss_mib_per_rank", "trainable_bytes_per_rank",
+                                               "optimizer_bytes_per_rank")}
+    record.update(method=method, steps=steps)
+    with SPEED_RESULTS.open("a") as fh:
+        fh.write(json.dumps(record) + "\n")
+    return record
+
+
+def run_cell(method: str, task: str, lr: float, seed: int) -> dict:
+    result = _train(method, task, lr, seed, f"{method}-{task}-lr{lr:g}-s{seed}", STEPS)
     # the cell's own names last: the worker's "method" is its kind of training (speft, lora, ...)
-    record = {**json.loads(result.read_text()), "method": method, "task": task, "lr": lr, "seed": seed,
+    record = {**result, "method": method, "task": task, "lr": lr, "seed": seed,
               "steps": 0 if method == "base" else STEPS}
     RESULTS.parent.mkdir(parents=True, exist_ok=True)
     with RESULTS.open("a") as fh:
@@ -139,6 +164,39 @@ def k_table(results: list[dict]) -> list[str]:
     return rows
 
 
+TABLE_START, TABLE_END = "<!-- methods table: bench/quality.py --table -->", "<!-- end of methods table -->"
+
+
+def write_methods_table(path: Path, rows: list[str]) -> None:
+    """Replace the table between the markers of the hand-written page."""
+    page = path.read_text()
+    head, rest = page.split(TABLE_START, 1)
+    path.write_text(head + TABLE_START + "\n" + "\n".join(rows) + "\n" + TABLE_END + rest.split(TABLE_END, 1)[1])
+
+
+def methods_table(results: list[dict]) -> list[str]:
+    rows = ["| task | method | lr | seed | trainable while dense | final non-zeros | held-out accuracy (± s.e.) | "
+            "held-out loss |", "|---|---|---|---|---|---|---|---|"]
+    for r in sorted((r for r in results if r["method"] in ("base", "speft-global", "lora", "roselora")), key=_order):
+        after = r["task_after"]
+        rows.append(f"| {r['task']} | {r['method']} | {r['lr']:g} | {r['seed']} | {r['trainable']:,} | "
+                    f"{r.get('nonzeros', r['trainable']):,} | {after['accuracy']:.1%} ± {after['stderr']:.1%} | "
+                    f"{r['eval_loss']:.4f} |")
+    return rows
+
+
+def speed_table(records: list[dict]) -> list[str]:
+    rows = ["| method | trainable while dense | median step s | vs SPEFT | salience pass s | peak RSS per rank (MiB) | "
+            "trainable + optimizer bytes per rank |", "|---|---|---|---|---|---|---|"]
+    speft = next((r["median_step_s"] for r in records if r["method"] == "speft-global"), None)
+    for r in records:
+        held = max(t + o for t, o in zip(r["trainable_bytes_per_rank"], r["optimizer_bytes_per_rank"]))
+        rows.append(f"| {r['method']} | {r['trainable']:,} | {r['median_step_s']:.2f} | "
+                    f"{r['median_step_s'] / speft if speft else float('nan'):.2f}x | {r.get('salience_s') or 0:.0f} | "
+                    f"{max(r['peak_rss_mib_per_rank']):,.0f} | {held / 2**20:,.1f} MiB |")
+    return rows
+
+
 def quality_page(results: list[dict], remaining: int) -> str:
     status = (f"Cells run: {len(results)}; planned cells not yet run: {remaining} (`python bench/quality.py "
               "--run_next N` runs the next N, about 14 minutes each on 2 CPU cores). No verdict is drawn until "
@@ -156,8 +214,12 @@ def main() -> int:
     parser.add_argument("--task", choices=TASKS, default=SWEEP_TASK)
     parser.add_argument("--lr", type=float, default=1e-3)
     parser.add_argument("--seed", type=int, default=1)
-    parser.add_argument("--table", action="store_true", help="Write docs/quality.md from the results.")
+    parser.add_argument("--table", action="store_true", help="Write docs/quality.md and docs/methods.md's table.")
+    parser.add_argument("--speed", nargs="+", choices=METHODS, default=[], metavar="METHOD",
+                        help="Time these methods alone: 8 steps each, no task (for docs/methods.md).")
     args = parser.parse_args()
+    for method in args.speed:
+        run_speed(method)
     if args.cell:
         run_cell(args.cell, args.task, 0.0 if args.cell == "base" else args.lr, args.seed)
     for _ in range(args.run_next):
@@ -171,6 +233,8 @@ def main() -> int:
         page = quality_page(read_results(), len(remaining))
         print(page)
         (REPO / "docs" / "quality.md").write_text(page)
+        speed = [json.loads(line) for line in SPEED_RESULTS.read_text().splitlines()] if SPEED_RESULTS.is_file() else []
+        write_methods_table(REPO / "docs" / "methods.md", methods_table(read_results()) + [""] + speed_table(speed))
     return 0
 
 

@@ -1,4 +1,4 @@
-"""Answer a prompt with a base model and a sparse-delta adapter, unmerged (HF generate, greedy by default).
+"""Answer a prompt with a base model and an adapter (SPEFT or LoRA), unmerged (HF generate, greedy by default).
 
     python launch/generate.py --model BASE_DIR --adapter OUTPUT_DIR/adapter --prompt "Question: ...\nAnswer:"
 """
@@ -34,7 +34,7 @@ def main(argv) -> int:
     tokenizer = AutoTokenizer.from_pretrained(model_dir, trust_remote_code=args.trust_remote_code)
     model = AutoModelForCausalLM.from_pretrained(model_dir, use_safetensors=True, dtype="auto",
                                                  trust_remote_code=args.trust_remote_code)
-    load_adapter(model, args.adapter).eval()
+    model = load_adapter(model, args.adapter).eval()
     input_ids = torch.tensor([prompt_ids(tokenizer, args.prompt)])  # framed as training frames prompts
     with torch.no_grad():
         output = model.generate(input_ids, attention_mask=torch.ones_like(input_ids), do_sample=args.do_sample,

@@ -4,6 +4,6 @@ from .library_noise import silence_library_noise
 
 silence_library_noise()
 
-from .adapter import load_adapter, merge_adapter  # noqa: E402
+from .methods.adapters import load_adapter, merge_adapter  # noqa: E402
 
 __all__ = ["load_adapter", "merge_adapter"]

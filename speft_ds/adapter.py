@@ -41,7 +41,7 @@ def inject_sparse_deltas(model: nn.Module, indices: dict[str, torch.Tensor],
     return layers
 
 
-def _versions() -> dict[str, str]:
+def versions() -> dict[str, str]:
     found = {}
     for package in ("speft-ds", "torch", "deepspeed", "transformers"):
         try:
@@ -54,19 +54,29 @@ def _versions() -> dict[str, str]:
 def save_adapter(path: str | Path, indices: dict[str, torch.Tensor], values: dict[str, torch.Tensor],
                  shapes: dict[str, list[int]], meta: dict) -> None:
     """Write the adapter under a temporary name beside `path`, then rename it into place."""
-    path = Path(path)
     tensors = {}
     for name in indices:
         tensors[f"{name}.indices"] = indices[name].to(torch.int64).cpu().contiguous()
         tensors[f"{name}.values"] = values[name].float().cpu().contiguous()
     adapter_config = {"peft_type": "SPEFT", **meta, "k": sum(t.numel() for t in indices.values()),
-                      "shapes": {name: shapes[name] for name in indices}, "versions": _versions()}
+                      "shapes": {name: shapes[name] for name in indices}, "versions": versions()}
+
+    def fill(directory: Path) -> None:
+        save_file(tensors, str(directory / WEIGHTS_NAME), metadata={"format": "pt"})
+        (directory / CONFIG_NAME).write_text(json.dumps(adapter_config, indent=2) + "\n")
+
+    write_directory(path, fill)
+
+
+def write_directory(path: str | Path, fill: Callable[[Path], None]) -> None:
+    """`fill` a temporary directory beside `path`, then rename it into place: at every moment one complete
+    adapter (the old or the new) exists at `path`."""
+    path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.tmp-", dir=path.parent))
     tmp.chmod(0o755)
     try:
-        save_file(tensors, str(tmp / WEIGHTS_NAME), metadata={"format": "pt"})
-        (tmp / CONFIG_NAME).write_text(json.dumps(adapter_config, indent=2) + "\n")
+        fill(tmp)
         # Move any old adapter aside first, so at every moment one complete adapter exists.
         old = path.with_name(f".{path.name}.old") if path.exists() else None
         if old is not None:
@@ -132,7 +142,7 @@ def check_base(model_config, weight_shape: Callable[[str], list[int] | None], ad
                               "use the base model the adapter was trained on")
 
 
-def _module_weight_shape(model: nn.Module, name: str) -> list[int] | None:
+def module_weight_shape(model: nn.Module, name: str) -> list[int] | None:
     try:
         weight = model.get_submodule(name).weight
     except AttributeError:
@@ -142,7 +152,7 @@ def _module_weight_shape(model: nn.Module, name: str) -> list[int] | None:
 
 def _inject_from_file(model: nn.Module, path: str | Path) -> dict[str, nn.Module]:
     indices, values, adapter_config = read_adapter(path)
-    check_base(getattr(model, "config", None), lambda name: _module_weight_shape(model, name), adapter_config)
+    check_base(getattr(model, "config", None), lambda name: module_weight_shape(model, name), adapter_config)
     return inject_sparse_deltas(model, indices, values)
 
 

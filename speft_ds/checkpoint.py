@@ -1,6 +1,7 @@
-"""Checkpoints to resume from: DeepSpeed's own files (the partitioned delta values and their optimizer
-states, the LR schedule) plus, in safetensors, what the recipe needs to continue exactly: the step, the
-masks and the deltas that mask updates folded into the base weights. The frozen base is never written.
+"""Checkpoints to resume from: DeepSpeed's own files (the partitioned trainable parameters and their
+optimizer states, the LR schedule) plus, in safetensors, what the recipe needs to continue exactly: the
+step and the method's own state (SPEFT: the masks and the deltas that mask updates folded into the base
+weights; RoseLoRA: its importance scores). The frozen base is never written.
 
 Layout: OUTPUT_DIR/checkpoints/step-N/ and OUTPUT_DIR/checkpoints/latest (the newest complete tag). A
 checkpoint is written under a temporary tag, renamed when every rank has finished, and `latest` is
@@ -17,12 +18,12 @@ from pathlib import Path
 
 import torch
 import torch.distributed as dist
+from deepspeed.accelerator import get_accelerator
 from safetensors import safe_open
 from safetensors.torch import save_file
 
 from .config import ConfigError, TrainingError
 from .distributed import device, is_communication_failure
-from .masks import FoldedDeltas
 
 STATE_FILE = "speft_state.safetensors"
 LATEST = "latest"
@@ -35,9 +36,9 @@ def checkpoint_root(output_dir: str | Path) -> Path:
 @dataclass
 class ResumePoint:
     step: int
-    indices: dict[str, torch.Tensor]
-    folded: FoldedDeltas
-    summary: dict
+    method: str
+    state: dict[str, torch.Tensor]  # the method's tensors
+    meta: dict  # and its JSON metadata
     root: Path
     tag: str
 
@@ -46,8 +47,8 @@ def _steps(root: Path) -> list[int]:
     return sorted(int(p.name.split("-", 1)[1]) for p in root.glob("step-*") if p.name.split("-", 1)[1].isdigit())
 
 
-def save(engine, output_dir: str | Path, step: int, indices: dict[str, torch.Tensor], folded: FoldedDeltas,
-         score_summary: dict, keep_last: int | None) -> None:
+def save(engine, output_dir: str | Path, step: int, method: str, state: dict[str, torch.Tensor], meta: dict,
+         keep_last: int | None) -> None:
     """Every rank calls this (DeepSpeed writes each rank's partition). A write that fails on any rank (a
     full disk, say) fails the save on every rank with a TrainingError; the previous checkpoint stays."""
     root = checkpoint_root(output_dir)
@@ -58,7 +59,8 @@ def save(engine, output_dir: str | Path, step: int, indices: dict[str, torch.Ten
     error = None
     try:
         engine.save_checkpoint(str(root), tag=tmp_tag, save_latest=False, exclude_frozen_parameters=True,
-                               client_state={"torch_rng_state": torch.get_rng_state()})
+                               client_state={"torch_rng_state": torch.get_rng_state(),
+                                             "accelerator_rng_state": get_accelerator().get_rng_state()})
     except Exception as err:  # torch.save reports a full disk as a RuntimeError, safetensors as its own type
         if is_communication_failure(err):
             raise
@@ -69,7 +71,7 @@ def save(engine, output_dir: str | Path, step: int, indices: dict[str, torch.Ten
         # that failed earlier would meet the wrong collective, and the job fails as a lost rank instead.)
         dist.barrier()
     if rank == 0 and error is None:
-        error = _attempt(_write_state, root / tmp_tag, step, indices, folded, score_summary)
+        error = _attempt(_write_state, root / tmp_tag, step, method, state, meta)
     _fail_together(error, root, tmp_tag, tag)  # every rank's files are complete past this point
     if rank == 0:
         error = _attempt(_publish, root, tmp_tag, tag, keep_last)
@@ -120,21 +122,15 @@ def _discard(root: Path, tmp_tag: str, tag: str) -> None:
         shutil.rmtree(root / tag, ignore_errors=True)
 
 
-def _write_state(directory: Path, step: int, indices: dict[str, torch.Tensor], folded: FoldedDeltas,
-                 score_summary: dict) -> None:
-    tensors = {f"indices/{name}": idx.cpu().contiguous() for name, idx in indices.items()}
-    for name, parts in folded.parts.items():
-        for i, (idx, values) in enumerate(parts):
-            tensors[f"folded/{i}/indices/{name}"] = idx.contiguous()
-            tensors[f"folded/{i}/values/{name}"] = values.contiguous()
+def _write_state(directory: Path, step: int, method: str, state: dict[str, torch.Tensor], meta: dict) -> None:
+    tensors = {key: t.cpu().contiguous() for key, t in state.items()}
     save_file(tensors, str(directory / STATE_FILE),
-              metadata={"step": str(step), "score_summary": json.dumps(score_summary),
-                        # safetensors returns keys sorted; the engine's parameter order is this one
-                        "layer_order": json.dumps(list(indices))})
+              metadata={"step": str(step), "method": method, **{key: json.dumps(value) for key, value in meta.items()}})
 
 
-def find(output_dir: str | Path, resume: str) -> tuple[Path, str]:
-    """(checkpoint root, tag) for --resume: 'latest', or a step-N directory inside OUTPUT_DIR/checkpoints.
+def find(output_dir: str | Path, resume: str, method: str) -> tuple[Path, str]:
+    """(checkpoint root, tag) for --resume: 'latest', or a step-N directory inside OUTPUT_DIR/checkpoints,
+    written by a run of the same method.
 
     Only checkpoints this tool wrote into its own output directory are accepted: DeepSpeed's loader
     unpickles them."""
@@ -152,26 +148,27 @@ def find(output_dir: str | Path, resume: str) -> tuple[Path, str]:
         tag = path.name
     if not (root / tag / STATE_FILE).is_file():
         raise ConfigError(f"--resume: {root / tag} is not a complete speft-ds checkpoint")
+    with safe_open(str(root / tag / STATE_FILE), framework="pt") as handle:
+        written_by = handle.metadata().get("method", "speft")
+    if written_by != method:
+        raise ConfigError(f"--resume: {root / tag} is a checkpoint of --peft {written_by}, not {method}: resume "
+                          f"with --peft {written_by}")
     return root, tag
 
 
 def read_state(root: Path, tag: str) -> ResumePoint:
     """The recipe's own state (safetensors: nothing unpickled)."""
     with safe_open(str(root / tag / STATE_FILE), framework="pt") as handle:
-        metadata = handle.metadata()
+        metadata = dict(handle.metadata())
         tensors = {key: handle.get_tensor(key) for key in handle.keys()}
-    indices = {name: tensors[f"indices/{name}"] for name in json.loads(metadata["layer_order"])}
-    folded = FoldedDeltas()
-    prefixes = sorted({tuple(key.split("/", 2)[:2]) for key in tensors if key.startswith("folded/")},
-                      key=lambda prefix: int(prefix[1]))
-    for _, i in prefixes:  # in folding order; each part keeps its layers' (indices, values)
-        for key in sorted(k for k in tensors if k.startswith(f"folded/{i}/indices/")):
-            name = key[len(f"folded/{i}/indices/"):]
-            folded.parts[name].append((tensors[key], tensors[f"folded/{i}/values/{name}"]))
-    return ResumePoint(int(metadata["step"]), indices, folded, json.loads(metadata["score_summary"]), root, tag)
+    step, method = int(metadata.pop("step")), metadata.pop("method", "speft")
+    return ResumePoint(step, method, tensors, {key: json.loads(value) for key, value in metadata.items()}, root, tag)
 
 
 def load_engine_state(engine, point: ResumePoint) -> None:
-    """Restore the delta values, optimizer states, LR schedule and this rank's RNG state."""
+    """Restore the trainable parameters, optimizer states, LR schedule and this rank's RNG states (host and
+    accelerator: LoRA's dropout draws from the accelerator's)."""
     _, client_state = engine.load_checkpoint(str(point.root), tag=point.tag, load_module_strict=False)
     torch.set_rng_state(client_state["torch_rng_state"])
+    if "accelerator_rng_state" in client_state:  # absent from checkpoints written before it was kept
+        get_accelerator().set_rng_state(client_state["accelerator_rng_state"])

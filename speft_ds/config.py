@@ -72,7 +72,22 @@ class TrainConfig:
     delta_impl: str = _field("auto", "How a linear's delta product is computed: sparse (CSR products, sampled value "
                                      "gradients: fastest on CPU), dense (a dense delta per call: for GPUs), auto "
                                      "(by device).", choices=("auto", "dense", "sparse"))
-    # --- salience and selection
+    # --- the method
+    peft: str = _field("speft", "Fine-tuning method: speft (sparse deltas chosen by salience), roselora (LoRA "
+                                "factors pruned per row and column by sensitivity) or lora (PEFT's LoRA).",
+                       choices=("speft", "roselora", "lora"))
+    lora_r: int = _field(8, "lora, roselora: rank of the factors B (out x r) and A (r x in).")
+    lora_alpha: Optional[float] = _field(None, "lora, roselora: scaling numerator (the update is alpha / r x B A); "
+                                               "default 2 x lora_r.")
+    lora_dropout: float = _field(0.0, "lora, roselora: dropout on the factors' input.")
+    rose_sparsity: float = _field(0.9, "roselora: fraction of each column of B and each row of A zeroed once the "
+                                       "schedule ends (docs/methods.md: why 0.9).")
+    rose_start: float = _field(0.1, "roselora: fraction of the steps trained dense; pruning starts after them.")
+    rose_end: float = _field(0.8, "roselora: fraction of the steps at which the cubic schedule reaches "
+                                  "--rose_sparsity (held to the end).")
+    rose_beta: float = _field(0.8, "roselora: smoothing of the sensitivity |w x grad| over steps (EMA weight of "
+                                   "the past).")
+    # --- salience and selection (speft)
     metric: str = _field("gradient", "Salience metric (the paper's best: gradient).", choices=METRIC_NAMES)
     calibration_examples: int = _field(128, "Training examples drawn (with --seed) for the salience pass.")
     selection: str = _field("global", "One top-k over all targeted weights (global), the same fraction per weight "
@@ -103,8 +118,8 @@ class TrainConfig:
     # --- training
     micro_batch_size: int = _field(8, "Examples per rank per micro-step (train_micro_batch_size_per_gpu).")
     gradient_accumulation_steps: int = _field(1, "Micro-steps per optimizer step.")
-    learning_rate: float = _field(3e-3, "Peak learning rate of the delta values.")
-    weight_decay: float = _field(0.0, "AdamW weight decay on the delta values.")
+    learning_rate: float = _field(3e-3, "Peak learning rate of the trainable parameters (delta values, LoRA factors).")
+    weight_decay: float = _field(0.0, "AdamW weight decay on the trainable parameters.")
     max_grad_norm: float = _field(1.0, "Gradient clipping norm (0 disables).")
     warmup_steps: int = _field(0, "Linear warm-up steps.")
     lr_scheduler: str = _field("cosine", "Learning-rate schedule after warm-up.",
@@ -138,6 +153,18 @@ class TrainConfig:
                      "seq_len", "logging_steps", "ddp_timeout"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"--{name} must be >= 1, got {getattr(self, name)}")
+        if self.lora_r < 1 or not 0.0 <= self.lora_dropout < 1.0:
+            raise ConfigError(f"--lora_r must be >= 1 and --lora_dropout in [0, 1), got {self.lora_r} and "
+                              f"{self.lora_dropout}")
+        if not 0.0 <= self.rose_sparsity < 1.0:
+            raise ConfigError(f"--rose_sparsity {self.rose_sparsity} is outside [0, 1): pass the fraction of each row "
+                              "and column to zero, such as 0.9")
+        if not (0.0 <= self.rose_start < self.rose_end <= 1.0 and 0.0 <= self.rose_beta < 1.0):
+            raise ConfigError("--rose_start and --rose_end must satisfy 0 <= start < end <= 1 (fractions of the "
+                              f"steps) and --rose_beta lie in [0, 1); got {self.rose_start}, {self.rose_end}, "
+                              f"{self.rose_beta}")
+        if self.peft != "speft" and self.mask_update_steps:
+            raise ConfigError(f"--mask_update_steps updates SPEFT's mask; --peft {self.peft} has none: drop it")
         if not 0.0 < self.regrow_fraction <= 1.0:
             raise ConfigError(f"--regrow_fraction {self.regrow_fraction} is outside (0, 1]: pass a fraction such "
                               "as 0.1")

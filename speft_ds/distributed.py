@@ -114,6 +114,13 @@ def memory_mib_per_rank() -> dict[str, list[float]]:
     return record
 
 
+def sum_over_ranks(value: float) -> float:
+    """A float summed over every rank (float64, a collective)."""
+    tensor = torch.tensor(value, dtype=torch.float64, device=device())
+    dist.all_reduce(tensor)
+    return tensor.item()
+
+
 def per_rank(values: list[float]) -> list[list[float]]:
     """Every rank's `values` (the same length on each), in rank order, on every rank. A collective."""
     every = [torch.zeros(len(values), dtype=torch.float64, device=device()) for _ in range(dist.get_world_size())]

@@ -18,7 +18,8 @@ from .task_eval import DEFAULT_MAX_NEW_TOKENS, TaskResult, load_task
 def _parser() -> Parser:
     parser = Parser(prog="evaluate.py", description="Task accuracy of a model, with or without a speft-ds adapter.")
     parser.add_argument("--model", required=True, help="HF model directory (base or merged) or a .gguf file.")
-    parser.add_argument("--adapter", default=None, help="speft-ds adapter directory to apply, unmerged.")
+    parser.add_argument("--adapter", default=None,
+                        help="Adapter directory to apply, unmerged (SPEFT, or LoRA in PEFT's format).")
     parser.add_argument("--task", required=True, help="Task .jsonl: prompt + answer (generation) or prompt + choices "
                                                       "+ label (multiple choice).")
     parser.add_argument("--output", default=None, help="Write the result (with every prediction) to this JSON file.")
@@ -42,12 +43,12 @@ def _load_plain(model_dir: str, adapter: str | None, trust_remote_code: bool):
     import torch
     from transformers import AutoModelForCausalLM
 
-    from .adapter import load_adapter
+    from .methods.adapters import load_adapter
 
     model = AutoModelForCausalLM.from_pretrained(model_dir, use_safetensors=True, dtype="auto",
                                                  trust_remote_code=trust_remote_code)
     if adapter:
-        load_adapter(model, adapter)
+        model = load_adapter(model, adapter)
     return model.to("cuda" if torch.cuda.is_available() else "cpu"), None
 
 
@@ -61,7 +62,7 @@ def _load_partitioned(model_dir: str, adapter: str | None, ds_path: str, trust_r
     from .distributed import init_distributed
     from .ds_config import fill_auto, read_ds_config, resolve_bf16, salience_ds_config
     from .model import load_model, load_model_config
-    from .partitioned_deltas import load_adapter_partitioned
+    from .methods.adapters import load_adapter_partitioned
 
     init_distributed()
     config = TrainConfig(model=model_dir, ds_config=ds_path, micro_batch_size=1, trust_remote_code=trust_remote_code)

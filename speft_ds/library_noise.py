@@ -20,6 +20,8 @@ def silence_library_noise() -> None:
     # torch >= 2.4) call on every gather and reduce-scatter; the replacements do not exist before 2.13.
     warnings.filterwarnings("ignore", category=FutureWarning,
                             message=r"`torch\.distributed\.(all_gather_into_tensor|reduce_scatter_tensor)` is deprecated")
+    # peft (0.21) reads transformers' deprecated `is_gradient_checkpointing` when it wraps a model.
+    warnings.filterwarnings("ignore", category=FutureWarning, message=r"`is_gradient_checkpointing` is deprecated")
     # bitsandbytes on an AVX512-BF16 CPU asks for the `kernels` package, which fetches a kernel from the HF
     # hub; without it bitsandbytes uses its own CPU kernel, which is what runs here.
     logging.getLogger("bitsandbytes.backends.cpu.ops").addFilter(

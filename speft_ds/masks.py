@@ -37,6 +37,26 @@ class FoldedDeltas:
             for idx, values in parts:
                 zero3.add_to_shard(weights[name], idx, values)
 
+    def state(self) -> dict[str, torch.Tensor]:
+        """Every folded part as named tensors, for a checkpoint (folded/PART/indices|values/LAYER)."""
+        tensors = {}
+        for name, parts in self.parts.items():
+            for i, (idx, values) in enumerate(parts):
+                tensors[f"folded/{i}/indices/{name}"] = idx.contiguous()
+                tensors[f"folded/{i}/values/{name}"] = values.contiguous()
+        return tensors
+
+    @classmethod
+    def from_state(cls, tensors: dict[str, torch.Tensor]) -> "FoldedDeltas":
+        """The parts `state` wrote (other keys ignored), in folding order."""
+        folded = cls()
+        parts = sorted({int(key.split("/", 2)[1]) for key in tensors if key.startswith("folded/")})
+        for i in parts:  # in folding order; each part keeps its layers' (indices, values)
+            for key in sorted(k for k in tensors if k.startswith(f"folded/{i}/indices/")):
+                name = key[len(f"folded/{i}/indices/"):]
+                folded.parts[name].append((tensors[key], tensors[f"folded/{i}/values/{name}"]))
+        return folded
+
     def total(self, names: list[str], indices: dict[str, torch.Tensor], values: dict[str, torch.Tensor]
               ) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
         """Everything folded plus the current deltas: sorted unique indices per layer, values summed."""

@@ -21,9 +21,8 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 
 from . import bnb_weights
-from .adapter import check_base, read_adapter
 from .config import ConfigError
-from .delta_impls import add_delta_
+from .methods.adapters import read_deltas
 
 WEIGHTS = "model.safetensors"
 INDEX = "model.safetensors.index.json"
@@ -127,10 +126,10 @@ def merge_checkpoint(base_dir: str | Path, adapter_dir: str | Path, out: str | P
     from transformers import AutoConfig
 
     base_dir, out = Path(base_dir), Path(out)
-    indices, values, adapter_config = read_adapter(adapter_dir)
+    adapter = read_deltas(adapter_dir)
     base = _Base(base_dir, dtype)
     model_config = AutoConfig.from_pretrained(base_dir, trust_remote_code=trust_remote_code)
-    check_base(model_config, lambda name: base.shapes.get(f"{name}.weight"), adapter_config)
+    adapter.check_base(model_config, lambda name: base.shapes.get(f"{name}.weight"))
 
     shards = plan_shards(base.names, base.nbytes, max_shard_bytes)
     shard_of = {name: i for i, names in enumerate(shards) for name in names}
@@ -145,8 +144,8 @@ def merge_checkpoint(base_dir: str | Path, adapter_dir: str | Path, out: str | P
                     tensor = base.read(handle, file, name)
                     dtype = base.output_dtype(tensor)
                     module = name.removesuffix(".weight")
-                    if name.endswith(".weight") and module in indices:  # summed in fp32, rounded once
-                        tensor = add_delta_(tensor.float(), indices[module], values[module])
+                    if name.endswith(".weight") and module in adapter.modules:  # summed in fp32, rounded once
+                        tensor = adapter.add_to(module, tensor.float())
                     pending[name] = tensor.to(dtype).contiguous()
                     if name == shards[shard_of[name]][-1]:  # the shard is complete: write it, free it
                         save_file(pending, str(tmp / files[shard_of[name]]), metadata={"format": "pt"})

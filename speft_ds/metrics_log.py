@@ -27,3 +27,13 @@ class MetricsLog:
         if self.enabled:
             with self.path.open("a") as fh:
                 fh.write(json.dumps(record) + "\n")
+
+
+def log_memory(log: MetricsLog, phase: str) -> dict:
+    """Every rank's RSS now and its peak during the phase that just ended (a collective), then a new peak."""
+    from .distributed import memory_mib_per_rank, reset_peak_memory
+
+    record = {"event": "memory", "phase": phase, **memory_mib_per_rank()}
+    log.write(record)
+    reset_peak_memory()
+    return record

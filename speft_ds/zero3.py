@@ -13,9 +13,11 @@ import deepspeed
 import torch
 import torch.distributed as dist
 from deepspeed.runtime.zero.partition_parameters import ZeroParamStatus
-from deepspeed.utils import safe_get_full_fp32_param, safe_get_full_optimizer_state, safe_set_local_optimizer_state
+from deepspeed.utils import (safe_get_full_fp32_param, safe_get_full_optimizer_state, safe_get_local_fp32_param,
+                             safe_get_local_grad, safe_set_local_fp32_param, safe_set_local_optimizer_state)
 
 from .bnb_weights import is_quantized, packed_4bit_shape
+from .distributed import device
 
 
 def is_partitioned(param: torch.nn.Parameter) -> bool:
@@ -101,6 +103,47 @@ def gather_full(param: torch.nn.Parameter) -> torch.Tensor:
         return param.detach().clone().cpu()
 
 
+def local_grad_and_value(param: torch.nn.Parameter) -> tuple[torch.Tensor, torch.Tensor]:
+    """This rank's slice (padded like ds_tensor) of a trained parameter's reduced gradient and of its fp32
+    master value: between the last backward of an optimizer step and the step itself. No communication."""
+    return safe_get_local_grad(param).detach().float().cpu(), safe_get_local_fp32_param(param).detach().float().cpu()
+
+
+def gather_from_shards(params: list[torch.nn.Parameter], shards: list[torch.Tensor]) -> list[torch.Tensor]:
+    """Whole flat tensors, on every rank (on the CPU), from each rank's padded slices laid out like `params`'
+    partitions (such as a score kept per slice): one all-gather for all of them."""
+    sent = torch.cat([s.float().flatten() for s in shards]).to(device())
+    received = [torch.empty_like(sent) for _ in range(dist.get_world_size())]
+    dist.all_gather(received, sent)
+    received = [r.cpu() for r in received]
+    whole, offset = [], 0
+    for param in params:
+        size = shard_numel(param)
+        whole.append(torch.cat([r[offset:offset + size] for r in received])[:full_numel(param)])
+        offset += size
+    return whole
+
+
+def local_slice(param: torch.nn.Parameter, whole: torch.Tensor) -> torch.Tensor:
+    """This rank's slice of a whole tensor shaped like `param`, padded like its ds_tensor."""
+    start, stop = shard_range(param)
+    return torch.nn.functional.pad(whole.flatten()[start:stop], (0, shard_numel(param) - (stop - start)))
+
+
+def zero_outside(param: torch.nn.Parameter, keep: torch.Tensor) -> None:
+    """Set the trained parameter's entries where the whole mask `keep` is False to zero: in this rank's slice
+    of the module's copy and of the optimizer's fp32 master, and in the whole copy ZeRO-3 keeps of a small
+    'persistent' parameter. No communication: every rank holds the same mask. AdamW's moments stay, so a
+    zeroed entry may regrow at the next step."""
+    drop = local_slice(param, ~keep)
+    with torch.no_grad():
+        param.ds_tensor.masked_fill_(drop.to(param.ds_tensor.device), 0)
+        master = safe_get_local_fp32_param(param).detach().clone()
+        safe_set_local_fp32_param(param, master.masked_fill_(drop.to(master.device), 0))
+        if param.ds_persist:  # gathered again after the step, and kept whole between forwards
+            param.data.masked_fill_(~keep.view(param.data.shape).to(param.data.device), 0)
+
+
 def resident_bytes(param: torch.nn.Parameter) -> int:
     """Bytes of `param` this rank keeps between gathers: its slice, or the whole where ZeRO-3 keeps a small
     parameter whole on every rank (below stage3_param_persistence_threshold) or does not partition it."""
@@ -157,11 +200,9 @@ def seed_adam_state(engine, step: int, moments: dict[torch.nn.Parameter, dict[st
         optimizer.optimizer.state[flat] = {"step": torch.tensor(float(step)), "exp_avg": torch.zeros_like(flat),
                                            "exp_avg_sq": torch.zeros_like(flat)}
     for param, states in moments.items():
-        start, stop = shard_range(param)
         for key, value in states.items():
             # This rank's slice, padded like ds_tensor (DeepSpeed's full setter mishandles the padding).
-            local = torch.nn.functional.pad(value.flatten()[start:stop], (0, shard_numel(param) - (stop - start)))
-            safe_set_local_optimizer_state(param, local, key)
+            safe_set_local_optimizer_state(param, local_slice(param, value), key)
 
 
 @contextlib.contextmanager

@@ -19,7 +19,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from speft_ds.config import ConfigError
 from speft_ds.distributed import free_port
-from speft_ds.task_eval import evaluate_task, is_correct, load_task, mean_and_stderr
+from speft_ds.task_eval import is_correct, load_task, mean_and_stderr
 from tests.models import tiny_job
 
 REPO = Path(__file__).resolve().parents[1]
@@ -87,16 +87,18 @@ def _reference_loglikelihood(model, tokenizer, prompt: str, choice: str) -> floa
     return sum(logprobs[i - 1, whole[i]].item() for i in range(len(context), len(whole)))
 
 
-@pytest.fixture(scope="module")
-def trained(tmp_path_factory):
-    """A tiny model with a trained adapter (2 ranks), its merged directory, and two small tasks."""
-    root, model_dir, dataset = tiny_job(tmp_path_factory.mktemp("evaluate"), 48)
+@pytest.fixture(scope="module", params=["speft", "roselora"])
+def trained(request, tmp_path_factory):
+    """A tiny model with a trained adapter (2 ranks; SPEFT's format, or LoRA's in PEFT's), its merged
+    directory, and two small tasks."""
+    root, model_dir, dataset = tiny_job(tmp_path_factory.mktemp(f"evaluate-{request.param}"), 48)
     out = root / "out"
     env = {**os.environ, "DS_ACCELERATOR": "cpu"}
     train = subprocess.run(["deepspeed", "--num_gpus", "2", "--master_port", str(free_port()), "launch/train.py",
                             "--model", str(model_dir), "--dataset", str(dataset), "--output_dir", str(out),
                             "--max_steps", "4", "--micro_batch_size", "2", "--seq_len", "48", "--density", "0.05",
-                            "--calibration_examples", "8", "--val_size", "0.1", "--learning_rate", "3e-2"],
+                            "--calibration_examples", "8", "--val_size", "0.1", "--learning_rate", "3e-2",
+                            "--peft", request.param, "--lora_r", "4"],
                            cwd=REPO, capture_output=True, text=True, env=env, timeout=600)
     assert train.returncode == 0, train.stderr[-3000:]
     merged = root / "merged"

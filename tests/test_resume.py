@@ -1,5 +1,6 @@
 """Checkpoints: a run killed with SIGKILL after a checkpoint and resumed ends bitwise where an uninterrupted
-run ends (fp32 on CPU, 2 ranks under the DeepSpeed launcher, dynamic drop/regrow masks included)."""
+run ends (fp32 on CPU, 2 ranks under the DeepSpeed launcher, SPEFT's dynamic drop/regrow masks, LoRA, and
+RoseLoRA's importance scores and pruning included)."""
 
 from __future__ import annotations
 
@@ -20,6 +21,9 @@ from tests.models import write_dataset, write_tiny_llama
 
 REPO = Path(__file__).resolve().parents[1]
 STEPS, SAVE_EVERY = 8, 2
+SPEFT_FLAGS = ("--mask_update_steps", "4", "--mask_update", "drop_regrow", "--regrow_fraction", "0.25")
+# RoseLoRA prunes from step 3 on: a kill after the step-2 checkpoint resumes into the schedule
+LORA_FLAGS = ("--lora_r", "4", "--rose_start", "0.25", "--rose_end", "0.75", "--rose_sparsity", "0.75")
 
 
 @pytest.fixture(scope="module")
@@ -31,13 +35,13 @@ def inputs(tmp_path_factory):
     return root, model_dir, dataset
 
 
-def _command(model_dir: Path, dataset: Path, out: Path, *extra: str) -> list[str]:
+def _command(model_dir: Path, dataset: Path, out: Path, *extra: str, peft: str = "speft") -> list[str]:
     return ["deepspeed", "--num_gpus", "2", "--master_port", str(free_port()), "launch/train.py",
             "--model", str(model_dir), "--dataset", str(dataset), "--output_dir", str(out),
             "--max_steps", str(STEPS), "--save_steps", str(SAVE_EVERY), "--micro_batch_size", "2",
             "--learning_rate", "1e-2", "--warmup_steps", "2", "--calibration_examples", "16", "--density", "0.05",
-            "--seq_len", "48", "--logging_steps", "1", "--val_size", "0.1", "--mask_update_steps", "4",
-            "--mask_update", "drop_regrow", "--regrow_fraction", "0.25", *extra]
+            "--seq_len", "48", "--logging_steps", "1", "--val_size", "0.1", "--peft", peft,
+            *(SPEFT_FLAGS if peft == "speft" else LORA_FLAGS), *extra]
 
 
 def _env():
@@ -74,17 +78,35 @@ def _assert_same_adapter(want: Path, got: Path, context: str) -> None:
         assert torch.equal(want[key], got[key]), f"{key} differs {context}"
 
 
-def _resume(model_dir: Path, dataset: Path, out: Path, *extra: str) -> None:
-    resumed = subprocess.run(_command(model_dir, dataset, out, *extra, "--resume"), cwd=REPO,
+def _resume(model_dir: Path, dataset: Path, out: Path, *extra: str, peft: str = "speft") -> None:
+    resumed = subprocess.run(_command(model_dir, dataset, out, *extra, "--resume", peft=peft), cwd=REPO,
                              capture_output=True, text=True, env=_env(), timeout=600)
     assert resumed.returncode == 0, resumed.stdout[-2000:] + resumed.stderr[-4000:]
 
 
 def test_killed_and_resumed_run_ends_bitwise_like_an_uninterrupted_one(inputs, straight):
+    _kill_resume_and_compare(inputs, straight, "speft")
+
+
+@pytest.mark.parametrize("peft", ["lora", "roselora"])
+def test_lora_methods_killed_and_resumed_end_bitwise_like_uninterrupted(inputs, peft):
     root, model_dir, dataset = inputs
-    interrupted = root / "interrupted"
+    out = root / f"straight-{peft}"
+    proc = subprocess.run(_command(model_dir, dataset, out, peft=peft), cwd=REPO, capture_output=True, text=True,
+                          env=_env(), timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    _kill_resume_and_compare(inputs, out, peft)
+    wrong = subprocess.run(_command(model_dir, dataset, root / f"interrupted-{peft}", "--resume",
+                                    "--overwrite_output_dir"), cwd=REPO,
+                           capture_output=True, text=True, env=_env(), timeout=300)
+    assert wrong.returncode == 2 and f"checkpoint of --peft {peft}" in wrong.stderr
+
+
+def _kill_resume_and_compare(inputs, straight: Path, peft: str) -> None:
+    root, model_dir, dataset = inputs
+    interrupted = root / f"interrupted-{peft}"
     kill_after = random.randint(SAVE_EVERY + 1, STEPS - 1)  # a random step after at least one checkpoint
-    job = subprocess.Popen(_command(model_dir, dataset, interrupted), cwd=REPO, env=_env(),
+    job = subprocess.Popen(_command(model_dir, dataset, interrupted, peft=peft), cwd=REPO, env=_env(),
                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
     deadline = time.monotonic() + 600
     while max(_steps_logged(interrupted), default=0) < kill_after:
@@ -96,7 +118,7 @@ def test_killed_and_resumed_run_ends_bitwise_like_an_uninterrupted_one(inputs, s
     assert not (interrupted / "adapter").exists()
     assert (interrupted / "checkpoints" / "latest").is_file(), f"no checkpoint before step {kill_after}"
 
-    _resume(model_dir, dataset, interrupted)
+    _resume(model_dir, dataset, interrupted, peft=peft)
     _assert_same_adapter(straight, interrupted, f"after a kill at step {kill_after}")
     assert _steps_logged(interrupted) == list(range(1, STEPS + 1))
     tags = sorted(p.name for p in (interrupted / "checkpoints").iterdir() if p.is_dir())

@@ -1,0 +1,95 @@
+"""Adapter files of every method, for the tools that apply one to its base (merge, generate, evaluate): the
+format is told by adapter_config.json's peft_type (SPEFT: flat indices + values; LORA: PEFT's LoRA files,
+written by --peft lora and roselora)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from .. import adapter as speft_files
+from ..delta_impls import add_delta_
+from . import adapter_type
+
+
+class SpeftDeltas:
+    """A SPEFT adapter as dense updates, for the streaming merge."""
+
+    def __init__(self, path):
+        self.indices, self.values, self.config = speft_files.read_adapter(path)
+        self.modules = set(self.indices)
+
+    def check_base(self, model_config, weight_shape) -> None:
+        speft_files.check_base(model_config, weight_shape, self.config)
+
+    def add_to(self, module: str, weight: torch.Tensor) -> torch.Tensor:
+        return add_delta_(weight, self.indices[module], self.values[module])
+
+
+class LoraDeltas:
+    """A PEFT-format LoRA adapter as dense updates, for the streaming merge."""
+
+    def __init__(self, path):
+        from .lora.adapter import LoraAdapter
+
+        self.adapter = LoraAdapter(path)
+        self.modules = set(self.adapter.factors)
+
+    def check_base(self, model_config, weight_shape) -> None:
+        self.adapter.check_base(model_config, weight_shape)
+
+    def add_to(self, module: str, weight: torch.Tensor) -> torch.Tensor:
+        return weight.add_(self.adapter.delta(module))
+
+
+def read_deltas(path: str | Path):
+    """The adapter at `path` with `modules`, `check_base(model_config, weight_shape)` and `add_to(module,
+    fp32 weight)`."""
+    return SpeftDeltas(path) if adapter_type(path) == "SPEFT" else LoraDeltas(path)
+
+
+def load_adapter(model: nn.Module, path: str | Path) -> nn.Module:
+    """The model with the adapter applied, unmerged: SPEFT's delta layers injected in place, or for a LoRA
+    adapter PEFT's own PeftModel.from_pretrained (after our base checks). Returns the model to use."""
+    if adapter_type(path) == "SPEFT":
+        return speft_files.load_adapter(model, path)
+    from peft import PeftModel
+
+    from .lora.adapter import LoraAdapter
+
+    LoraAdapter(path).check_base(getattr(model, "config", None),
+                                 lambda name: speft_files.module_weight_shape(model, name))
+    return PeftModel.from_pretrained(model, str(path))
+
+
+def merge_adapter(model: nn.Module, path: str | Path) -> nn.Module:
+    """The model with the adapter's updates added into its weights, plain layers left. Returns the model."""
+    if adapter_type(path) == "SPEFT":
+        return speft_files.merge_adapter(model, path)
+    return load_adapter(model, path).merge_and_unload()
+
+
+def load_adapter_partitioned(model: nn.Module, path: str | Path, ds_config: dict) -> None:
+    """The adapter into a ZeRO-3 model, unmerged: SPEFT's deltas partitioned as they are created, LoRA's
+    factors as plain tensors that the engine built next partitions."""
+    from .. import zero3
+
+    if adapter_type(path) == "SPEFT":
+        from ..partitioned_deltas import load_adapter_partitioned as load_speft
+
+        load_speft(model, path, ds_config)
+        return
+    from .lora.adapter import LoraAdapter
+
+    adapter = LoraAdapter(path)
+
+    def weight_shape(name: str):
+        try:
+            return list(zero3.full_shape(model.get_submodule(name).weight))
+        except AttributeError:
+            return None
+
+    adapter.check_base(getattr(model, "config", None), weight_shape)
+    adapter.load_into(model, next(model.parameters()).dtype)

@@ -1,0 +1,85 @@
+"""RoseLoRA as the recipe runs it: LoRA's layers, engine and adapter, plus a sensitivity kept per ZeRO-3
+slice (after each step's backward) and, from the schedule's start, row/column pruning after each step."""
+
+from __future__ import annotations
+
+import torch
+
+from ... import zero3
+from ..base import RunContext
+from ..lora.method import LoraMethod
+from .pruning import factor_masks, keep_fraction, kept_per_line, smoothed
+
+
+class RoseLoraMethod(LoraMethod):
+    name = "roselora"
+
+    def inject(self, model, ctx: RunContext) -> list:
+        self.total_steps = ctx.plan.total_steps
+        self.scores: dict[str, torch.Tensor] = {}  # parameter name -> this rank's slice of the sensitivity
+        self.restored: dict[str, torch.Tensor] = {}  # whole scores from a checkpoint, sliced once partitioned
+        return super().inject(model, ctx)
+
+    def restore(self, model, ctx: RunContext, state: dict, meta: dict) -> list:
+        params = self.inject(model, ctx)
+        self.restored = {key.removeprefix("scores/"): t for key, t in state.items()}
+        return params
+
+    def _named_params(self) -> dict[str, torch.nn.Parameter]:
+        return {f"{module}.{factor}": p for module, pair in self.factors.items() for factor, p in zip("AB", pair)}
+
+    def _slice(self, param, whole: torch.Tensor) -> torch.Tensor:
+        start, stop = zero3.shard_range(param)
+        return torch.nn.functional.pad(whole.flatten()[start:stop], (0, zero3.shard_numel(param) - (stop - start)))
+
+    def keep(self, step: int) -> float:
+        c = self.config
+        return keep_fraction(step, self.total_steps, c.rose_sparsity, c.rose_start, c.rose_end)
+
+    def after_backward(self, engine, step: int) -> None:
+        """Smooth |w x grad| into each slice's score (no communication: it is elementwise)."""
+        for name, param in self._named_params().items():
+            grad, value = zero3.local_grad_and_value(param)
+            previous = self.scores.get(name)
+            if previous is None and name in self.restored:
+                previous = self._slice(param, self.restored.pop(name))
+            self.scores[name] = smoothed(previous, (grad * value).abs(), self.config.rose_beta)
+
+    def whole_scores(self) -> dict[str, torch.Tensor]:
+        """Every factor's whole score, shaped like it, on every rank (one collective)."""
+        named = self._named_params()
+        whole = zero3.gather_from_shards(list(named.values()), [self.scores[name] for name in named])
+        return {name: w.view(zero3.full_shape(p)) for (name, p), w in zip(named.items(), whole)}
+
+    def after_step(self, engine, step: int) -> None:
+        """Zero each row of A and column of B outside its most important entries, once the schedule prunes."""
+        keep = self.keep(step)
+        if keep >= 1.0:
+            return
+        scores = self.whole_scores()
+        for module, (a, b) in self.factors.items():
+            mask_a, mask_b = factor_masks(scores[f"{module}.A"], scores[f"{module}.B"], keep)
+            zero3.zero_outside(a, mask_a)
+            zero3.zero_outside(b, mask_b)
+
+    def checkpoint_state(self, engine, keep: bool) -> tuple[dict, dict]:
+        return {f"scores/{name}": s.contiguous() for name, s in self.whole_scores().items()}, {}
+
+    def final_budget(self) -> int:
+        """The most non-zeros the factors hold once the schedule ends: r x (kept per column of B + kept per
+        row of A), summed over the targeted weights."""
+        final = 1.0 - self.config.rose_sparsity
+        return sum(self.config.lora_r * (kept_per_line(rows, final) + kept_per_line(cols, final))
+                   for rows, cols in self.target_shapes.values())
+
+    def side_record(self, factors: dict) -> dict:
+        nonzeros = sum(int((a != 0).sum() + (b != 0).sum()) for a, b in factors.values())
+        c = self.config
+        return {"method": self.name, "trainable": self.dense_count(), "nonzeros": nonzeros,
+                "final_budget": self.final_budget(), "rose_sparsity": c.rose_sparsity, "rose_start": c.rose_start,
+                "rose_end": c.rose_end, "rose_beta": c.rose_beta}
+
+    def describe(self) -> str:
+        c = self.config
+        return (f"{super().describe()} while dense; pruned per row and column from {c.rose_start:.0%} of the steps "
+                f"to at most {self.final_budget():,} non-zeros at {c.rose_end:.0%}")

@@ -1,0 +1,255 @@
+"""SPEFT as the recipe runs it: salience and selection before training, sparse-delta layers partitioned
+across ranks, optional mask updates, and the SPEFT adapter (flat indices + values) at the end."""
+
+from __future__ import annotations
+
+import time
+from dataclasses import asdict
+from pathlib import Path
+
+import deepspeed
+import torch
+
+from ... import masks, zero3
+from ...adapter import save_adapter
+from ...data import calibration_indices, pad_token_id, rank_batches
+from ...distributed import per_rank, release_freed_memory, sum_over_ranks
+from ...ds_config import salience_ds_config
+from ...metrics_log import log_memory
+from ...partitioned_deltas import inject_partitioned
+from ...salience import score_groups
+from ...salience_budget import SaliencePlan, plan_salience
+from ...selection import gather_indices, num_to_select, select_from_groups
+from ..base import Method, RunContext, write_on_rank_zero
+
+
+class SpeftMethod(Method):
+    name = "speft"
+
+    def __init__(self, config):
+        super().__init__(config)
+        self.layers: dict = {}
+        self.folded = masks.FoldedDeltas()
+        self.summary: dict = {}
+
+    # --- before training
+    def plan(self, model_config, skeleton, target_shapes, ds_config, world_size, bf16, accelerator) -> None:
+        self.target_shapes = target_shapes
+        self.k = num_to_select(self.config.density, self.config.num_trainable,
+                               sum(rows * cols for rows, cols in target_shapes.values()))
+        self.salience: SaliencePlan = plan_salience(self.config, model_config, skeleton, target_shapes, self.k,
+                                                    ds_config, world_size, bf16, accelerator)
+
+    def describe(self) -> str:
+        return self.salience.describe()
+
+    @property
+    def target_names(self) -> list[str]:
+        return list(self.target_shapes)
+
+    def prepare(self, model, ctx: RunContext) -> None:
+        ctx.log.write(self.salience.record())
+        # No optimizer: this engine only gathers the partitioned weights around each layer's forward and backward.
+        engine = deepspeed.initialize(model=model, config=salience_ds_config(ctx.plan.ds_config))[0]
+        self.selected, self.summary = self.select_masks(engine, ctx)
+        engine.destroy()
+        release_freed_memory()
+        self.report_salience_memory(ctx, log_memory(ctx.log, "salience"))  # and selection
+
+    def inject(self, model, ctx: RunContext) -> list:
+        self.layers = self.inject_selected(model, ctx, self.selected)
+        del self.selected
+        return self.values()
+
+    def restore(self, model, ctx: RunContext, state: dict, meta: dict) -> list:
+        self.folded = masks.FoldedDeltas.from_state(state)
+        self.summary = meta["score_summary"]
+        self.folded.refold({name: model.get_submodule(name).weight for name in self.folded.parts})
+        indices = {name: state[f"indices/{name}"] for name in meta["layer_order"]}
+        self.layers = self._inject(model, ctx, indices)
+        return self.values()
+
+    def select_masks(self, engine, ctx: RunContext, calibration_round: int = 0, k: int | None = None,
+                     excluded: dict[str, torch.Tensor] | None = None) -> tuple[dict, dict]:
+        """Salience over calibration subset number `calibration_round` (0: the first mask), one group of
+        weights at a time as the salience plan says, each group merged into the selection before the next is
+        scored. Returns the flat indices selected in this rank's shard of each weight, and a summary of the
+        scores. `k` and `excluded` (entries that cannot be selected) serve drop_regrow, whose top-k is global."""
+        config, plan = self.config, ctx.plan
+        calibration = calibration_indices(len(plan.train_set), config.calibration_examples,
+                                          config.seed + calibration_round)
+        batches = rank_batches(plan.train_set, calibration, ctx.rank, ctx.world_size, config.micro_batch_size,
+                               pad_token_id(plan.tokenizer))
+        local = config.selection == "local" and excluded is None
+        normalize = config.selection == "normalized"
+        started = time.perf_counter()
+        model = engine.module
+        groups = score_groups(model, self._targets(model), self.salience.groups, batches, config.metric,
+                              seed=config.seed, show_progress=ctx.rank == 0, offload=self.salience.offload,
+                              release=engine.empty_partition_cache)
+        selected, summary, selecting = select_from_groups(groups, self.target_names, k=None if local else k or self.k,
+                                                          density=config.density, excluded=excluded,
+                                                          normalize=normalize)
+        ctx.log.write({"event": "salience", "metric": config.metric, "examples": len(calibration),
+                       "chunks": len(self.salience.groups), "offload": self.salience.offload,
+                       "wall_time_s": time.perf_counter() - started - selecting})
+        count = int(sum_over_ranks(sum(t.numel() for t in selected.values())))
+        ctx.log.write({"event": "selection", "selection": "local" if local else "normalized" if normalize else "global",
+                       "k": count, "wall_time_s": selecting})
+        return selected, summary
+
+    def report_salience_memory(self, ctx: RunContext, after: dict) -> None:
+        """The salience phase's measured peak per rank next to the plan: the accelerator's peak allocation, or
+        on CPU the peak RSS over the RSS before the model was loaded (what the planner counts)."""
+        measured = after.get("device_peak_mib_per_rank") or [
+            peak - before for peak, before in zip(after["peak_rss_mib_per_rank"], ctx.start_memory["rss_mib_per_rank"])]
+        gib = [round(m / 1024, 3) for m in measured]
+        ctx.log.write({"event": "salience_memory", "planned_peak_gib": round(self.salience.planned_peak / 2**30, 3),
+                       "measured_peak_gib_per_rank": gib, "max_memory_gib": round(self.salience.budget / 2**30, 3)})
+        if ctx.rank == 0:
+            print(f"salience: measured peak {max(gib):.2f} GiB per rank, planned "
+                  f"{self.salience.planned_peak / 2**30:.2f} GiB", flush=True)
+
+    # --- the layers
+    def _targets(self, model) -> dict:
+        """The targeted layers by their original names (the base layer where a sparse-delta layer wraps one)."""
+        return {name: getattr(model.get_submodule(name), "base_layer", model.get_submodule(name))
+                for name in self.target_names}
+
+    def _inject(self, model, ctx: RunContext, indices: dict, values: dict | None = None) -> dict:
+        return inject_partitioned(model, ctx.plan.ds_config, indices.items(), values, self.config.delta_impl)
+
+    def inject_selected(self, model, ctx: RunContext, selected: dict[str, torch.Tensor]) -> dict:
+        """Wrap each weight with selected entries in a delta layer partitioned across ranks: a weight's whole
+        index list exists only while its layer is created, never every weight's at once."""
+        return inject_partitioned(model, ctx.plan.ds_config, gather_indices(selected), impl=self.config.delta_impl)
+
+    def values(self) -> list:
+        return [layer.delta_values for layer in self.layers.values()]
+
+    def delta_count(self) -> int:
+        return sum(zero3.full_numel(layer.delta_values) for layer in self.layers.values())
+
+    def trainable_record(self, engine) -> dict:
+        """The trainable count, and what each rank keeps of the delta parameters (a collective)."""
+        held = per_rank([sum(zero3.resident_bytes(layer.delta_indices) for layer in self.layers.values()),
+                         sum(zero3.resident_bytes(layer.delta_values) for layer in self.layers.values())])
+        return {"event": "delta", "k": self.delta_count(), "index_bytes_per_rank": [int(r[0]) for r in held],
+                "value_bytes_per_rank": [int(r[1]) for r in held]}
+
+    def full_indices(self, engine, keep: bool = True) -> dict[str, torch.Tensor]:
+        """Each delta layer's whole index list (int64), gathered one layer at a time (a collective on every
+        rank); only kept where `keep` (rank 0 alone, to write a file)."""
+        # ZeRO-3 may still be prefetching parameters for the next forward, and a gather of an in-flight
+        # parameter fails: settle and release them all first.
+        engine.empty_partition_cache()
+        gathered = {}
+        for name, layer in self.layers.items():
+            indices = zero3.gather_full(layer.delta_indices).long()
+            if keep:
+                gathered[name] = indices
+        return gathered
+
+    def _base_weights(self) -> dict:
+        return {name: layer.base_layer.weight for name, layer in self.layers.items()}
+
+    # --- mask updates
+    @property
+    def update_every(self) -> int:
+        return self.config.mask_update_steps
+
+    def update(self, engine, model, ctx: RunContext, update: int, completed_steps: int, make_engine):
+        started = time.perf_counter()
+        strategy = {"reselect": self.reselect, "drop_regrow": self.drop_regrow}[self.config.mask_update]
+        engine = strategy(engine, model, ctx, update, completed_steps, make_engine)
+        ctx.log.write({"event": "mask_update", "step": completed_steps, "strategy": self.config.mask_update,
+                       "k": self.delta_count(), "wall_time_s": time.perf_counter() - started})
+        return engine
+
+    def _salience_engine(self, model, ctx: RunContext):
+        return deepspeed.initialize(model=model, config=salience_ds_config(ctx.plan.ds_config))[0]
+
+    def reselect(self, engine, model, ctx: RunContext, update: int, completed_steps: int, make_engine):
+        """The paper's dynamic mask: fold every delta into W, select k anew on fresh calibration data, and
+        train new zero deltas with a fresh optimizer."""
+        indices = self.full_indices(engine)
+        values = {name: zero3.gather_full_fp32(layer.delta_values) for name, layer in self.layers.items()}
+        engine.destroy()
+        self.folded.fold(self._base_weights(), indices, values)
+        masks.unwrap(model, self.layers)
+        salience_engine = self._salience_engine(model, ctx)
+        selected, self.summary = self.select_masks(salience_engine, ctx, calibration_round=update)
+        salience_engine.destroy()
+        self.layers = self.inject_selected(model, ctx, selected)
+        return make_engine(self.values(), completed_steps)
+
+    def drop_regrow(self, engine, model, ctx: RunContext, update: int, completed_steps: int, make_engine):
+        """Fold the regrow_fraction of entries with the smallest |value| into W and regrow as many by salience
+        among unselected entries; kept entries keep values and AdamW moments, grown ones start from zero."""
+        layers = self.layers
+        indices = self.full_indices(engine)
+        k = sum(t.numel() for t in indices.values())
+        n_swap = max(1, round(self.config.regrow_fraction * k))
+        kept_state = {name: {"value": zero3.gather_full_fp32(layer.delta_values), **zero3.adam_moments(layer.delta_values)}
+                      for name, layer in layers.items()}
+        step = zero3.adam_step(engine)
+        engine.destroy()
+
+        keep = masks.largest_magnitudes({name: s["value"] for name, s in kept_state.items()}, k - n_swap)
+        base_weights = self._base_weights()
+        for name in layers:
+            dropped = torch.ones(indices[name].numel(), dtype=torch.bool)
+            dropped[keep[name]] = False
+            self.folded.fold(base_weights, {name: indices[name][dropped]}, {name: kept_state[name]["value"][dropped]})
+        masks.unwrap(model, layers)
+        # A weight with no selected entry gets no delta (ZeRO-3 cannot partition an empty parameter).
+        kept = {name: indices[name][keep[name]] for name in layers if keep[name].numel() > 0}
+        kept_state = {name: {key: t[keep[name]] for key, t in kept_state[name].items()} for name in kept}
+
+        # Score the model as it now is (W with the dropped entries folded in, plus the kept deltas, frozen).
+        layers = self._inject(model, ctx, kept, {name: s["value"] for name, s in kept_state.items()})
+        for layer in layers.values():
+            layer.delta_values.requires_grad_(False)
+        salience_engine = self._salience_engine(model, ctx)
+        selected, self.summary = self.select_masks(salience_engine, ctx, calibration_round=update, k=n_swap,
+                                                   excluded=kept)
+        grown = dict(gather_indices(selected))
+        salience_engine.destroy()
+        masks.unwrap(model, layers)
+
+        indices, state = masks.union(self.target_names, kept, grown, kept_state)
+        self.layers = self._inject(model, ctx, indices, {name: s["value"] for name, s in state.items()})
+        engine = make_engine(self.values(), completed_steps)
+        zero3.seed_adam_state(engine, step, {self.layers[name].delta_values: {key: t for key, t in s.items()
+                                                                              if key != "value"}
+                                             for name, s in state.items()})
+        return engine
+
+    # --- checkpoints and the adapter
+    def checkpoint_state(self, engine, keep: bool) -> tuple[dict, dict]:
+        indices = self.full_indices(engine, keep=keep)
+        state = {f"indices/{name}": idx.cpu().contiguous() for name, idx in indices.items()}
+        # safetensors returns keys sorted; the engine's parameter order is this one
+        return {**state, **self.folded.state()}, {"score_summary": self.summary, "layer_order": list(indices)}
+
+    def save_adapter(self, engine, ctx: RunContext, path: Path) -> None:
+        """Gather the partitioned indices and values (collectives) and let rank 0 write the adapter, relative
+        to the original base model (deltas folded in by mask updates included)."""
+        config, plan = self.config, ctx.plan
+        indices = self.full_indices(engine, keep=ctx.rank == 0)
+        values = {name: zero3.gather_full_fp32(layer.delta_values) for name, layer in self.layers.items()}
+
+        def write() -> None:
+            trainable_k = sum(t.numel() for t in indices.values())
+            all_indices, all_values = self.folded.total(self.target_names, indices, values)
+            k = sum(t.numel() for t in all_indices.values())
+            targeted = sum(rows * cols for rows, cols in self.target_shapes.values())
+            meta = {"base_model_name_or_path": config.model, "base_config_hash": plan.base_config_hash,
+                    "metric": config.metric, "selection": config.selection,
+                    "density": k / targeted, "trainable_k": trainable_k,
+                    "target_modules": config.target_modules or "all-linear",
+                    "salience_summary": self.summary, "train_config": asdict(config)}
+            shapes = {name: list(shape) for name, shape in self.target_shapes.items() if name in all_indices}
+            save_adapter(path, all_indices, all_values, shapes, meta)
+
+        write_on_rank_zero(ctx.rank, path, write)
