@@ -7,7 +7,7 @@ puts its k.
     python bench/quality.py --run_next 3     # run the next 3 cells of the plan below, appending each result
     python bench/quality.py --table          # docs/quality.md and docs/methods.md from bench/results/quality.jsonl
     python bench/quality.py --cell lora --task arith --lr 1e-3 --seed 1    # one cell by hand
-    python bench/quality.py --speed speft-global lora roselora   # step time and memory alone, 8 steps each
+    python bench/quality.py --speed speft-global lora roselora   # step time and memory alone, 10 steps each
 
 The plan (at most STEPS optimizer steps per cell): every method over its learning-rate grid on task `arith`,
 seed 1; then, at each method's best rate there (accuracy, ties to the lower held-out loss), task `choose`
@@ -21,6 +21,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import statistics
 import subprocess
 import sys
 from pathlib import Path
@@ -78,17 +79,26 @@ def _train(method: str, task: str, lr: float, seed: int, tag: str, steps: int, *
     return json.loads(result.read_text())
 
 
-def run_speed(method: str, steps: int = 8) -> dict:
-    """Step time (median of steps 2-8, one per log record) and peak memory per rank of a method alone on
-    the CPU, at its cell's budget: run with nothing else on the machine."""
+SPEED_WARMUP = 3  # the first steps of a run are slower (pages faulted in, allocator warming up) on this CPU
+
+
+def run_speed(method: str, steps: int = 10) -> dict:
+    """Step time (median of the steps after SPEED_WARMUP, one log record each) and peak memory per rank of
+    a method alone on the CPU, at its cell's budget: run with nothing else on the machine."""
     result = _train(method, SWEEP_TASK, 1e-3, 1, f"speed-{method}", steps, "--logging_steps", "1", "--eval_task", "none")
-    record = {key: result.get(key) for key in ("method", "trainable", "nonzeros", "median_step_s", "salience_s",
-                                               "peak_rss_mib_per_rank", "trainable_bytes_per_rank",
-                                               "optimizer_bytes_per_rank")}
-    record.update(method=method, steps=steps)
+    record = speed_record(method, result)
     with SPEED_RESULTS.open("a") as fh:
         fh.write(json.dumps(record) + "\n")
     return record
+
+
+def speed_record(method: str, result: dict) -> dict:
+    """What the speed table reads of a worker's result (whose step times already leave out its first step)."""
+    times = result["step_times_s"][SPEED_WARMUP - 1:]
+    return {"method": method, "steps": len(result["step_times_s"]) + 1, "median_step_s": statistics.median(times),
+            "step_s_range": [min(times), max(times)],
+            **{key: result.get(key) for key in ("trainable", "nonzeros", "salience_s", "peak_rss_mib_per_rank",
+                                                "trainable_bytes_per_rank", "optimizer_bytes_per_rank")}}
 
 
 def run_cell(method: str, task: str, lr: float, seed: int) -> dict:
@@ -186,13 +196,15 @@ def methods_table(results: list[dict]) -> list[str]:
 
 
 def speed_table(records: list[dict]) -> list[str]:
-    rows = ["| method | trainable while dense | median step s | vs SPEFT | salience pass s | peak RSS per rank (MiB) | "
+    rows = ["| method | trainable while dense | median step s (range) | vs SPEFT | salience pass s | peak RSS per rank (MiB) | "
             "trainable + optimizer bytes per rank |", "|---|---|---|---|---|---|---|"]
     speft = next((r["median_step_s"] for r in records if r["method"] == "speft-global"), None)
     for r in records:
         held = max(t + o for t, o in zip(r["trainable_bytes_per_rank"], r["optimizer_bytes_per_rank"]))
-        rows.append(f"| {r['method']} | {r['trainable']:,} | {r['median_step_s']:.2f} | "
-                    f"{r['median_step_s'] / speft if speft else float('nan'):.2f}x | {r.get('salience_s') or 0:.0f} | "
+        rows.append(f"| {r['method']} | {r['trainable']:,} | {r['median_step_s']:.1f} "
+                    f"({r['step_s_range'][0]:.1f}-{r['step_s_range'][1]:.1f}) | "
+                    f"{r['median_step_s'] / speft if speft else float('nan'):.2f}x | "
+                    f"{'none' if r.get('salience_s') is None else round(r['salience_s'])} | "
                     f"{max(r['peak_rss_mib_per_rank']):,.0f} | {held / 2**20:,.1f} MiB |")
     return rows
 
@@ -216,7 +228,7 @@ def main() -> int:
     parser.add_argument("--seed", type=int, default=1)
     parser.add_argument("--table", action="store_true", help="Write docs/quality.md and docs/methods.md's table.")
     parser.add_argument("--speed", nargs="+", choices=METHODS, default=[], metavar="METHOD",
-                        help="Time these methods alone: 8 steps each, no task (for docs/methods.md).")
+                        help="Time these methods alone: 10 steps each, no task (for docs/methods.md).")
     args = parser.parse_args()
     for method in args.speed:
         run_speed(method)
