@@ -145,13 +145,20 @@ def _order(r: dict) -> tuple:
     return r["task"], list(METHODS).index(r["method"]), r["seed"], r["lr"]
 
 
+def _cell_columns(r: dict) -> str:
+    """A cell's first columns: task, method, lr, seed."""
+    return f"| {r['task']} | {r['method']} | {r['lr']:g} | {r['seed']} | "
+
+
+def _accuracy(r: dict) -> str:
+    return f"{r['task_after']['accuracy']:.1%} ± {r['task_after']['stderr']:.1%}"
+
+
 def table(results: list[dict]) -> list[str]:
     rows = ["| task | method | lr | seed | trainable | held-out accuracy (± s.e.) | held-out loss | step s |",
             "|---|---|---|---|---|---|---|---|"]
     for r in sorted(results, key=_order):
-        after = r["task_after"]
-        rows.append(f"| {r['task']} | {r['method']} | {r['lr']:g} | {r['seed']} | {r['trainable']:,} | "
-                    f"{after['accuracy']:.1%} ± {after['stderr']:.1%} | {r['eval_loss']:.4f} | "
+        rows.append(_cell_columns(r) + f"{r['trainable']:,} | {_accuracy(r)} | {r['eval_loss']:.4f} | "
                     f"{r.get('median_step_s') or 0:.1f} |")
     return rows
 
@@ -168,7 +175,7 @@ def k_table(results: list[dict]) -> list[str]:
                                                         for m in modules) + " | |"]
     for r in cells:
         k, weights = r["k_share_by_module"], r["weight_share_by_module"]
-        rows.append(f"| {r['task']} | {r['method']} | {r['lr']:g} | {r['seed']} | "
+        rows.append(_cell_columns(r)
                     + " | ".join(f"{k.get(m, 0.0):.1%} ({k.get(m, 0.0) / weights[m]:.1f}x)" for m in modules)
                     + f" | {_top_layers(r['k_share_by_layer'])} |")
     return rows
@@ -188,10 +195,8 @@ def methods_table(results: list[dict]) -> list[str]:
     rows = ["| task | method | lr | seed | trainable while dense | final non-zeros | held-out accuracy (± s.e.) | "
             "held-out loss |", "|---|---|---|---|---|---|---|---|"]
     for r in sorted((r for r in results if r["method"] in ("base", "speft-global", "lora", "roselora")), key=_order):
-        after = r["task_after"]
-        rows.append(f"| {r['task']} | {r['method']} | {r['lr']:g} | {r['seed']} | {r['trainable']:,} | "
-                    f"{r.get('nonzeros', r['trainable']):,} | {after['accuracy']:.1%} ± {after['stderr']:.1%} | "
-                    f"{r['eval_loss']:.4f} |")
+        rows.append(_cell_columns(r) + f"{r['trainable']:,} | {r.get('nonzeros', r['trainable']):,} | "
+                    f"{_accuracy(r)} | {r['eval_loss']:.4f} |")
     return rows
 
 

@@ -53,10 +53,6 @@ class Plan:
     train_set: object
     eval_set: object
 
-    @property
-    def target_names(self) -> list[str]:
-        return list(self.target_shapes)
-
 
 @dataclass
 class RunResult:

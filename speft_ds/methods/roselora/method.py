@@ -28,10 +28,6 @@ class RoseLoraMethod(LoraMethod):
     def _named_params(self) -> dict[str, torch.nn.Parameter]:
         return {f"{module}.{factor}": p for module, pair in self.factors.items() for factor, p in zip("AB", pair)}
 
-    def _slice(self, param, whole: torch.Tensor) -> torch.Tensor:
-        start, stop = zero3.shard_range(param)
-        return torch.nn.functional.pad(whole.flatten()[start:stop], (0, zero3.shard_numel(param) - (stop - start)))
-
     def keep(self, step: int) -> float:
         c = self.config
         return keep_fraction(step, self.total_steps, c.rose_sparsity, c.rose_start, c.rose_end)
@@ -42,7 +38,7 @@ class RoseLoraMethod(LoraMethod):
             grad, value = zero3.local_grad_and_value(param)
             previous = self.scores.get(name)
             if previous is None and name in self.restored:
-                previous = self._slice(param, self.restored.pop(name))
+                previous = zero3.local_slice(param, self.restored.pop(name))
             self.scores[name] = smoothed(previous, (grad * value).abs(), self.config.rose_beta)
 
     def whole_scores(self) -> dict[str, torch.Tensor]:
