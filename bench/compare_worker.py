@@ -169,7 +169,7 @@ def main() -> int:
             "salience_s": events.get("salience", {}).get("wall_time_s"),
             "selection_s": events.get("selection", {}).get("wall_time_s"),
             "wall_s": time.perf_counter() - started}, indent=2) + "\n")
-    engine.destroy()
+    zero3.destroy_engine(engine)
     leave_process_group()
     return 0
 

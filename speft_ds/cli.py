@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import gc
 import sys
 import typing
 from dataclasses import MISSING, fields
@@ -82,3 +83,8 @@ def run_main(main: Callable[[Sequence[str]], int], argv: Sequence[str] | None = 
         if is_reporting_rank():
             print(f"error: {err}", file=sys.stderr)
         return 2 if isinstance(err, ConfigError) else 1
+    finally:
+        # A DeepSpeed engine and its model sit in reference cycles; collected during interpreter exit, their
+        # process groups' gloo threads can abort a finished run ("terminate called without an active
+        # exception"). Collect them now, while the interpreter is whole.
+        gc.collect()

@@ -83,9 +83,10 @@ def _unlink_shm_buffers() -> None:
 
 def leave_process_group() -> None:
     """End a finished run cleanly: every rank done (the barrier), then the backend's threads and
-    connections closed here rather than torn down by interpreter exit."""
+    connections closed here rather than torn down by interpreter exit. DeepSpeed's own call also drops the
+    groups it caches (its world group), which would otherwise keep their threads alive."""
     dist.barrier()
-    dist.destroy_process_group()
+    deepspeed.comm.destroy_process_group()
 
 
 def _status_kib(key: str) -> int:
@@ -195,7 +196,7 @@ def naming_lost_ranks():
         rank, world_size = dist.get_rank(), dist.get_world_size()
         cause = str(err).strip().splitlines()[0][:300]
         try:  # close this rank's connections, so peers blocked on it fail now rather than at their timeout
-            dist.destroy_process_group()
+            deepspeed.comm.destroy_process_group()
         except Exception:
             pass
         missing = _ranks_not_checking_in(rank, world_size)

@@ -99,13 +99,14 @@ def main(argv: Sequence[str]) -> int:
         import torch.distributed as dist
 
         from .distributed import leave_process_group, naming_lost_ranks
+        from .zero3 import destroy_engine
 
         with naming_lost_ranks():
             model, (engine, _) = _load_partitioned(model_dir, args.adapter, args.ds_config, args.trust_remote_code,
                                                    world_size)
             rank = dist.get_rank()
             result = evaluate_task(model, tokenizer, task, args.max_new_tokens, show_progress=rank == 0)
-            engine.destroy()
+            destroy_engine(engine)
             leave_process_group()
     else:
         model, _ = _load_plain(model_dir, args.adapter, args.trust_remote_code)

@@ -19,7 +19,7 @@ from deepspeed.accelerator import get_accelerator
 from tqdm import tqdm
 from transformers import get_scheduler
 
-from . import checkpoint, methods
+from . import checkpoint, methods, zero3
 from .adapter import base_config_hash
 from .cli import parse_config
 from .config import ConfigError, TrainConfig, TrainingError
@@ -301,6 +301,6 @@ def main(argv: Sequence[str]) -> int:
     plan = plan_run(config, explicit)
     with naming_lost_ranks():
         result = run(plan)
-        result.engine.destroy()
+        zero3.destroy_engine(result.engine)
         leave_process_group()
     return 0

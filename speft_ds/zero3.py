@@ -12,7 +12,9 @@ from typing import Callable
 import deepspeed
 import torch
 import torch.distributed as dist
+from deepspeed.runtime.zero import parameter_offload
 from deepspeed.runtime.zero.partition_parameters import ZeroParamStatus
+from deepspeed.runtime.zero.partitioned_param_coordinator import PartitionedParameterCoordinator
 from deepspeed.utils import (safe_get_full_fp32_param, safe_get_full_optimizer_state, safe_get_local_fp32_param,
                              safe_get_local_grad, safe_set_local_fp32_param, safe_set_local_optimizer_state)
 
@@ -149,6 +151,22 @@ def resident_bytes(param: torch.nn.Parameter) -> int:
     parameter whole on every rank (below stage3_param_persistence_threshold) or does not partition it."""
     held = param.ds_tensor if is_partitioned(param) and not param.ds_persist else param
     return held.numel() * held.element_size()
+
+
+def destroy_engine(engine) -> None:
+    """engine.destroy(), then drop the references DeepSpeed keeps to the engine's model, so the model, its
+    partitions and their process groups are freed now: left until interpreter exit, gloo's threads torn
+    down that late can abort a finished run ("terminate called without an active exception")."""
+    modules = {id(m) for m in engine.module.modules()}
+    engine.destroy()
+    # Each forward pushes the model on a module-level stack, and not every forward (generate, eval) pops it.
+    parameter_offload.FWD_MODULE_STACK[:] = [m for m in parameter_offload.FWD_MODULE_STACK if id(m) not in modules]
+    # The coordinator memoises a method with a class-level lru_cache keyed on the coordinator itself; an
+    # NVTX wrapper without functools.wraps sits around that cache, so look inside its closure too.
+    memoised = PartitionedParameterCoordinator._PartitionedParameterCoordinator__params_to_release
+    for candidate in (memoised, *(cell.cell_contents for cell in memoised.__closure__ or ())):
+        if hasattr(candidate, "cache_clear"):
+            candidate.cache_clear()
 
 
 def optimizer_bytes(engine) -> int:

@@ -83,7 +83,7 @@ def _masks(rank, world_size, model_dir, examples, metric, quantize, k, plans, ch
                                      "blocks_from_lowest": [list(range(low, len(blocks))) for low in lowest],
                                      "left_gathered": [n for n, p in model.named_parameters()
                                                        if p.ds_status == ZeroParamStatus.AVAILABLE]}
-    engine.destroy()
+    zero3.destroy_engine(engine)
     del hf_ds_config
     return result
 

@@ -16,6 +16,7 @@ from speft_ds.config import SHIPPED_DS_CONFIG, TrainConfig
 from speft_ds.data import (calibration_indices, load_raw_dataset, tokenize_dataset, train_eval_split,
                            train_micro_batches)
 from speft_ds.model import load_tokenizer
+from speft_ds.zero3 import destroy_engine
 from tests.distributed.harness import run_ranks
 from tests.models import write_dataset, write_tiny_llama
 from tests.references import decoder_linears, dense_gradient, reference_top_k
@@ -38,7 +39,7 @@ def _worker(rank, world_size, argv):
         "optimizer_state_numel": [v.numel() for state in optimizer.optimizer.state.values()
                                   for key, v in state.items() if key in ("exp_avg", "exp_avg_sq")],
     }
-    engine.destroy()
+    destroy_engine(engine)
     return result
 
 

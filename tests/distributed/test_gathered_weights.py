@@ -9,6 +9,7 @@ import torch
 from torch import nn
 
 from speft_ds.memory_plan import Job, ModelShape, plan
+from speft_ds.zero3 import destroy_engine
 from tests.distributed.harness import run_ranks
 
 SHAPE = ModelShape(hidden=64, intermediate=128, layers=2, heads=4, kv_heads=2, vocab=100)
@@ -24,7 +25,7 @@ def _weight_is_its_shard_during_forward(rank: int, world_size: int) -> bool:
     # Registered after DeepSpeed's own pre-forward hook, so the weight is gathered when this one runs.
     net[0].register_forward_pre_hook(lambda m, _: seen.append(m.weight.data_ptr() == m.weight.ds_tensor.data_ptr()))
     engine(torch.randn(1, 64))
-    engine.destroy()
+    destroy_engine(engine)
     return seen[0]
 
 

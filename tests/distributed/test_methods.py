@@ -68,7 +68,7 @@ def _worker(rank, world_size, argv, probe_ids):
     out = {"trainable": {n: p.ds_numel for n, p in params.items() if p.requires_grad},
            "fp32_partition_numel": sum(t.numel() for t in optimizer.fp32_partitioned_groups_flat),
            "logits": logits, **recorded}
-    engine.destroy()
+    zero3.destroy_engine(engine)
     return out
 
 

@@ -10,6 +10,7 @@ import torch
 from transformers import AutoModelForCausalLM
 
 from speft_ds.config import METRIC_NAMES
+from speft_ds.zero3 import destroy_engine
 from tests.distributed.harness import run_ranks
 from tests.models import write_tiny_llama
 from tests.references import (MICRO_BATCH, decoder_linears, dense_fisher, dense_gradient, dense_hessian_gradient,
@@ -41,7 +42,7 @@ def _worker(rank, world_size, model_dir, examples):
     # Compared as bits: the padding of a partition is uninitialised memory and may hold NaN patterns.
     result["restored"] = all(torch.equal(before.view(torch.int32), m.weight.ds_tensor.view(torch.int32))
                              for before, m in zip(shards["before"], targets.values()))
-    engine.destroy()
+    destroy_engine(engine)
     del hf_ds_config
     return result
 

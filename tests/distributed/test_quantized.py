@@ -20,6 +20,7 @@ from speft_ds import load_adapter
 from speft_ds.config import TrainConfig
 from speft_ds.distributed import free_port
 from speft_ds.model import _quantization_config
+from speft_ds.zero3 import destroy_engine
 from tests.distributed.harness import run_ranks
 from tests.models import write_dataset, write_tiny_llama
 from tests.references import MICRO_BATCH, decoder_linears, dense_gradient, random_examples, zero3_config
@@ -63,7 +64,7 @@ def _salience_shards(rank, world_size, model_dir, quantize, examples):
     scores = compute_salience(model, targets, batches, "gradient", show_progress=False)
     result = {name: (s.start, s.scores.clone(), s.numel, s.accumulator_numel) for name, s in scores.items()}
     partitioned = all(m.weight.numel() == 0 for m in targets.values())
-    engine.destroy()
+    destroy_engine(engine)
     del hf_ds_config
     return {"scores": result, "partitioned": partitioned}
 

@@ -14,6 +14,7 @@ import torch
 from torch import nn
 from transformers import AutoModelForCausalLM
 
+from speft_ds.zero3 import destroy_engine
 from tests.distributed.harness import run_ranks
 from tests.models import write_tiny_llama
 from tests.references import MICRO_BATCH, dense_gradient, random_examples, reference_top_k, zero3_config
@@ -66,7 +67,7 @@ def _salience_and_selection(model_dir: str, examples: list[dict], rank: int, wor
         "base_state_during": base_state_during,
         "base_state_after": base_state_after,
     }
-    engine.destroy()
+    destroy_engine(engine)
     del hf_ds_config
     return result
 

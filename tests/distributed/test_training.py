@@ -22,6 +22,7 @@ from speft_ds.config import SHIPPED_DS_CONFIG, TrainConfig
 from speft_ds.data import load_raw_dataset, tokenize_dataset, train_eval_split, train_micro_batches
 from speft_ds.delta import SparseDeltaEmbedding, SparseDeltaLinear
 from speft_ds.model import load_tokenizer
+from speft_ds.zero3 import destroy_engine
 from tests.distributed.harness import run_ranks
 from tests.models import write_dataset, write_tiny_llama
 
@@ -55,7 +56,7 @@ def _worker(rank, world_size, argv, probe_ids):
         "index_shards": {n.removesuffix(".delta_indices"): (str(p.dtype), p.ds_tensor.numel(), p.ds_numel)
                          for n, p in params.items() if n.endswith(".delta_indices")},
     }
-    engine.destroy()
+    destroy_engine(engine)
     return result
 
 

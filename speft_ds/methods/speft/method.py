@@ -52,7 +52,7 @@ class SpeftMethod(Method):
         # No optimizer: this engine only gathers the partitioned weights around each layer's forward and backward.
         engine = deepspeed.initialize(model=model, config=salience_ds_config(ctx.plan.ds_config))[0]
         self.selected, self.summary = self.select_masks(engine, ctx)
-        engine.destroy()
+        zero3.destroy_engine(engine)
         release_freed_memory()
         self.report_salience_memory(ctx, log_memory(ctx.log, "salience"))  # and selection
 
@@ -174,12 +174,12 @@ class SpeftMethod(Method):
         train new zero deltas with a fresh optimizer."""
         indices = self.full_indices(engine)
         values = {name: zero3.gather_full_fp32(layer.delta_values) for name, layer in self.layers.items()}
-        engine.destroy()
+        zero3.destroy_engine(engine)
         self.folded.fold(self._base_weights(), indices, values)
         masks.unwrap(model, self.layers)
         salience_engine = self._salience_engine(model, ctx)
         selected, self.summary = self.select_masks(salience_engine, ctx, calibration_round=update)
-        salience_engine.destroy()
+        zero3.destroy_engine(salience_engine)
         self.layers = self.inject_selected(model, ctx, selected)
         return make_engine(self.values(), completed_steps)
 
@@ -193,7 +193,7 @@ class SpeftMethod(Method):
         kept_state = {name: {"value": zero3.gather_full_fp32(layer.delta_values), **zero3.adam_moments(layer.delta_values)}
                       for name, layer in layers.items()}
         step = zero3.adam_step(engine)
-        engine.destroy()
+        zero3.destroy_engine(engine)
 
         keep = masks.largest_magnitudes({name: s["value"] for name, s in kept_state.items()}, k - n_swap)
         base_weights = self._base_weights()
@@ -214,7 +214,7 @@ class SpeftMethod(Method):
         selected, self.summary = self.select_masks(salience_engine, ctx, calibration_round=update, k=n_swap,
                                                    excluded=kept)
         grown = dict(gather_indices(selected))
-        salience_engine.destroy()
+        zero3.destroy_engine(salience_engine)
         masks.unwrap(model, layers)
 
         indices, state = masks.union(self.target_names, kept, grown, kept_state)
