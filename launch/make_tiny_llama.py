@@ -14,14 +14,6 @@ equally often, so no single rule applied to the question's numbers answers more 
 the held-out task.
 """
 
-import os
-import sys
-
-# launch/inspect.py shares its name with the standard library's `inspect` (which torch imports): keep this
-# folder off the import path.
-sys.path = [p for p in sys.path if os.path.abspath(p or ".") != os.path.dirname(os.path.abspath(__file__))]
-
-
 import argparse
 import json
 import random

@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import argparse
+import difflib
 import gc
 import sys
 import typing
-from dataclasses import MISSING, fields
+from dataclasses import MISSING, asdict, fields
+from pathlib import Path
 from typing import Callable, Sequence
 
 from .config import ConfigError, TrainConfig, TrainingError
@@ -39,6 +41,8 @@ def build_parser() -> argparse.ArgumentParser:
         elif "const" in f.metadata:
             kwargs.update(nargs="?", const=f.metadata["const"])
         parser.add_argument(f"--{f.name}", **kwargs)
+    parser.add_argument("--config", help="YAML or JSON file of these flags' names and values; flags given on the "
+                                         "command line override it.")
     return parser
 
 
@@ -61,12 +65,55 @@ def adapter_tool_parser(description: str) -> Parser:
 
 
 def parse_config(argv: Sequence[str]) -> tuple[TrainConfig, set[str]]:
-    """Return the config and the names of the flags the user gave explicitly."""
-    given = vars(build_parser().parse_args(list(argv)))
+    """Return the config and the names of the flags the user gave explicitly (on the command line or in
+    the --config file)."""
+    parser = build_parser()
+    config_file = vars(parser.parse_args(list(argv))).get("config")
+    # The file's settings become flags ahead of the command line's, so that argparse checks their types and
+    # choices the same way and the command line wins.
+    file_flags = [token for key, value in read_config_file(config_file).items() if value is not None
+                  for token in (f"--{key}", _flag_value(value))] if config_file else []
+    given = vars(parser.parse_args(file_flags + list(argv)))
+    given.pop("config", None)
     defaults = {f.name: f.default for f in fields(TrainConfig) if f.default is not MISSING}
     config = TrainConfig(**{**defaults, **given})
     config.check()
     return config, set(given)
+
+
+def read_config_file(path: str) -> dict:
+    """A --config file's settings: a mapping of train.py's flag names to values (JSON is YAML too)."""
+    import yaml
+
+    if not Path(path).is_file():
+        raise ConfigError(f"--config {path} does not exist: pass a YAML or JSON file of flag names and values")
+    try:
+        settings = yaml.safe_load(Path(path).read_text())
+    except yaml.YAMLError as err:
+        raise ConfigError(f"--config {path} is not valid YAML or JSON ({str(err).splitlines()[0]})") from None
+    if not isinstance(settings, dict):
+        raise ConfigError(f"--config {path} must map flag names to values, as in `density: 0.01`")
+    names = [f.name for f in fields(TrainConfig)]
+    for key, value in settings.items():
+        if key not in names:
+            close = difflib.get_close_matches(str(key), names, n=1)
+            hint = f"did you mean {close[0]}?" if close else "its keys are train.py's flag names (see --help)"
+            raise ConfigError(f"--config {path}: unknown key '{key}': {hint}")
+        if isinstance(value, (list, dict)):
+            raise ConfigError(f"--config {path}: {key} must be a single value, as on the command line")
+    return settings
+
+
+def _flag_value(value) -> str:
+    return str(value).lower() if isinstance(value, bool) else str(value)
+
+
+def write_run_config(config: TrainConfig, path: Path) -> None:
+    """The resolved configuration, in the --config format: rerun it with `--config path`."""
+    import yaml
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(yaml.safe_dump(asdict(config), sort_keys=False))
 
 
 def is_reporting_rank() -> bool:

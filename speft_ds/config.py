@@ -21,7 +21,8 @@ EMBEDDED_MODEL = PACKAGE_DIR / "assets" / "tiny-llama"
 EMBEDDED_DATASET = PACKAGE_DIR / "assets" / "arithmetic.jsonl"
 # Held out from EMBEDDED_DATASET by (operation, operands), not only by wording: a generation task.
 EMBEDDED_TASK = PACKAGE_DIR / "assets" / "arithmetic_test.jsonl"
-SHIPPED_DS_CONFIG = PACKAGE_DIR.parent / "ds_configs" / "z3.json"
+# ds_configs/ at the repository root, which speft_ds/ds_configs links to, so the wheel carries the same files.
+SHIPPED_DS_CONFIG = PACKAGE_DIR / "ds_configs" / "z3.json"
 
 # The metrics speft_ds.salience registers; named here so flags are checked without importing DeepSpeed.
 METRIC_NAMES = ("random", "magnitude", "gradient", "snip", "force", "taylor", "fisher", "synflow", "grasp")

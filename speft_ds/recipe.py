@@ -10,7 +10,6 @@ import warnings
 from dataclasses import dataclass, replace
 from itertools import count
 from pathlib import Path
-from typing import Sequence
 
 import deepspeed
 import torch
@@ -21,7 +20,7 @@ from transformers import get_scheduler
 
 from . import checkpoint, methods, zero3
 from .adapter import base_config_hash
-from .cli import parse_config
+from .cli import write_run_config
 from .config import ConfigError, TrainConfig, TrainingError
 from .data import (collate, load_raw_dataset, pad_token_id, rank_batches, tokenize_dataset, train_eval_split,
                    train_micro_batches)
@@ -35,6 +34,8 @@ from .metrics_log import MetricsLog, log_memory
 from .methods.base import Method, RunContext
 from .model import check_backends, find_targets, load_model, load_model_config, load_tokenizer, skeleton_model
 from .task_eval import Task, evaluate_task, load_task
+
+RUN_CONFIG = "run_config.yaml"  # the resolved flags, rerunnable with --config
 
 
 @dataclass
@@ -232,6 +233,8 @@ def run(plan: Plan) -> RunResult:
     point = checkpoint.read_state(*plan.resume_from) if plan.resume_from else None
     log = MetricsLog(Path(config.output_dir) / "metrics.jsonl", enabled=rank == 0,
                      resume_step=point.step if point else None)
+    if rank == 0:
+        write_run_config(config, Path(config.output_dir) / RUN_CONFIG)
 
     ctx = RunContext(plan, log, rank, world_size, start_memory=log_memory(log, "start"))
     started = time.perf_counter()
@@ -291,13 +294,15 @@ def run(plan: Plan) -> RunResult:
             report_task_scores(task_scores)
     started = time.perf_counter()
     method.save_adapter(engine, ctx, Path(config.output_dir) / "adapter")
+    if rank == 0:  # its own file: adapter_config.json stays what peft and our loaders read
+        write_run_config(config, Path(config.output_dir) / "adapter" / RUN_CONFIG)
     log.write({"event": "adapter", "wall_time_s": time.perf_counter() - started})
     log_memory(log, "eval and adapter")
     return RunResult(engine, method, hf_ds_config)
 
 
-def main(argv: Sequence[str]) -> int:
-    config, explicit = parse_config(argv)
+def train(config: TrainConfig, explicit: set[str]) -> int:
+    """The whole job on this rank, from a checked configuration (speft_ds.train parses it)."""
     plan = plan_run(config, explicit)
     with naming_lost_ranks():
         result = run(plan)

@@ -28,7 +28,7 @@ class ModuleRow:
 def mask_rows(adapter_dir: str | Path) -> tuple[list[ModuleRow], dict]:
     if adapter_type(adapter_dir) != "SPEFT":
         raise ConfigError(f"{adapter_dir} holds a LoRA adapter (HF PEFT's format, from --peft lora or roselora): "
-                          "inspect draws SPEFT masks; load LoRA files with peft")
+                          "the mask tool draws SPEFT masks; load LoRA files with peft")
     indices, _, adapter_config = read_adapter(adapter_dir)
     rows = [ModuleRow(name, tuple(adapter_config["shapes"][name]), int(idx.numel())) for name, idx in indices.items()]
     return rows, adapter_config

@@ -13,7 +13,7 @@ import torch.distributed
 
 from speft_ds.cli import run_main
 from speft_ds.config import EMBEDDED_MODEL, SHIPPED_DS_CONFIG
-from speft_ds.recipe import main
+from speft_ds.train import main
 from speft_ds.distributed import free_port
 
 REPO = Path(__file__).resolve().parents[1]

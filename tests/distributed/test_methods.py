@@ -157,7 +157,7 @@ def test_merge_and_generate_apply_the_lora_adapter_and_inspect_declines_it(train
                           str(trained["adapter"]), "--prompt", "Question: 2 + 3?\nAnswer:", "--max_new_tokens", "4"],
                          cwd=REPO, capture_output=True, text=True, timeout=300)
     assert gen.returncode == 0, gen.stderr[-2000:]
-    inspect = subprocess.run([sys.executable, "launch/inspect.py", str(trained["adapter"])], cwd=REPO,
+    inspect = subprocess.run([sys.executable, "launch/mask.py", str(trained["adapter"])], cwd=REPO,
                              capture_output=True, text=True, timeout=300)
     assert inspect.returncode == 2 and "holds a LoRA adapter" in inspect.stderr
 

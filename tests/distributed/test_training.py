@@ -225,7 +225,7 @@ def test_merge_cli_writes_a_model_from_pretrained_loads(trained):
 
 def test_inspect_prints_the_adapters_table_and_writes_a_png(trained):
     png = trained["root"] / "mask.png"
-    proc = subprocess.run([sys.executable, "launch/inspect.py", str(trained["adapter"]), "--out", str(png)],
+    proc = subprocess.run([sys.executable, "launch/mask.py", str(trained["adapter"]), "--out", str(png)],
                           cwd=REPO, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-2000:]
     indices, _ = _adapter_tensors(trained["adapter"])

@@ -1,19 +1,13 @@
 """Look at an adapter's mask: a per-module table, and a PNG (density per layer x module, salience histogram).
 
-    python launch/inspect.py OUTPUT_DIR/adapter [--out mask.png]
+    speft-mask OUTPUT_DIR/adapter [--out mask.png]
 """
 
-import os
-import sys
+import importlib.util
+from pathlib import Path
 
-# launch/inspect.py shares its name with the standard library's `inspect` (which torch imports): keep this
-# folder off the import path.
-sys.path = [p for p in sys.path if os.path.abspath(p or ".") != os.path.dirname(os.path.abspath(__file__))]
-
-from pathlib import Path  # noqa: E402
-
-from speft_ds.cli import Parser, run_main  # noqa: E402
-from speft_ds.config import ConfigError  # noqa: E402
+from speft_ds.cli import Parser
+from speft_ds.config import ConfigError
 
 
 def main(argv) -> int:
@@ -23,10 +17,8 @@ def main(argv) -> int:
     args = parser.parse_args(argv)
     adapter = Path(args.adapter)
     out = Path(args.out) if args.out else adapter.parent / "mask.png"
-    try:
-        import matplotlib  # noqa: F401
-    except ImportError:
-        raise ConfigError("plotting needs matplotlib: pip install 'speft-ds[plot]'") from None
+    if importlib.util.find_spec("matplotlib") is None:
+        raise ConfigError("plotting needs matplotlib: pip install 'speft-ds[plot]'")
 
     from speft_ds.report import format_table, mask_rows, plot_mask
 
@@ -36,6 +28,3 @@ def main(argv) -> int:
     print(f"picture written to {out}")
     return 0
 
-
-if __name__ == "__main__":
-    sys.exit(run_main(main))

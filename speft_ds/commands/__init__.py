@@ -1,0 +1,24 @@
+"""The single-process tools, each a module with `main(argv) -> int`, and their console scripts (pyproject's
+[project.scripts]; launch/*.py run the same). A tool's module is imported only when it runs, so a bad flag
+is answered before torch, DeepSpeed or transformers load."""
+
+from __future__ import annotations
+
+import importlib
+from typing import Callable
+
+from ..cli import run_main
+
+MODULES = {"merge": "speft_ds.commands.merge", "generate": "speft_ds.commands.generate",
+           "plan": "speft_ds.commands.plan", "mask": "speft_ds.commands.mask", "evaluate": "speft_ds.evaluation"}
+
+
+def _entry_point(name: str) -> Callable[[], int]:
+    def run() -> int:
+        return run_main(importlib.import_module(MODULES[name]).main)
+
+    run.__name__ = name
+    return run
+
+
+merge, generate, plan, mask, evaluate = (_entry_point(name) for name in MODULES)
