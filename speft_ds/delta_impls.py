@@ -21,9 +21,6 @@ import warnings
 import torch
 import torch.nn.functional as F
 
-# Printed once per process by torch, on every rank: CSR is what it says, and tested here.
-warnings.filterwarnings("ignore", message="Sparse CSR tensor support is in beta")
-
 
 def resolve(impl: str, device_type: str) -> str:
     """'auto' picks by measurement: sparse on CPU, dense on accelerators (whose matmuls are cheap)."""
@@ -56,7 +53,9 @@ def _csr(values: torch.Tensor, rows: torch.Tensor, cols: torch.Tensor, n_rows: i
     """A CSR matrix from entries sorted by (row, col)."""
     crow = torch.zeros(n_rows + 1, dtype=cols.dtype, device=cols.device)
     crow[1:] = torch.bincount(rows, minlength=n_rows).cumsum(0)
-    return torch.sparse_csr_tensor(crow, cols, values, (n_rows, n_cols), check_invariants=False)
+    with warnings.catch_warnings():  # torch calls CSR support beta (once per process); it is tested here
+        warnings.filterwarnings("ignore", message="Sparse CSR tensor support is in beta state", category=UserWarning)
+        return torch.sparse_csr_tensor(crow, cols, values, (n_rows, n_cols), check_invariants=False)
 
 
 def _value_grads(impl: str, x: torch.Tensor, grad_out: torch.Tensor, indices: torch.Tensor,

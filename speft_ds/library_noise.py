@@ -16,8 +16,8 @@ class _DropMessages(logging.Filter):
 
 
 def silence_library_noise() -> None:
-    # torch 2.13 deprecates the tensor collectives that DeepSpeed's ZeRO-3 (and zero3.py, which must run on
-    # torch >= 2.4) call on every gather and reduce-scatter; the replacements do not exist before 2.13.
+    # torch 2.13 deprecates the tensor collectives that DeepSpeed's ZeRO-3 calls on every gather and
+    # reduce-scatter (our own code calls their replacements where they exist).
     warnings.filterwarnings("ignore", category=FutureWarning,
                             message=r"`torch\.distributed\.(all_gather_into_tensor|reduce_scatter_tensor)` is deprecated")
     # peft (0.21) reads transformers' deprecated `is_gradient_checkpointing` when it wraps a model.

@@ -23,6 +23,10 @@ class MetricsLog:
                 kept.append(line + "\n")
         path.write_text("".join(kept))
 
+    def records(self) -> list[dict]:
+        """Everything written so far (rank 0, which writes)."""
+        return [json.loads(line) for line in self.path.read_text().splitlines()]
+
     def write(self, record: dict) -> None:
         if self.enabled:
             with self.path.open("a") as fh:

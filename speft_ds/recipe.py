@@ -31,6 +31,7 @@ from .gguf_models import resolve_model
 from .launch_env import world_size_from_env
 from .losses import causal_lm_loss_sum
 from .metrics_log import MetricsLog, log_memory
+from .run_summary import summary
 from .methods.base import Method, RunContext
 from .model import check_backends, find_targets, load_model, load_model_config, load_tokenizer, skeleton_model
 from .task_eval import Task, evaluate_task, load_task
@@ -210,17 +211,6 @@ def score_task(engine, plan: Plan, log: MetricsLog, step: int, when: str) -> dic
     return record
 
 
-def _accuracy(record: dict) -> str:
-    return f"{record['accuracy']:.1%} ± {record['stderr']:.1%}"
-
-
-def report_task_scores(scores: list[dict]) -> None:
-    """One line: the task accuracy before training (where this run scored it), during, and after."""
-    steps = " -> ".join(f"{_accuracy(r)} " + (f"at step {r['step']}" if r["when"] == "during" else r["when"])
-                        for r in scores)
-    print(f"task {scores[-1]['task']} ({scores[-1]['examples']} held-out examples): {steps}", flush=True)
-
-
 def run(plan: Plan) -> RunResult:
     config, method = plan.config, plan.method
     init_distributed(config.ddp_timeout)
@@ -276,6 +266,7 @@ def run(plan: Plan) -> RunResult:
     every = method.update_every or plan.total_steps
     step = start
     # A context, so the bar ends its line even when training stops with an error.
+    started = time.perf_counter()
     with tqdm(total=plan.total_steps, initial=start, desc="train", disable=rank != 0) as progress:
         while step < plan.total_steps:
             last = min((step // every + 1) * every, plan.total_steps)
@@ -285,19 +276,22 @@ def run(plan: Plan) -> RunResult:
                                        make_engine=make_engine)
             between_steps(last)  # after any mask update, so a resumed run continues with the new mask
             step = last
+    log.write({"event": "training", "steps": plan.total_steps - start, "wall_time_s": time.perf_counter() - started})
     log_memory(log, "training")
     log.write({"event": "eval", "step": plan.total_steps, "eval_loss": evaluate(engine, plan, rank, world_size),
                "examples": len(plan.eval_set)})
     if plan.eval_task:
         task_scores.append(score_task(engine, plan, log, plan.total_steps, "after"))
-        if rank == 0:
-            report_task_scores(task_scores)
     started = time.perf_counter()
-    method.save_adapter(engine, ctx, Path(config.output_dir) / "adapter")
+    adapter_dir = Path(config.output_dir) / "adapter"
+    method.save_adapter(engine, ctx, adapter_dir)
     if rank == 0:  # its own file: adapter_config.json stays what peft and our loaders read
-        write_run_config(config, Path(config.output_dir) / "adapter" / RUN_CONFIG)
+        write_run_config(config, adapter_dir / RUN_CONFIG)
     log.write({"event": "adapter", "wall_time_s": time.perf_counter() - started})
     log_memory(log, "eval and adapter")
+    if rank == 0:
+        targeted = sum(rows * cols for rows, cols in plan.target_shapes.values())
+        print(summary(log.records(), method.name, targeted, adapter_dir), flush=True)
     return RunResult(engine, method, hf_ds_config)
 
 

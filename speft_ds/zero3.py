@@ -84,7 +84,9 @@ def start_reduce_scatter_add(accumulator: torch.Tensor, full_flat: torch.Tensor,
         padding = size * dist.get_world_size(group) - full_flat.numel()
         sent = torch.nn.functional.pad(full_flat, (0, padding)) if padding else full_flat
         received = torch.empty(size, dtype=sent.dtype, device=sent.device)
-        work = dist.reduce_scatter_tensor(received, sent, group=group, async_op=True)
+        # torch 2.13 renamed reduce_scatter_tensor (now deprecated); older releases have only the old name.
+        reduce_scatter = getattr(dist, "reduce_scatter_single", None) or dist.reduce_scatter_tensor
+        work = reduce_scatter(received, sent, group=group, async_op=True)
 
     def finish() -> None:
         if work is not None:

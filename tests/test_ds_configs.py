@@ -48,6 +48,17 @@ def test_a_shipped_config_parses_and_starts_a_two_rank_run(inputs, tmp_path, ds_
     assert proc.returncode == 0, proc.stderr[-3000:]
     steps = [json.loads(line) for line in (tmp_path / "out" / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in steps if "event" not in r] == [1, 2]
+    # The run ends with one summary block on rank 0, read from those records; its last line names the adapter.
+    block = proc.stdout[proc.stdout.index("---- run summary ----"):].splitlines()[:6]  # the launcher's lines follow
+    k = next(r["k"] for r in steps if r.get("event") == "delta")
+    final_loss = [r["eval_loss"] for r in steps if r.get("event") == "eval"][-1]
+    assert proc.stdout.count("---- run summary ----") == 1, proc.stdout[-2000:]
+    assert block[1].startswith(f"method       speft: {k:,} trainable, ")
+    assert [part.split()[0] for part in block[2].removeprefix("time").split("|")] == \
+        ["load", "salience", "selection", "training", "save"]
+    assert block[3].startswith("peak memory  ") and block[3].count(",") == 1  # two ranks
+    assert block[4].startswith(f"eval loss    {final_loss:.4f} ")
+    assert block[5] == f"adapter      {tmp_path / 'out' / 'adapter'}"
     values = [t for key, t in load_file(str(tmp_path / "out" / "adapter" / "adapter_model.safetensors")).items()
               if key.endswith(".values")]
     assert values and any(v.abs().max() > 0 for v in values)  # trained: the values left zero

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import traceback
+import warnings
 from pathlib import Path
 
 import torch
@@ -17,6 +18,7 @@ def _worker(rank: int, world_size: int, port: int, fn, args: tuple, out_dir: str
                       LOCAL_SIZE=str(world_size), MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port),
                       OMP_NUM_THREADS="1")
     torch.set_num_threads(1)
+    warnings.filterwarnings("error", module="speft_ds")  # as pyproject's filterwarnings does in-process
     try:
         from speft_ds.distributed import init_distributed, leave_process_group
 
