@@ -54,8 +54,12 @@ class TrainConfig:
                                        "converted once into a directory in the user's cache).")
     dataset: str = _field(str(EMBEDDED_DATASET), "Local .jsonl/.json/.parquet/.csv file, or a `datasets.load_dataset` name.")
     text_field: Optional[str] = _field(None, "Train on this field's full text (instead of prompt/response).")
-    prompt_field: str = _field("prompt", "Prompt field; its tokens get no loss.")
+    prompt_field: str = _field("prompt", "Prompt field; its tokens get no loss. Without it, a dataset with Alpaca's "
+                                         "fields (instruction, input, output) is read as Alpaca.")
     response_field: str = _field("response", "Response field; the loss is taken on its tokens only.")
+    messages_field: Optional[str] = _field(None, "Train on chat conversations in this field (lists of {role, "
+                                                 "content}, OpenAI/ShareGPT style) rendered with the tokenizer's "
+                                                 "chat template; the loss is taken on assistant turns only.")
     seq_len: int = _field(128, "Maximum tokens per example (longer ones are truncated).")
     val_size: float = _field(0.05, "Fraction of the dataset held out for the final eval loss.")
     eval_task: str = _field("auto", "Task .jsonl scored before training, every --eval_steps and after it (prompt + "
@@ -205,6 +209,8 @@ class TrainConfig:
         if self.target_modules is not None:
             target_pattern(self.target_modules)
         tracker_names(self.report_to)
+        if self.messages_field and self.text_field:
+            raise ConfigError("--messages_field and --text_field each say how to read an example: pass one")
         if not self.model.startswith(PYPI_PREFIX):  # a package's file is checked once it is fetched
             _check_local_model(self.model)
         if self.eval_task not in ("auto", "none") and not Path(self.eval_task).is_file():

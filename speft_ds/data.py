@@ -27,11 +27,11 @@ def load_raw_dataset(config: TrainConfig) -> datasets.Dataset:
         except Exception as err:
             raise ConfigError(f"--dataset {config.dataset} is neither a local .jsonl/.json/.parquet/.csv file nor a "
                               f"dataset `datasets.load_dataset` can load ({type(err).__name__}): pass a local file") from None
-    needed = [config.text_field] if config.uses_text_field else [config.prompt_field, config.response_field]
-    missing = [name for name in needed if name not in ds.column_names]
+    missing = [name for name in LAYOUT_FIELDS[layout(ds.column_names, config)](config) if name not in ds.column_names]
     if missing:
         raise ConfigError(f"--dataset {config.dataset} has no field {', '.join(missing)} (fields: "
-                          f"{', '.join(ds.column_names)}): pass --text_field or --prompt_field/--response_field")
+                          f"{', '.join(ds.column_names)}): pass --text_field, --messages_field or "
+                          "--prompt_field/--response_field")
     if len(ds) < 2:
         raise ConfigError(f"--dataset {config.dataset} has {len(ds)} examples: at least 2 are needed")
     return ds
@@ -44,21 +44,87 @@ def prompt_ids(tokenizer, text: str) -> list[int]:
     return bos + tokenizer.encode(text, add_special_tokens=False, verbose=False)
 
 
-def tokenize_example(example: dict, tokenizer, config: TrainConfig) -> dict:
-    """input_ids and labels; labels are -100 where no loss is taken (the prompt)."""
-    eos = [tokenizer.eos_token_id] if tokenizer.eos_token_id is not None else []
+# Stanford Alpaca's prompt, with and without an input.
+ALPACA_PROMPT = ("Below is an instruction that describes a task{context}. Write a response that appropriately "
+                 "completes the request.\n\n### Instruction:\n{instruction}\n\n{input}### Response:\n")
+# The fields each layout reads.
+LAYOUT_FIELDS = {"messages": lambda c: [c.messages_field], "text": lambda c: [c.text_field],
+                 "alpaca": lambda c: ["instruction", "output"],
+                 "prompt_response": lambda c: [c.prompt_field, c.response_field]}
+
+
+def layout(fields, config: TrainConfig) -> str:
+    """How an example is read: as chat messages, as plain text, as Alpaca (recognised by its fields when
+    there is no prompt field), or as a prompt and a response."""
+    if config.messages_field:
+        return "messages"
     if config.uses_text_field:
+        return "text"
+    if config.prompt_field not in fields and {"instruction", "output"} <= set(fields):
+        return "alpaca"
+    return "prompt_response"
+
+
+def alpaca_prompt(example: dict) -> str:
+    extra = example.get("input") or ""
+    return ALPACA_PROMPT.format(context=", paired with an input that provides further context" if extra else "",
+                                instruction=example["instruction"],
+                                input=f"### Input:\n{extra}\n\n" if extra else "")
+
+
+def chat_ids_and_labels(tokenizer, messages: list[dict]) -> tuple[list[int], list[int]]:
+    """A conversation through the tokenizer's chat template, with labels on the assistant turns only (each
+    turn's text and the template's end-of-turn tokens after it)."""
+    def render(turns: list[dict], **kwargs) -> str:
+        return tokenizer.apply_chat_template(turns, tokenize=False, **kwargs)
+
+    text = render(messages)
+    spans = []  # character ranges of the assistant turns in the rendered conversation
+    for i, message in enumerate(messages):
+        if message["role"] == "assistant":
+            through_turn = render(messages[:i + 1])
+            if not text.startswith(through_turn):
+                raise ConfigError("the chat template renders earlier turns differently once later ones follow, so "
+                                  "the assistant turns cannot be located: use a template without that rewriting")
+            spans.append((len(render(messages[:i], add_generation_prompt=True)), len(through_turn)))
+    encoded = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True, verbose=False)
+    labels = [token if any(start <= first < end for start, end in spans) else IGNORE_INDEX
+              for token, (first, _) in zip(encoded["input_ids"], encoded["offset_mapping"])]
+    return encoded["input_ids"], labels
+
+
+def tokenize_example(example: dict, tokenizer, config: TrainConfig) -> dict:
+    """input_ids and labels; labels are -100 where no loss is taken (prompts, non-assistant turns)."""
+    eos = [tokenizer.eos_token_id] if tokenizer.eos_token_id is not None else []
+    kind = layout(example.keys(), config)
+    if kind == "messages":
+        ids, labels = chat_ids_and_labels(tokenizer, example[config.messages_field])
+    elif kind == "text":
         ids = prompt_ids(tokenizer, example[config.text_field]) + eos
         labels = list(ids)
     else:
-        prompt = prompt_ids(tokenizer, example[config.prompt_field])
-        response = tokenizer.encode(example[config.response_field], add_special_tokens=False, verbose=False) + eos
+        prompt_text, response_text = ((alpaca_prompt(example), example["output"]) if kind == "alpaca" else
+                                      (example[config.prompt_field], example[config.response_field]))
+        prompt = prompt_ids(tokenizer, prompt_text)
+        response = tokenizer.encode(response_text, add_special_tokens=False, verbose=False) + eos
         ids = prompt + response
         labels = [IGNORE_INDEX] * len(prompt) + response
     return {"input_ids": ids[: config.seq_len], "labels": labels[: config.seq_len]}
 
 
 def tokenize_dataset(raw: datasets.Dataset, tokenizer, config: TrainConfig) -> datasets.Dataset:
+    if config.messages_field:
+        if not tokenizer.chat_template:
+            raise ConfigError(f"--messages_field needs a chat template, and {config.model}'s tokenizer has none: "
+                              "use a chat model or set chat_template in its tokenizer_config.json")
+        if not tokenizer.is_fast:
+            raise ConfigError("--messages_field locates assistant turns by character offsets, which need a fast "
+                              "(tokenizers) tokenizer")
+        for row, messages in enumerate(raw[config.messages_field]):
+            if not (isinstance(messages, list) and messages and all(
+                    isinstance(m, dict) and {"role", "content"} <= set(m) for m in messages)):
+                raise ConfigError(f"--dataset {config.dataset}: example {row}'s {config.messages_field} is not a list "
+                                  "of {role, content} messages")
     return raw.map(tokenize_example, fn_kwargs={"tokenizer": tokenizer, "config": config},
                    remove_columns=raw.column_names, keep_in_memory=True, load_from_cache_file=False)
 
