@@ -61,6 +61,8 @@ class TrainConfig:
                                                  "content}, OpenAI/ShareGPT style) rendered with the tokenizer's "
                                                  "chat template; the loss is taken on assistant turns only.")
     seq_len: int = _field(128, "Maximum tokens per example (longer ones are truncated).")
+    packing: bool = _field(False, "With --text_field: concatenate the examples and cut them into rows of exactly "
+                                  "seq_len tokens, attention kept inside each example (position ids restart).")
     val_size: float = _field(0.05, "Fraction of the dataset held out for the final eval loss.")
     eval_task: str = _field("auto", "Task .jsonl scored before training, every --eval_steps and after it (prompt + "
                                     "answer, or prompt + choices + label); auto: the embedded held-out task when "
@@ -209,6 +211,9 @@ class TrainConfig:
         if self.target_modules is not None:
             target_pattern(self.target_modules)
         tracker_names(self.report_to)
+        if self.packing and not self.text_field:
+            raise ConfigError("--packing concatenates plain texts: use it with --text_field (prompt/response and "
+                              "chat examples keep one example per row)")
         if self.messages_field and self.text_field:
             raise ConfigError("--messages_field and --text_field each say how to read an example: pass one")
         if not self.model.startswith(PYPI_PREFIX):  # a package's file is checked once it is fetched

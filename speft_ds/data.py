@@ -134,8 +134,33 @@ def train_eval_split(tokenized: datasets.Dataset, val_size: float, seed: int):
     return split["train"], split["test"]
 
 
+def pack(tokenized: datasets.Dataset, seq_len: int) -> datasets.Dataset:
+    """The examples end to end, cut into rows of exactly seq_len tokens (the last partial row dropped).
+    Each example's position ids count from 0, which is how transformers (its packed-sequence masks for
+    sdpa and eager, flash-attention's variable-length path) keeps attention inside an example; an
+    example's first token gets no loss, so nothing is predicted across the boundary."""
+    ids, labels, positions = [], [], []
+    for example in tokenized:
+        ids += example["input_ids"]
+        labels += [IGNORE_INDEX] + example["labels"][1:]
+        positions += range(len(example["input_ids"]))
+    rows = len(ids) // seq_len
+    if rows == 0:
+        raise ConfigError(f"--packing: the split holds {len(ids)} tokens, fewer than one row of --seq_len {seq_len}")
+    cut = lambda values: [values[r * seq_len:(r + 1) * seq_len] for r in range(rows)]  # noqa: E731
+    return datasets.Dataset.from_dict({"input_ids": cut(ids), "labels": cut(labels), "position_ids": cut(positions)})
+
+
+def model_inputs(batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """What the model's forward takes from a batch: an attention mask, or position ids for packed rows."""
+    return {key: batch[key] for key in ("input_ids", "attention_mask", "position_ids") if key in batch}
+
+
 def collate(examples: list[dict], pad_id: int) -> dict[str, torch.Tensor]:
-    """Right-pad to the longest example; padding gets attention 0 and label -100."""
+    """Right-pad to the longest example; padding gets attention 0 and label -100. Packed rows, all
+    seq_len long, are stacked with their position ids and no attention mask."""
+    if "position_ids" in examples[0]:
+        return {key: torch.tensor([e[key] for e in examples]) for key in ("input_ids", "labels", "position_ids")}
     length = max(len(e["input_ids"]) for e in examples)
     input_ids = torch.full((len(examples), length), pad_id, dtype=torch.int64)
     labels = torch.full((len(examples), length), IGNORE_INDEX, dtype=torch.int64)

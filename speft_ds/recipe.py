@@ -22,8 +22,8 @@ from . import checkpoint, methods, zero3
 from .adapter import base_config_hash
 from .cli import write_run_config
 from .config import ConfigError, TrainConfig, TrainingError
-from .data import (collate, load_raw_dataset, pad_token_id, rank_batches, tokenize_dataset, train_eval_split,
-                   train_micro_batches)
+from .data import (collate, load_raw_dataset, model_inputs, pack, pad_token_id, rank_batches, tokenize_dataset,
+                   train_eval_split, train_micro_batches)
 from .distributed import (device, init_distributed, leave_process_group, naming_lost_ranks, release_freed_memory,
                           sum_over_ranks)
 from .ds_config import fill_auto, read_ds_config, reconcile, resolve_bf16
@@ -99,6 +99,8 @@ def plan_run(config: TrainConfig, explicit: set[str]) -> Plan:
     tokenizer = load_tokenizer(config)
     train_set, eval_set = train_eval_split(tokenize_dataset(load_raw_dataset(config), tokenizer, config),
                                            config.val_size, config.seed)
+    if config.packing:  # each split on its own, so no held-out text shares a row with training text
+        train_set, eval_set = pack(train_set, config.seq_len), pack(eval_set, config.seq_len)
     steps_per_epoch = len(train_set) // (config.micro_batch_size * world_size) // config.gradient_accumulation_steps
     if steps_per_epoch == 0:
         raise ConfigError(f"{len(train_set)} training examples make no full step of micro_batch_size x "
@@ -146,7 +148,7 @@ def train_steps(engine, plan: Plan, stream, steps: range, log: MetricsLog, progr
         step_loss = 0.0
         for _ in range(config.gradient_accumulation_steps):
             batch = _on_device(collate([plan.train_set[i] for i in next(stream)], pad_id))
-            logits = engine(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], use_cache=False).logits
+            logits = engine(**model_inputs(batch), use_cache=False).logits
             loss_sum, tokens = causal_lm_loss_sum(logits, batch["labels"])
             loss = loss_sum / max(tokens, 1)
             engine.backward(loss)
@@ -176,7 +178,7 @@ def evaluate(engine, plan: Plan, rank: int, world_size: int) -> float:
     engine.eval()
     totals = torch.zeros(2, dtype=torch.float64, device=device())
     for batch in map(_on_device, batches):
-        logits = engine(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], use_cache=False).logits
+        logits = engine(**model_inputs(batch), use_cache=False).logits
         loss_sum, tokens = causal_lm_loss_sum(logits, batch["labels"])
         totals += torch.tensor([loss_sum.item(), tokens], dtype=torch.float64, device=device())
     dist.all_reduce(totals)

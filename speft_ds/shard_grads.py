@@ -20,6 +20,7 @@ from torch import nn
 from tqdm import tqdm
 
 from . import zero3
+from .data import model_inputs
 from .delta import weight_grad_fn
 from .distributed import device as comm_device, release_freed_memory
 from .losses import causal_lm_loss_sum, per_example_mean_loss_sum
@@ -145,7 +146,7 @@ def _accumulating(model: nn.Module, targets: dict[str, nn.Module], per_example_s
 def _backward_over(model: nn.Module, batches: list[dict], loss_fn: LossFn, desc: str, show_progress: bool) -> None:
     for batch in tqdm(batches, desc=desc, disable=not show_progress):
         batch = {key: value.to(comm_device()) for key, value in batch.items()}
-        logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], use_cache=False).logits
+        logits = model(**model_inputs(batch), use_cache=False).logits
         loss_fn(logits, batch["labels"]).backward()
         del logits
         release_freed_memory()
