@@ -112,8 +112,10 @@ def write_run_config(config: TrainConfig, path: Path) -> None:
     """The resolved configuration, in the --config format: rerun it with `--config path`."""
     import yaml
 
+    settings = asdict(config)
+    del settings["local_rank"]  # the launcher's, for each rank anew
     path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(yaml.safe_dump(asdict(config), sort_keys=False))
+    path.write_text(yaml.safe_dump(settings, sort_keys=False))
 
 
 def is_reporting_rank() -> bool:

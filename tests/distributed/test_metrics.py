@@ -102,10 +102,15 @@ def test_synflow_as_close_to_fp64_as_an_fp32_reference_is(setup):
     def error(scores, ref):
         return ((scores.double() - ref).abs().max() / ref.abs().max()).item()
 
+    largest = max(setup["synflow64"][n].abs().max().item() for n in setup["names"])
     for name in setup["names"]:
         ref64 = setup["synflow64"][name]
         if ref64.abs().max() == 0:  # q/k projections: one token's softmax passes no gradient to them
-            assert all(_whole(setup[w], "synflow", name).abs().max() == 0 for w in ("two", "one"))
+            # In fp32 rounding leaves crumbs (about 1e-11 here, the dense fp32 reference's too, against a
+            # largest score of 6e-3; exactly 0 on some CPUs): hold them to the fp32 reference's own size.
+            fp32_crumbs = setup["synflow32"][name].abs().max().item()
+            for world in ("two", "one"):
+                assert _whole(setup[world], "synflow", name).abs().max() <= max(1e-5 * largest, 2 * fp32_crumbs)
             continue
         fp32_floor = error(setup["synflow32"][name], ref64)
         for world in ("two", "one"):

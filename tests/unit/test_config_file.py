@@ -64,6 +64,7 @@ def test_run_config_reruns_to_the_same_configuration(tmp_path):
     write_run_config(config, tmp_path / "run_config.yaml")
     again, _ = parse_config(["--config", str(tmp_path / "run_config.yaml")])
     assert asdict(again) == asdict(config)
+    assert "local_rank" not in (tmp_path / "run_config.yaml").read_text()  # each rank gets its own from the launcher
 
 
 def test_the_examples_are_the_documented_ones():
