@@ -7,7 +7,7 @@ from pathlib import Path
 # (name shown, metrics.jsonl event carrying its wall_time_s); mask updates repeat salience and selection.
 PHASES = (("load", "load"), ("salience", "salience"), ("selection", "selection"), ("training", "training"),
           ("save", "adapter"))
-GIB = 1024.0  # the memory records are in MiB
+MIB_PER_GIB = 1024.0  # the memory records are in MiB
 
 
 def task_line(scores: list[dict]) -> str:
@@ -30,10 +30,10 @@ def summary(records: list[dict], method: str, targeted: int, adapter_dir: Path) 
              f"method       {method}: {trainable:,} trainable, {trainable / targeted:.2%} of the {targeted:,} "
              "targeted weights",
              f"time         {times}",
-             f"peak memory  {', '.join(f'{p / GIB:.2f}' for p in peaks)} GiB resident per rank"]
+             f"peak memory  {', '.join(f'{p / MIB_PER_GIB:.2f}' for p in peaks)} GiB resident per rank"]
     device = [r["device_peak_mib_per_rank"] for r in memory if "device_peak_mib_per_rank" in r]
     if device:
-        lines[-1] += f"; {', '.join(f'{max(p) / GIB:.2f}' for p in zip(*device))} GiB on the accelerator"
+        lines[-1] += f"; {', '.join(f'{max(p) / MIB_PER_GIB:.2f}' for p in zip(*device))} GiB on the accelerator"
     final = events("eval")[-1]
     lines.append(f"eval loss    {final['eval_loss']:.4f} ({final['examples']} held-out examples)")
     if events("task_eval"):

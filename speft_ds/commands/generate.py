@@ -36,4 +36,3 @@ def main(argv) -> int:
                                 max_new_tokens=args.max_new_tokens, pad_token_id=tokenizer.pad_token_id)
     print(tokenizer.decode(output[0, input_ids.shape[1]:], skip_special_tokens=True))
     return 0
-

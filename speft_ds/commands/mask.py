@@ -27,4 +27,3 @@ def main(argv) -> int:
     plot_mask(rows, adapter_config, out)
     print(f"picture written to {out}")
     return 0
-

@@ -47,4 +47,3 @@ def main(argv) -> int:
                              trust_remote_code=args.trust_remote_code)
     print(f"merged model written to {out} ({len(files)} shard{'s' if len(files) > 1 else ''})")
     return 0
-

@@ -92,4 +92,3 @@ def main(argv) -> int:
         for name, value in parts.items():
             print(f"  {name:38} {value / GIB:9.2f} GiB")
     return 0
-
