@@ -125,8 +125,13 @@ def tokenize_dataset(raw: datasets.Dataset, tokenizer, config: TrainConfig) -> d
                     isinstance(m, dict) and {"role", "content"} <= set(m) for m in messages)):
                 raise ConfigError(f"--dataset {config.dataset}: example {row}'s {config.messages_field} is not a list "
                                   "of {role, content} messages")
-    return raw.map(tokenize_example, fn_kwargs={"tokenizer": tokenizer, "config": config},
-                   remove_columns=raw.column_names, keep_in_memory=True, load_from_cache_file=False)
+    tokenized = raw.map(tokenize_example, fn_kwargs={"tokenizer": tokenizer, "config": config},
+                        remove_columns=raw.column_names, keep_in_memory=True, load_from_cache_file=False)
+    # Caught here, before any weights load: otherwise every method would train on a loss of 0 / 0.
+    if not any(label != IGNORE_INDEX for labels in tokenized["labels"] for label in labels):
+        raise ConfigError(f"--dataset {config.dataset}: no example keeps a loss token within --seq_len "
+                          f"{config.seq_len} (every response is cut off or missing): raise --seq_len or shorten the prompts")
+    return tokenized
 
 
 def train_eval_split(tokenized: datasets.Dataset, val_size: float, seed: int):

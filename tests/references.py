@@ -5,6 +5,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.func import functional_call
 
 MICRO_BATCH = 2
 
@@ -113,3 +114,33 @@ def dense_hessian_gradient(model: nn.Module, examples: list[dict], names: list[s
     hessian_grads = torch.autograd.grad(dot, weights)
     model.requires_grad_(False)
     return {n: hg.flatten() for n, hg in zip(names, hessian_grads)}
+
+
+def plain_split(tokenized, val_size: float, seed: int):
+    """The training split, taken with `datasets`' own seeded split."""
+    return tokenized.train_test_split(test_size=val_size, seed=seed, shuffle=True)["train"]
+
+
+def plain_permutation(n: int, seed: int) -> list[int]:
+    return torch.randperm(n, generator=torch.Generator().manual_seed(seed)).tolist()
+
+
+def plain_micro_batches(n_train: int, seed: int, world_size: int, micro_batch_size: int) -> list[list[list[int]]]:
+    """[micro-batch][rank] -> example indices of the first epoch, as the README defines the order: a
+    permutation seeded with --seed, cut into consecutive global micro-batches of micro_batch_size x ranks
+    examples (a partial last one dropped), rank r taking the r-th slice of each."""
+    order, size = plain_permutation(n_train, seed), micro_batch_size * world_size
+    return [[order[start + r * micro_batch_size:start + (r + 1) * micro_batch_size] for r in range(world_size)]
+            for start in range(0, n_train - size + 1, size)]
+
+
+def mean_token_loss(model: nn.Module, weights: dict[str, torch.Tensor], examples: list[dict]) -> torch.Tensor:
+    """Mean token loss of `examples` as one right-padded batch, with `weights` (module name -> weight) in
+    place of those modules' own."""
+    length = max(len(e["input_ids"]) for e in examples)
+    ids = torch.tensor([e["input_ids"] + [0] * (length - len(e["input_ids"])) for e in examples])
+    labels = torch.tensor([e["labels"] + [-100] * (length - len(e["labels"])) for e in examples])
+    mask = (torch.arange(length) < torch.tensor([len(e["input_ids"]) for e in examples])[:, None]).long()
+    merged = {f"{name}.weight": w for name, w in weights.items()}
+    logits = functional_call(model, merged, (ids,), {"attention_mask": mask}).logits
+    return F.cross_entropy(logits[:, :-1].reshape(-1, logits.size(-1)), labels[:, 1:].reshape(-1), ignore_index=-100)

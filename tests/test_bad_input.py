@@ -29,6 +29,8 @@ def bad_files(tmp_path):
     (tmp_path / "stage2.json").write_text(json.dumps(stage2))
     (tmp_path / "fields.jsonl").write_text('{"question": "1 + 1?", "answer": "2"}\n' * 4)
     (tmp_path / "list.json").write_text("[]")
+    (tmp_path / "one.jsonl").write_text('{"prompt": "1 + 1?", "response": "2"}\n')
+    (tmp_path / "long_prompts.jsonl").write_text('{"prompt": "%s", "response": "2"}\n' % ("one plus one " * 20) * 4)
     with_scheduler = json.loads(SHIPPED_DS_CONFIG.read_text())
     with_scheduler["scheduler"] = {"type": "WarmupLR", "params": {"warmup_num_steps": "auto"}}
     (tmp_path / "with_scheduler.json").write_text(json.dumps(with_scheduler))
@@ -49,6 +51,11 @@ CASES = {
     "target_matches_nothing": (["--target_modules", "no_such_proj"], "--target_modules"),
     "missing_dataset_file": (["--dataset", "{tmp}/missing.jsonl"], "does not exist"),
     "missing_field": (["--dataset", "{tmp}/fields.jsonl"], "no field"),
+    "one_example": (["--dataset", "{tmp}/one.jsonl"], "has 1 examples: at least 2 are needed"),
+    "no_loss_tokens": (["--dataset", "{tmp}/long_prompts.jsonl", "--seq_len", "8"],
+                       "no example keeps a loss token within --seq_len 8"),
+    "resume_outside_output_dir": (["--resume", "{tmp}/elsewhere/checkpoints/step-2"],
+                                  "is not a checkpoint of --output_dir"),
     "unreadable_ds_config": (["--ds_config", "{tmp}/broken.json"], "not readable JSON"),
     "missing_ds_config": (["--ds_config", "{tmp}/none.json"], "--ds_config"),
     "zero_stage_2": (["--ds_config", "{tmp}/stage2.json"], "stage 2"),
@@ -133,3 +140,17 @@ def test_launcher_reports_bad_input_once(tmp_path):
     lines = [l for l in (proc.stdout + proc.stderr).splitlines() if "error: " in l]
     assert len(lines) == 1 and "missing.jsonl does not exist" in lines[0]
     assert "Traceback" not in proc.stdout + proc.stderr
+
+
+def test_mpiexec_without_mpi4py_is_one_line(tmp_path):
+    """Two ranks started by MPICH's mpiexec, in interpreters where mpi4py cannot be imported."""
+    hide_mpi4py = ("import runpy, sys; sys.modules['mpi4py'] = None; sys.argv = sys.argv[1:]; "
+                   "runpy.run_path(sys.argv[0], run_name='__main__')")
+    proc = subprocess.run(["mpiexec", "-n", "2", sys.executable, "-c", hide_mpi4py, "launch/train.py", *TINY,
+                           "--output_dir", str(tmp_path / "o")],
+                          cwd=REPO, capture_output=True, text=True, env=_env(), timeout=300)
+    assert proc.returncode == 2, proc.stderr[-2000:]
+    lines = [line for line in (proc.stdout + proc.stderr).splitlines() if "error" in line.lower() or "Traceback" in line]
+    assert lines == ["error: this job was started by mpiexec/mpirun, which needs mpi4py: pip install "
+                     "'speft-ds[mpi]' (or mpi4py built against your MPI)"], lines
+    assert not (tmp_path / "o").exists()

@@ -9,6 +9,7 @@ import subprocess
 from pathlib import Path
 
 import pytest
+import torch
 from safetensors.torch import load_file
 
 from speft_ds.cli import parse_config
@@ -59,6 +60,8 @@ def test_a_shipped_config_parses_and_starts_a_two_rank_run(inputs, tmp_path, ds_
     assert block[3].startswith("peak memory  ") and block[3].count(",") == 1  # two ranks
     assert block[4].startswith(f"eval loss    {final_loss:.4f} ")
     assert block[5] == f"adapter      {tmp_path / 'out' / 'adapter'}"
-    values = [t for key, t in load_file(str(tmp_path / "out" / "adapter" / "adapter_model.safetensors")).items()
-              if key.endswith(".values")]
-    assert values and any(v.abs().max() > 0 for v in values)  # trained: the values left zero
+    tensors = load_file(str(tmp_path / "out" / "adapter" / "adapter_model.safetensors"))
+    values = torch.cat([t.float() for key, t in tensors.items() if key.endswith(".values")])
+    # Trained: each of the k values took two optimizer steps away from zero (each was chosen for a non-zero
+    # calibration gradient), and none overflowed in this config's precision.
+    assert values.numel() == k and int(torch.count_nonzero(values)) == k and bool(values.isfinite().all())

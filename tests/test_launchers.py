@@ -20,11 +20,11 @@ from transformers import AutoModelForCausalLM
 
 from speft_ds.adapter import read_adapter
 from speft_ds.config import TrainConfig
-from speft_ds.data import calibration_indices, load_raw_dataset, tokenize_dataset, train_eval_split
+from speft_ds.data import load_raw_dataset, tokenize_dataset
 from speft_ds.distributed import free_port
 from speft_ds.model import load_tokenizer
 from tests.models import tiny_job
-from tests.references import decoder_linears, dense_gradient
+from tests.references import decoder_linears, dense_gradient, plain_permutation, plain_split
 
 REPO = Path(__file__).resolve().parents[1]
 DENSITY, CALIBRATION = 0.05, 16
@@ -114,9 +114,9 @@ def test_every_launcher_trains_the_same_adapter(adapters):
 def _reference_scores(model_dir: Path, dataset: Path) -> dict[str, torch.Tensor]:
     """|gradient| over the recipe's calibration examples, by plain autograd in one process."""
     config = TrainConfig(model=str(model_dir), dataset=str(dataset), seq_len=48, val_size=0.1)
-    train_set, _ = train_eval_split(tokenize_dataset(load_raw_dataset(config), load_tokenizer(config), config),
-                                    config.val_size, config.seed)
-    examples = [train_set[i] for i in calibration_indices(len(train_set), CALIBRATION, config.seed)]
+    train_set = plain_split(tokenize_dataset(load_raw_dataset(config), load_tokenizer(config), config),
+                            config.val_size, config.seed)
+    examples = [train_set[i] for i in plain_permutation(len(train_set), config.seed)[:CALIBRATION]]
     model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
     return {name: g.abs() for name, g in dense_gradient(model, examples, decoder_linears(model)).items()}
 

@@ -7,19 +7,17 @@ import json
 
 import pytest
 import torch
-import torch.nn.functional as F
 from safetensors.torch import load_file
-from torch.func import functional_call
 from transformers import AutoModelForCausalLM
 
 from speft_ds.config import SHIPPED_DS_CONFIG, TrainConfig
-from speft_ds.data import (calibration_indices, load_raw_dataset, tokenize_dataset, train_eval_split,
-                           train_micro_batches)
+from speft_ds.data import load_raw_dataset, tokenize_dataset
 from speft_ds.model import load_tokenizer
 from speft_ds.zero3 import destroy_engine
 from tests.distributed.harness import run_ranks
 from tests.models import write_dataset, write_tiny_llama
-from tests.references import decoder_linears, dense_gradient, reference_top_k
+from tests.references import (decoder_linears, dense_gradient, mean_token_loss, plain_micro_batches,
+                              plain_permutation, plain_split, reference_top_k)
 
 WORLD, STEPS, EVERY, MICRO_BATCH, LR, MAX_NORM = 2, 4, 2, 2, 1e-2, 1.0
 DENSITY, CALIBRATION, REGROW = 0.05, 16, 0.25
@@ -70,8 +68,9 @@ class DenseReference:
     def __init__(self, config: TrainConfig):
         self.config = config
         self.model = AutoModelForCausalLM.from_pretrained(config.model, dtype=torch.float32).requires_grad_(False)
-        self.train_set, _ = train_eval_split(tokenize_dataset(load_raw_dataset(config), load_tokenizer(config),
-                                                              config), config.val_size, config.seed)
+        self.train_set = plain_split(tokenize_dataset(load_raw_dataset(config), load_tokenizer(config), config),
+                                     config.val_size, config.seed)
+        self.batches = plain_micro_batches(len(self.train_set), config.seed, WORLD, MICRO_BATCH)
         self.names = decoder_linears(self.model)
         self.weights = {n: self.model.get_submodule(n).weight for n in self.names}
         self.k = max(1, round(DENSITY * sum(w.numel() for w in self.weights.values())))
@@ -83,8 +82,8 @@ class DenseReference:
         return torch.optim.AdamW(list(self.deltas.values()), lr=LR, eps=1e-8, weight_decay=0.0)
 
     def calibration(self, round_: int) -> list[dict]:
-        return [self.train_set[i] for i in calibration_indices(len(self.train_set), CALIBRATION,
-                                                                self.config.seed + round_)]
+        # round r draws the first examples of a permutation seeded with --seed + r
+        return [self.train_set[i] for i in plain_permutation(len(self.train_set), self.config.seed + round_)[:CALIBRATION]]
 
     def scores(self, round_: int, deltas: dict | None = None) -> dict[str, torch.Tensor]:
         """|gradient| at the current effective weights W (+ deltas)."""
@@ -106,19 +105,9 @@ class DenseReference:
         return masks
 
     def train_step(self, step: int) -> None:
-        per_rank = [train_micro_batches(len(self.train_set), 0, self.config.seed, r, WORLD, MICRO_BATCH)
-                    for r in range(WORLD)]
-        for rank in range(WORLD):
-            examples = [self.train_set[i] for i in per_rank[rank][step - 1]]
-            length = max(len(e["input_ids"]) for e in examples)
-            ids = torch.tensor([e["input_ids"] + [0] * (length - len(e["input_ids"])) for e in examples])
-            labels = torch.tensor([e["labels"] + [-100] * (length - len(e["labels"])) for e in examples])
-            lengths = torch.tensor([len(e["input_ids"]) for e in examples])
-            mask = (torch.arange(length) < lengths[:, None]).long()
-            merged = {f"{n}.weight": self.weights[n] + self.deltas[n] for n in self.names}
-            logits = functional_call(self.model, merged, (ids,), {"attention_mask": mask}).logits
-            loss = F.cross_entropy(logits[:, :-1].reshape(-1, logits.size(-1)), labels[:, 1:].reshape(-1),
-                                   ignore_index=-100)
+        for rank_examples in self.batches[step - 1]:
+            loss = mean_token_loss(self.model, {n: self.weights[n] + self.deltas[n] for n in self.names},
+                                   [self.train_set[i] for i in rank_examples])
             (loss / WORLD).backward()
         for n, d in self.deltas.items():
             d.grad *= self.masks[n]

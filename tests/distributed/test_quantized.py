@@ -1,9 +1,10 @@
-"""Quantized bases (bitsandbytes nf4 and int8) on 2 real ZeRO-3 ranks: salience shards against a dense
-single-process reference computed on the dequantized weights, a training run, and a merged model that
-reproduces the adapter-loaded quantized model."""
+"""Quantized bases (bitsandbytes nf4 and int8) on 2 real ZeRO-3 ranks: salience shards and one training
+step against dense single-process references computed on the dequantized weights, a training run, and a
+merged model that reproduces the adapter-loaded quantized model."""
 
 from __future__ import annotations
 
+import json
 import math
 import os
 import shutil
@@ -14,16 +15,19 @@ from pathlib import Path
 import deepspeed
 import pytest
 import torch
+from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM
 
 from speft_ds import load_adapter
-from speft_ds.config import TrainConfig
+from speft_ds.config import SHIPPED_DS_CONFIG, TrainConfig
+from speft_ds.data import load_raw_dataset, tokenize_dataset
 from speft_ds.distributed import free_port
-from speft_ds.model import _quantization_config
+from speft_ds.model import _quantization_config, load_tokenizer
 from speft_ds.zero3 import destroy_engine
 from tests.distributed.harness import run_ranks
 from tests.models import write_dataset, write_tiny_llama
-from tests.references import MICRO_BATCH, decoder_linears, dense_gradient, random_examples, zero3_config
+from tests.references import (MICRO_BATCH, decoder_linears, dense_gradient, mean_token_loss, plain_micro_batches,
+                              plain_split, random_examples, zero3_config)
 
 REPO = Path(__file__).resolve().parents[2]
 # nf4 dequantizes exactly and computes in fp32 here; int8 computes in fp16 inside bitsandbytes.
@@ -130,3 +134,50 @@ def test_training_on_a_quantized_base_gives_an_adapter_the_merge_reproduces(mode
     print(f"{quantize}: merged vs adapter-loaded logits {error:.2e}, adapter-loaded vs base {moved:.2e}")
     assert error <= TOLERANCE[quantize], f"merged vs adapter-loaded: {error:.2e}"
     assert moved > 10 * max(error, 1e-5), f"the adapter barely changes the model ({moved:.2e})"
+
+
+def _one_sgd_step_reference(dense, config: TrainConfig, indices: dict[str, torch.Tensor], lr: float, max_norm: float):
+    """One plain SGD step of dense deltas, their gradient masked to `indices`, on the first global micro-batch
+    (2 ranks x MICRO_BATCH examples, each rank's mean token loss averaged), clipped as the run clips."""
+    train_set = plain_split(tokenize_dataset(load_raw_dataset(config), load_tokenizer(config), config),
+                            config.val_size, config.seed)
+    dense.requires_grad_(False)
+    weights = {n: dense.get_submodule(n).weight for n in indices}
+    deltas = {n: torch.zeros_like(w, requires_grad=True) for n, w in weights.items()}
+    for rank_examples in plain_micro_batches(len(train_set), config.seed, 2, MICRO_BATCH)[0]:
+        loss = mean_token_loss(dense, {n: weights[n] + deltas[n] for n in deltas}, [train_set[i] for i in rank_examples])
+        (loss / 2).backward()
+    grads = [deltas[n].grad.flatten()[indices[n]] for n in indices]
+    scale = min(1.0, max_norm / (torch.cat(grads).norm().item() + 1e-6))
+    return {n: -lr * scale * g for n, g in zip(indices, grads)}
+
+
+@pytest.mark.parametrize("quantize", ["nf4", "int8"])
+def test_one_training_step_on_a_quantized_base_matches_the_dequantized_dense_reference(model_dir, tmp_path, quantize):
+    """Plain SGD (any torch.optim optimizer runs under ZeRO-3), so the trained values are the clipped
+    gradients themselves rather than Adam's first step, which is lr x sign(gradient) whatever its size."""
+    lr, max_norm = 1.0, 0.05
+    dataset = write_dataset(tmp_path / "data.jsonl", 48)
+    ds_config = json.loads(SHIPPED_DS_CONFIG.read_text())
+    ds_config.update(optimizer={"type": "SGD", "params": {"lr": "auto"}}, zero_allow_untested_optimizer=True)
+    (tmp_path / "sgd.json").write_text(json.dumps(ds_config))
+    out = tmp_path / "out"
+    proc = subprocess.run(["deepspeed", "--num_gpus", "2", "--master_port", str(free_port()), "launch/train.py",
+                           "--model", str(model_dir), "--dataset", str(dataset), "--output_dir", str(out),
+                           "--ds_config", str(tmp_path / "sgd.json"), "--quantize", quantize, "--max_steps", "1",
+                           "--micro_batch_size", str(MICRO_BATCH), "--seq_len", "48", "--calibration_examples", "8",
+                           "--val_size", "0.1", "--density", "0.05", "--learning_rate", str(lr),
+                           "--lr_scheduler", "constant", "--max_grad_norm", str(max_norm)],
+                          cwd=REPO, capture_output=True, text=True, env={**os.environ, "DS_ACCELERATOR": "cpu"},
+                          timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    tensors = load_file(str(out / "adapter" / "adapter_model.safetensors"))
+    names = list(json.loads((out / "adapter" / "adapter_config.json").read_text())["shapes"])
+    indices = {n: tensors[f"{n}.indices"].long() for n in names}
+    config = TrainConfig(model=str(model_dir), dataset=str(dataset), seq_len=48, val_size=0.1)
+    reference = _one_sgd_step_reference(_dequantized_dense_model(model_dir, quantize), config, indices, lr, max_norm)
+    got = torch.cat([tensors[f"{n}.values"].float() for n in names])
+    want = torch.cat([reference[n] for n in names])
+    error = ((got - want).norm() / want.norm()).item()
+    print(f"{quantize}: one step's values vs the dequantized dense reference: relative error {error:.2e}")
+    assert bool((want != 0).all()) and error <= TOLERANCE[quantize]

@@ -7,6 +7,7 @@ shares no code with speft_ds.
 from __future__ import annotations
 
 import math
+from contextlib import contextmanager
 
 import deepspeed
 import pytest
@@ -22,10 +23,14 @@ from tests.references import MICRO_BATCH, dense_gradient, random_examples, refer
 DENSITY = 0.05
 
 
+# Every collective of torch.distributed that moves tensors.
+COLLECTIVES = ("all_reduce", "all_gather", "all_gather_into_tensor", "all_gather_object", "broadcast",
+               "broadcast_object_list", "reduce", "reduce_scatter", "reduce_scatter_tensor", "all_to_all",
+               "all_to_all_single", "gather", "scatter", "send", "recv", "isend", "irecv")
 EDGE_TARGETS = "embed_tokens,lm_head,q_proj"  # named targets beyond the default decoder linears
 
 
-def _salience_and_selection(model_dir: str, examples: list[dict], rank: int, world_size: int, all_reduce):
+def _salience_and_selection(model_dir: str, examples: list[dict], rank: int, world_size: int):
     from speft_ds.config import TrainConfig
     from speft_ds.data import rank_batches
     from speft_ds.model import find_targets, load_model
@@ -45,18 +50,13 @@ def _salience_and_selection(model_dir: str, examples: list[dict], rank: int, wor
     base_state_after = any(p.requires_grad or p.grad is not None for p in model.parameters())
 
     k = num_to_select(DENSITY, None, sum(s.numel for s in scores.values()))
-    bytes_sent = [0]
-
-    def counting_all_reduce(tensor):
-        bytes_sent[0] += tensor.numel() * tensor.element_size()
-        all_reduce(tensor)
-
-    selected = select_global(scores, k, all_reduce=counting_all_reduce)
+    with counting_collectives() as sent:
+        selected = select_global(scores, k)
     edge_scores = compute_salience(model, find_targets(model, EDGE_TARGETS), batches, "gradient", show_progress=False)
     result = {
         "edge_scores": {n: (s.start, s.scores.clone()) for n, s in edge_scores.items()},
         "k": k,
-        "selection_bytes": bytes_sent[0],
+        "selection_collectives": sent,
         "scores": {n: (s.start, s.scores.clone(), s.numel, s.accumulator_numel) for n, s in scores.items()},
         "partition": {n: (m.weight.numel(), m.weight.ds_numel, m.weight.ds_tensor.numel()) for n, m in targets.items()},
         "global": dict(gather_indices(selected)),
@@ -72,12 +72,36 @@ def _salience_and_selection(model_dir: str, examples: list[dict], rank: int, wor
     return result
 
 
-def _worker(rank, world_size, model_dir, deep_model_dir, examples):
+@contextmanager
+def counting_collectives():
+    """{collective: [calls, bytes of its tensors]} for every torch.distributed collective called inside,
+    however it is reached (the calls still run)."""
     import torch.distributed as dist
 
-    result = _salience_and_selection(model_dir, examples, rank, world_size, dist.all_reduce)
-    deep = _salience_and_selection(deep_model_dir, examples, rank, world_size, dist.all_reduce)
-    result["deep_selection_bytes"] = deep["selection_bytes"]
+    sent = {}
+    originals = {name: getattr(dist, name) for name in COLLECTIVES}
+
+    def counted(name):
+        def call(*args, **kwargs):
+            tensors = [t for a in args for t in (a if isinstance(a, list) else [a]) if torch.is_tensor(t)]
+            calls, size = sent.get(name, (0, 0))
+            sent[name] = (calls + 1, size + sum(t.numel() * t.element_size() for t in tensors))
+            return originals[name](*args, **kwargs)
+        return call
+
+    for name in COLLECTIVES:
+        setattr(dist, name, counted(name))
+    try:
+        yield sent
+    finally:
+        for name, original in originals.items():
+            setattr(dist, name, original)
+
+
+def _worker(rank, world_size, model_dir, deep_model_dir, examples):
+    result = _salience_and_selection(model_dir, examples, rank, world_size)
+    deep = _salience_and_selection(deep_model_dir, examples, rank, world_size)
+    result["deep_selection_collectives"] = deep["selection_collectives"]
     result["deep_k"] = deep["k"]
     return result
 
@@ -184,7 +208,12 @@ def test_local_selection_matches_reference(setup, reference):
 
 
 def test_selection_communication_does_not_grow_with_depth(setup):
+    """Counted at torch.distributed itself: two int64 counts (NaN check, elements offered), the two
+    2^16-bin int64 histograms of the score keys' halves, and seven 256-bin rounds over the 56-bit
+    position keys that break ties; the same on 2 and 8 layers (4x the k)."""
+    want = {"all_reduce": (2 + 2 + 7, 2 * 8 + 2 * 65536 * 8 + 7 * 256 * 8)}
     for rank_result in setup["two"]:
         assert rank_result["deep_k"] > 3 * rank_result["k"]
-        assert rank_result["selection_bytes"] > 0
-        assert rank_result["selection_bytes"] == rank_result["deep_selection_bytes"]
+        assert rank_result["selection_collectives"] == want
+        assert rank_result["deep_selection_collectives"] == want
+    assert setup["one"][0]["selection_collectives"] == {}  # one rank: nothing to exchange

@@ -154,17 +154,30 @@ def _holds_tensor(obj) -> bool:
     return False
 
 
-@pytest.mark.parametrize("impl", IMPLS)
-def test_backward_keeps_no_dense_copy_of_the_weight(impl):
+def _delta_forward(path: str, gen: torch.Generator):
+    """(forward, trainable values, frozen weight, an input) for each autograd path a delta takes: the merged linear
+    (_MergedLinearFn), the base layer's own call plus the delta's product (_DeltaProductFn: quantized bases,
+    and frozen deltas under drop_regrow's salience pass) in both impls, and the embedding delta."""
+    if path == "embedding":
+        base = nn.Embedding(60, 40).requires_grad_(False)
+        layer = SparseDeltaEmbedding(base, random_indices(base.weight.numel(), 300, gen), torch.randn(300, generator=gen))
+        return layer, layer.delta_values, base.weight, torch.randint(0, 60, (2, 3), generator=gen)
+    form, impl = path.split("-")
+    base = make_base(48, 40, gen)
+    layer = SparseDeltaLinear(base, random_indices(48 * 40, 300, gen), torch.randn(300, generator=gen), impl)
+    x = torch.randn(2, 3, 40, generator=gen, requires_grad=True)
+    if form == "product":
+        return (lambda x: base(x) + delta_product(x, layer.delta_values, layer.delta_indices, layer.shape, impl),
+                layer.delta_values, base.weight, x)
+    return layer, layer.delta_values, base.weight, x
+
+
+@pytest.mark.parametrize("path", ["merged-dense", "merged-sparse", "product-dense", "product-sparse", "embedding"])
+def test_backward_keeps_no_dense_copy_of_the_weight(path):
     """Everything autograd saves that is as large as the weight is the frozen weight itself (no dense
     delta or W + D copy), and no graph node keeps tensors as Python attributes (ctx.foo = tensor)."""
-    gen = torch.Generator().manual_seed(3)
-    out_f, in_f = 48, 40
-    base = make_base(out_f, in_f, gen)
-    indices = random_indices(out_f * in_f, 300, gen)  # k < numel: the values are smaller than the weight
-    layer = SparseDeltaLinear(base, indices, torch.randn(300, generator=gen), impl)
-    x = torch.randn(2, 3, in_f, generator=gen, requires_grad=True)
-    assert x.numel() < base.weight.numel()
+    forward, values, weight, x = _delta_forward(path, torch.Generator().manual_seed(3))
+    assert x.numel() < weight.numel() and values.numel() < weight.numel()
 
     saved = []
 
@@ -173,15 +186,16 @@ def test_backward_keeps_no_dense_copy_of_the_weight(impl):
         return t
 
     with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-        out = layer(x)
+        out = forward(x)
 
     assert saved, "the forward saved nothing: the hook did not observe the graph"
-    weight_ptr = base.weight.untyped_storage().data_ptr()
-    large = [t for t in saved if t.numel() >= base.weight.numel()]
-    assert large, "expected the base linear to save its weight"
-    for t in large:
-        assert t.untyped_storage().data_ptr() == weight_ptr, (
-            f"a saved tensor of shape {tuple(t.shape)} is as large as the weight but is not the weight")
+    weight_ptr = weight.untyped_storage().data_ptr()
+    for t in saved:
+        if t.numel() >= weight.numel():
+            assert t.untyped_storage().data_ptr() == weight_ptr, (
+                f"a saved tensor of shape {tuple(t.shape)} is as large as the weight but is not the weight")
+    # The linear paths need W (or W + D, rebuilt) for the input's gradient; the embedding's input has none.
+    assert any(t.untyped_storage().data_ptr() == weight_ptr for t in saved) == (path != "embedding")
 
     seen, stack, custom_nodes = set(), [out.grad_fn], 0
     while stack:
@@ -198,10 +212,10 @@ def test_backward_keeps_no_dense_copy_of_the_weight(impl):
             held = [k for k, v in attributes.items() if _holds_tensor(v)]
             assert not held, f"{type(node).__name__} keeps tensors as attributes: {held}"
         stack.extend(fn for fn, _ in node.next_functions)
-    assert custom_nodes >= 1, "the custom autograd Function was not found in the graph"
+    assert custom_nodes == 1, "the delta's custom autograd Function was not found in the graph"
 
     out.sum().backward()  # the graph is usable after the checks
-    assert layer.delta_values.grad is not None and base.weight.grad is None
+    assert values.grad is not None and weight.grad is None
 
 
 @pytest.mark.parametrize("kind", ["one", "all", "random", "empty_rows"])
