@@ -48,19 +48,20 @@ def lora_rank(model_dir: Path, density: float) -> int:
 
 
 class Runs:
-    """Each (method, model, world size, density) trained once, in its own DeepSpeed job."""
+    """Each (method, model, world size, density, extra training flags) trained once, in its own DeepSpeed job
+    on DeepSpeed's `accelerator` (cpu, cuda)."""
 
-    def __init__(self, dataset: Path, work: Path):
-        self.dataset, self.work, self.done = dataset, work, {}
+    def __init__(self, dataset: Path, work: Path, accelerator: str = "cpu"):
+        self.dataset, self.work, self.accelerator, self.done = dataset, work, accelerator, {}
 
-    def __call__(self, method: str, model_dir: Path, world_size: int, density: float) -> dict:
-        key = (method, model_dir, world_size, density)
+    def __call__(self, method: str, model_dir: Path, world_size: int, density: float, *flags: str) -> dict:
+        key = (method, model_dir, world_size, density, flags)
         if key not in self.done:
-            self.done[key] = self._run(method, model_dir, world_size, density)
+            self.done[key] = self._run(method, model_dir, world_size, density, flags)
         return self.done[key]
 
-    def _run(self, method: str, model_dir: Path, world_size: int, density: float) -> dict:
-        tag = f"d{density}-n{world_size}-{model_dir.name}"
+    def _run(self, method: str, model_dir: Path, world_size: int, density: float, flags: tuple[str, ...]) -> dict:
+        tag = f"d{density}-n{world_size}-{model_dir.name}" + "".join(f"-{flag.lstrip('-')}" for flag in flags)
         out, result = self.work / f"{method}-{tag}", self.work / f"{method}-{tag}.json"
         command = ["deepspeed", "--num_gpus", str(world_size), "--master_port", str(free_port()),
                    "bench/compare_worker.py", "--method", method, "--lora_r", str(lora_rank(model_dir, density)),
@@ -70,11 +71,11 @@ class Runs:
                    "--seq_len", str(SEQ_LEN), "--micro_batch_size", str(MICRO_BATCH),
                    "--calibration_examples", str(CALIBRATION), "--density", str(density),
                    "--max_steps", str(WARMUP + STEPS), "--logging_steps", "1", "--val_size", "0.1",
-                   "--learning_rate", "1e-3", "--output_dir", str(out), "--overwrite_output_dir"]
+                   "--learning_rate", "1e-3", "--output_dir", str(out), "--overwrite_output_dir", *flags]
         if method == "paper":  # trains the mask SPEFT selected
-            self("speft", model_dir, world_size, density)
+            self("speft", model_dir, world_size, density, *flags)
         print(" ".join(command), flush=True)
-        subprocess.run(command, cwd=REPO, check=True, env={**os.environ, "DS_ACCELERATOR": "cpu"})
+        subprocess.run(command, cwd=REPO, check=True, env={**os.environ, "DS_ACCELERATOR": self.accelerator})
         return json.loads(result.read_text())
 
 

@@ -156,13 +156,15 @@ def main() -> int:
         records = [json.loads(line) for line in metrics.read_text().splitlines()]
         events = {r["event"]: r for r in records if "event" in r and r["event"] != "memory"}
         memory = {r["phase"]: r for r in records if r.get("event") == "memory"}
+        trained = memory.get("training", memory["load"])
         step_times = [r["step_time_s"] for r in records if "event" not in r][args.warmup_steps_excluded:]
         tasks = {f"task_{r['when']}": r for r in records if r.get("event") == "task_eval"}
         adapter = Path(config.output_dir) / "adapter"
         Path(args.result).write_text(json.dumps({
             "method": args.method, "world_size": dist.get_world_size(), "trainable": trainable_numel,
             "median_step_s": statistics.median(step_times) if step_times else None, "step_times_s": step_times,
-            "peak_rss_mib_per_rank": memory.get("training", memory["load"])["peak_rss_mib_per_rank"],
+            "peak_rss_mib_per_rank": trained["peak_rss_mib_per_rank"],
+            "device_peak_mib_per_rank": trained.get("device_peak_mib_per_rank"),  # on an accelerator only
             **tasks, **(k_shares(adapter) if args.method == "speft" else {}), **_side_file(adapter),
             "trainable_bytes_per_rank": [int(r[0]) for r in held], "optimizer_bytes_per_rank": [int(r[1]) for r in held],
             "eval_loss": events["eval"]["eval_loss"],

@@ -19,6 +19,10 @@ SHARD_BYTES = 1 << 30
 # The speed issue's ~124M LLaMA.
 LLAMA_124M = dict(hidden_size=768, num_hidden_layers=12, num_attention_heads=12, num_key_value_heads=4,
                   intermediate_size=2048, vocab_size=32000, tie_word_embeddings=False)
+# ~1.1B: Llama-3.2-1B's decoder (hidden 2048, 16 layers, 32 heads, 8 KV heads, intermediate 8192) with a
+# 32000-token vocabulary, for bench/gpu_bench.py.
+LLAMA_1B = dict(hidden_size=2048, num_hidden_layers=16, num_attention_heads=32, num_key_value_heads=8,
+                intermediate_size=8192, vocab_size=32000, tie_word_embeddings=False)
 
 
 def write_random_model(path: Path, dims: dict) -> int:
