@@ -3,6 +3,12 @@ optimizer states, the LR schedule) plus, in safetensors, what the recipe needs t
 step and the method's own state (SPEFT: the masks and the deltas that mask updates folded into the base
 weights; RoseLoRA: its importance scores). The frozen base is never written.
 
+DeepSpeed refuses a ZeRO-3 checkpoint written by another number of ranks, so the safetensors file also
+holds a copy that does not depend on it (the "portable" part): the whole trained values and AdamW moments,
+the optimizer's step and learning rates, the LR schedule, rank 0's RNG states and the batch layout. A resume
+on the same number of ranks loads DeepSpeed's files (bitwise, nothing gathered); on another, the portable
+part.
+
 Layout: OUTPUT_DIR/checkpoints/step-N/ and OUTPUT_DIR/checkpoints/latest (the newest complete tag). A
 checkpoint is written under a temporary tag, renamed when every rank has finished, and `latest` is
 replaced last, so a process killed while saving leaves the previous checkpoint in place.
@@ -13,7 +19,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import torch
@@ -22,11 +28,13 @@ from deepspeed.accelerator import get_accelerator
 from safetensors import safe_open
 from safetensors.torch import save_file
 
-from .config import ConfigError, TrainingError
+from . import zero3
+from .config import ConfigError, TrainConfig, TrainingError
 from .distributed import device, is_communication_failure
 
 STATE_FILE = "speft_state.safetensors"
 LATEST = "latest"
+PORTABLE = "portable"  # the metadata key, and the tensors' key prefix, of the world-size-independent copy
 
 
 def checkpoint_root(output_dir: str | Path) -> Path:
@@ -41,6 +49,7 @@ class ResumePoint:
     meta: dict  # and its JSON metadata
     root: Path
     tag: str
+    portable: dict | None  # the portable part's metadata (its tensors are read only when needed)
 
 
 def _steps(root: Path) -> list[int]:
@@ -54,6 +63,7 @@ def save(engine, output_dir: str | Path, step: int, method: str, state: dict[str
     root = checkpoint_root(output_dir)
     tmp_tag, tag = f".tmp-step-{step}", f"step-{step}"
     rank = dist.get_rank()
+    portable, portable_meta = _portable_state(engine, keep=rank == 0)
     if rank == 0:
         shutil.rmtree(root / tmp_tag, ignore_errors=True)  # left by a run killed while saving
     error = None
@@ -71,11 +81,33 @@ def save(engine, output_dir: str | Path, step: int, method: str, state: dict[str
         # that failed earlier would meet the wrong collective, and the job fails as a lost rank instead.)
         dist.barrier()
     if rank == 0 and error is None:
-        error = _attempt(_write_state, root / tmp_tag, step, method, state, meta)
+        error = _attempt(_write_state, root / tmp_tag, step, method, {**state, **portable},
+                         {**meta, PORTABLE: portable_meta})
     _fail_together(error, root, tmp_tag, tag)  # every rank's files are complete past this point
     if rank == 0:
         error = _attempt(_publish, root, tmp_tag, tag, keep_last)
     _fail_together(error, root, tmp_tag, tag)
+
+
+def _trained(engine) -> list[tuple[str, torch.nn.Parameter]]:
+    return [(name, param) for name, param in engine.module.named_parameters() if param.requires_grad]
+
+
+def _portable_state(engine, keep: bool) -> tuple[dict[str, torch.Tensor], dict]:
+    """The portable part: tensors (kept only where `keep`) and metadata. Gathers every trained parameter
+    and its moments whole, one at a time (collectives on every rank)."""
+    step = zero3.adam_step(engine)  # 0: a fresh optimizer (after a reselect) has no moments yet
+    tensors = {}
+    for name, param in _trained(engine):
+        whole = {"value": zero3.gather_full_fp32(param), **(zero3.adam_moments(param) if step else {})}
+        if keep:
+            tensors.update({f"{PORTABLE}/{name}/{key}": t for key, t in whole.items()})
+    tensors[f"{PORTABLE}/rng/torch"] = torch.get_rng_state()
+    tensors[f"{PORTABLE}/rng/accelerator"] = get_accelerator().get_rng_state()
+    layout = {"world_size": dist.get_world_size(), "micro_batch_size": engine.train_micro_batch_size_per_gpu(),
+              "gradient_accumulation_steps": engine.gradient_accumulation_steps()}
+    return tensors, {"layout": layout, "adam_step": step, "lr": engine.get_lr(),
+                     "lr_scheduler": engine.lr_scheduler.state_dict()}
 
 
 def _attempt(write, *args) -> Exception | None:
@@ -156,19 +188,89 @@ def find(output_dir: str | Path, resume: str, method: str) -> tuple[Path, str]:
     return root, tag
 
 
-def read_state(root: Path, tag: str) -> ResumePoint:
-    """The recipe's own state (safetensors: nothing unpickled)."""
+def batch_layout(root: Path, tag: str) -> dict | None:
+    """The checkpoint's world_size, micro_batch_size and gradient_accumulation_steps (None if written before
+    checkpoints kept them)."""
     with safe_open(str(root / tag / STATE_FILE), framework="pt") as handle:
-        metadata = dict(handle.metadata())
-        tensors = {key: handle.get_tensor(key) for key in handle.keys()}
-    step, method = int(metadata.pop("step")), metadata.pop("method", "speft")
-    return ResumePoint(step, method, tensors, {key: json.loads(value) for key, value in metadata.items()}, root, tag)
+        portable = handle.metadata().get(PORTABLE)
+    return json.loads(portable)["layout"] if portable else None
+
+
+def model_dropout(model_config) -> list[str]:
+    """The model's own dropout probabilities above 0 (LLaMA's attention_dropout, say)."""
+    return [f"{key} {value}" for key, value in model_config.to_dict().items()
+            if key.endswith("dropout") and isinstance(value, (int, float)) and value > 0]
+
+
+def keep_checkpoint_batches(config: TrainConfig, ds_config: dict, saved: dict | None, world_size: int,
+                            per_micro_batch: list[str]) -> tuple[TrainConfig, dict, str | None]:
+    """The config and DeepSpeed config a resume trains with: the checkpoint's global batch, cut into the
+    same micro-batches (train_micro_batches keeps the examples of each step and of each micro-batch whatever
+    the number of ranks), with gradient_accumulation_steps derived for `world_size`; and the line rank 0
+    prints when that differs from what was asked. A ConfigError where no accumulation fits, or where
+    randomness drawn per micro-batch on each rank (`per_micro_batch`: dropout) could not be replayed."""
+    if saved is None:  # a checkpoint from before the layout was kept: DeepSpeed accepts only its own
+        return config, ds_config, None
+    ranks, micro, accumulation = saved["world_size"], saved["micro_batch_size"], saved["gradient_accumulation_steps"]
+    global_batch = ranks * micro * accumulation
+    written = (f"--resume: the checkpoint was trained on {ranks} ranks x micro-batches of {micro} x {accumulation} "
+               f"accumulation steps (global batch {global_batch})")
+    if config.micro_batch_size != micro:
+        raise ConfigError(f"{written}: resume with --micro_batch_size {micro}, which keeps its micro-batches")
+    if global_batch % (micro * world_size):
+        raise ConfigError(f"{written}, which {world_size} ranks cannot split into whole micro-batches: resume on a "
+                          f"number of ranks that divides {global_batch // micro}")
+    if world_size != ranks and per_micro_batch:
+        raise ConfigError(f"{written}: {', '.join(per_micro_batch)} draws per micro-batch on each rank, which "
+                          f"{world_size} ranks cannot replay: resume on {ranks} ranks")
+    derived = global_batch // (micro * world_size)
+    note = None
+    if world_size != ranks or derived != config.gradient_accumulation_steps:
+        note = (f"resume: global batch {global_batch} as in the checkpoint ({ranks} ranks x {micro} x {accumulation}); "
+                f"on {world_size} ranks: gradient_accumulation_steps {derived}")
+    # "auto": the derived value replaces a concrete one, which was the checkpoint's run's
+    return (replace(config, gradient_accumulation_steps=derived),
+            {**ds_config, "gradient_accumulation_steps": "auto"}, note)
+
+
+def read_state(root: Path, tag: str) -> ResumePoint:
+    """The recipe's own state (safetensors: nothing unpickled), the portable part's tensors left on disk."""
+    with safe_open(str(root / tag / STATE_FILE), framework="pt") as handle:
+        metadata = {key: json.loads(value) if key not in ("step", "method") else value
+                    for key, value in handle.metadata().items()}
+        tensors = {key: handle.get_tensor(key) for key in handle.keys() if not key.startswith(f"{PORTABLE}/")}
+    step, method, portable = int(metadata.pop("step")), metadata.pop("method", "speft"), metadata.pop(PORTABLE, None)
+    return ResumePoint(step, method, tensors, metadata, root, tag, portable)
 
 
 def load_engine_state(engine, point: ResumePoint) -> None:
     """Restore the trainable parameters, optimizer states, LR schedule and this rank's RNG states (host and
-    accelerator: LoRA's dropout draws from the accelerator's)."""
+    accelerator: LoRA's dropout draws from the accelerator's): from DeepSpeed's files when the checkpoint was
+    written by as many ranks as run now, from the portable part otherwise."""
+    if point.portable and point.portable["layout"]["world_size"] != dist.get_world_size():
+        _load_portable(engine, point)
+        return
     _, client_state = engine.load_checkpoint(str(point.root), tag=point.tag, load_module_strict=False)
     torch.set_rng_state(client_state["torch_rng_state"])
     if "accelerator_rng_state" in client_state:  # absent from checkpoints written before it was kept
         get_accelerator().set_rng_state(client_state["accelerator_rng_state"])
+
+
+def _load_portable(engine, point: ResumePoint) -> None:
+    """The portable part into a new engine on another number of ranks: each rank takes its slices of the
+    whole values and moments. Every rank takes rank 0's RNG states: all ranks start from one seed and draw
+    alike (per-rank draws such as dropout refuse a resume on another world size, recipe.py)."""
+    meta = point.portable
+    with safe_open(str(point.root / point.tag / STATE_FILE), framework="pt") as handle:
+        moments = {}
+        for name, param in _trained(engine):
+            zero3.set_trained_value(param, handle.get_tensor(f"{PORTABLE}/{name}/value"))
+            if meta["adam_step"]:
+                moments[param] = {key: handle.get_tensor(f"{PORTABLE}/{name}/{key}") for key in zero3.ADAM_MOMENTS}
+        torch.set_rng_state(handle.get_tensor(f"{PORTABLE}/rng/torch"))
+        get_accelerator().set_rng_state(handle.get_tensor(f"{PORTABLE}/rng/accelerator"))
+    if moments:
+        zero3.seed_adam_state(engine, meta["adam_step"], moments)
+    engine.lr_scheduler.load_state_dict(meta["lr_scheduler"])
+    for group, lr in zip(engine.optimizer.param_groups, meta["lr"]):  # as DeepSpeed's loader restores them
+        group["lr"] = lr

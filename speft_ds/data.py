@@ -207,12 +207,17 @@ def calibration_indices(n_train: int, n_examples: int, seed: int) -> list[int]:
 
 
 def train_micro_batches(n_train: int, epoch: int, seed: int, rank: int, world_size: int,
-                        micro_batch_size: int) -> list[list[int]]:
-    """Training order for one epoch: a seeded permutation cut into global micro-batches of
-    micro_batch_size x world_size examples (the last partial one dropped); rank r takes the r-th slice."""
+                        micro_batch_size: int, gradient_accumulation_steps: int = 1) -> list[list[int]]:
+    """Training order for one epoch: a seeded permutation cut into optimizer steps of micro_batch_size x
+    world_size x gradient_accumulation_steps examples (the last partial step dropped, so no step spans two
+    epochs), each step into global micro-batches of micro_batch_size x world_size; rank r takes the r-th
+    slice of each. Step s thus trains on examples [s x global batch, (s + 1) x global batch) of the
+    permutation, in micro-batches of consecutive examples, whatever the number of ranks: what lets a resume
+    on another world size keep the data order."""
     generator = torch.Generator().manual_seed(seed)
     for _ in range(epoch + 1):  # epoch e uses the (e+1)-th permutation of one seeded stream
         order = torch.randperm(n_train, generator=generator).tolist()
     global_size = micro_batch_size * world_size
+    used = n_train - n_train % (global_size * gradient_accumulation_steps)
     return [order[start + rank * micro_batch_size: start + (rank + 1) * micro_batch_size]
-            for start in range(0, n_train - global_size + 1, global_size)]
+            for start in range(0, used, global_size)]

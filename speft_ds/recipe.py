@@ -55,6 +55,7 @@ class Plan:
     tokenizer: object
     train_set: object
     eval_set: object
+    resume_note: str | None  # what a resume changed of the batch layout, for rank 0 to print
 
 
 @dataclass
@@ -93,7 +94,13 @@ def plan_run(config: TrainConfig, explicit: set[str]) -> Plan:
     bf16 = resolve_bf16(config, accelerator.device_name(), accelerator.is_bf16_supported())
     config, bf16 = reconcile(ds_config, config, explicit, bf16)
     world_size = world_size_from_env()
-    method = methods.get(config.peft)(config)
+    method_class = methods.get(config.peft)
+    resume_note = None
+    if resume_from:
+        config, ds_config, resume_note = checkpoint.keep_checkpoint_batches(
+            config, ds_config, checkpoint.batch_layout(*resume_from), world_size,
+            method_class.randomness_per_micro_batch(config) + checkpoint.model_dropout(model_config))
+    method = method_class(config)
     method.plan(model_config, skeleton, target_shapes, ds_config, world_size, bf16, accelerator)
 
     tokenizer = load_tokenizer(config)
@@ -109,13 +116,13 @@ def plan_run(config: TrainConfig, explicit: set[str]) -> Plan:
     ds_config = fill_auto(ds_config, config, world_size=world_size, hidden_size=model_config.hidden_size,
                           total_steps=total_steps, bf16=bf16)
     return Plan(config, ds_config, bf16, method, target_shapes, resume_from, base_config_hash(model_config),
-                total_steps, eval_task, tokenizer, train_set, eval_set)
+                total_steps, eval_task, tokenizer, train_set, eval_set, resume_note)
 
 
 def micro_batch_stream(plan: Plan, rank: int, world_size: int):
     for epoch in count():
         yield from train_micro_batches(len(plan.train_set), epoch, plan.config.seed, rank, world_size,
-                                       plan.config.micro_batch_size)
+                                       plan.config.micro_batch_size, plan.config.gradient_accumulation_steps)
 
 
 def _on_device(batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
@@ -230,6 +237,8 @@ def run(plan: Plan) -> RunResult:
                      resume_step=point.step if point else None, sink=trackers.log if trackers else None)
     if rank == 0:
         write_run_config(config, Path(config.output_dir) / RUN_CONFIG)
+        if plan.resume_note:
+            print(plan.resume_note, flush=True)
 
     ctx = RunContext(plan, log, rank, world_size, start_memory=log_memory(log, "start"))
     started = time.perf_counter()

@@ -148,6 +148,18 @@ def zero_outside(param: torch.nn.Parameter, keep: torch.Tensor) -> None:
             param.data.masked_fill_(~keep.view(param.data.shape).to(param.data.device), 0)
 
 
+def set_trained_value(param: torch.nn.Parameter, whole: torch.Tensor) -> None:
+    """Give a trained parameter the value `whole` (the full tensor, on every rank): this rank's slice of the
+    module's copy and of the optimizer's fp32 master, and the whole copy ZeRO-3 keeps of a 'persistent'
+    parameter. No communication."""
+    mine = local_slice(param, whole.float())
+    with torch.no_grad():
+        param.ds_tensor.copy_(mine.to(param.ds_tensor))
+        safe_set_local_fp32_param(param, mine.to(safe_get_local_fp32_param(param)))
+        if param.ds_persist:
+            param.data.copy_(whole.view(param.data.shape).to(param.data))
+
+
 def resident_bytes(param: torch.nn.Parameter) -> int:
     """Bytes of `param` this rank keeps between gathers: its slice, or the whole where ZeRO-3 keeps a small
     parameter whole on every rank (below stage3_param_persistence_threshold) or does not partition it."""
@@ -196,12 +208,12 @@ def add_to_shard(param: torch.nn.Parameter, flat_indices: torch.Tensor, values: 
                                    values[inside].to(param.ds_tensor))
 
 
-_ADAM_MOMENTS = ("exp_avg", "exp_avg_sq")
+ADAM_MOMENTS = ("exp_avg", "exp_avg_sq")
 
 
 def adam_moments(param: torch.nn.Parameter) -> dict[str, torch.Tensor]:
     """The whole AdamW moments of a trained parameter, on every rank (a collective)."""
-    return {key: safe_get_full_optimizer_state(param, key).detach().cpu() for key in _ADAM_MOMENTS}
+    return {key: safe_get_full_optimizer_state(param, key).detach().cpu() for key in ADAM_MOMENTS}
 
 
 def adam_step(engine) -> int:

@@ -1,12 +1,14 @@
 """Checkpoints: a run killed with SIGKILL after a checkpoint and resumed ends bitwise where an uninterrupted
 run ends (fp32 on CPU, 2 ranks under the DeepSpeed launcher, SPEFT's dynamic drop/regrow masks, LoRA, and
-RoseLoRA's importance scores and pruning included)."""
+RoseLoRA's importance scores and pruning included); resumed on 1 or 4 ranks, or from 1 rank on 2, it ends
+within float rounding of the uninterrupted 2-rank run, with the same sparsity pattern."""
 
 from __future__ import annotations
 
 import json
 import os
-import random
+import re
+import shutil
 import signal
 import subprocess
 import time
@@ -16,11 +18,17 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+from speft_ds.checkpoint import keep_checkpoint_batches
+from speft_ds.config import ConfigError, TrainConfig
 from speft_ds.distributed import free_port
+from speft_ds.methods.lora.method import LoraMethod
 from tests.models import write_dataset, write_tiny_llama
 
 REPO = Path(__file__).resolve().parents[1]
 STEPS, SAVE_EVERY = 8, 2
+# A global batch of 8 = 2 ranks x micro-batches of 2 x 2 accumulation steps, which 1 and 4 ranks can keep. The
+# 43 training examples make 5 steps an epoch: the runs cross an epoch boundary.
+MICRO_BATCH, ACCUMULATION = 2, 2
 SPEFT_FLAGS = ("--mask_update_steps", "4", "--mask_update", "drop_regrow", "--regrow_fraction", "0.25")
 # RoseLoRA prunes from step 3 on: a kill after the step-2 checkpoint resumes into the schedule
 LORA_FLAGS = ("--lora_r", "4", "--rose_start", "0.25", "--rose_end", "0.75", "--rose_sparsity", "0.75")
@@ -35,10 +43,12 @@ def inputs(tmp_path_factory):
     return root, model_dir, dataset
 
 
-def _command(model_dir: Path, dataset: Path, out: Path, *extra: str, peft: str = "speft") -> list[str]:
-    return ["deepspeed", "--num_gpus", "2", "--master_port", str(free_port()), "launch/train.py",
+def _command(model_dir: Path, dataset: Path, out: Path, *extra: str, peft: str = "speft", ranks: int = 2,
+             accumulation: int = ACCUMULATION) -> list[str]:
+    return ["deepspeed", "--num_gpus", str(ranks), "--master_port", str(free_port()), "launch/train.py",
             "--model", str(model_dir), "--dataset", str(dataset), "--output_dir", str(out),
-            "--max_steps", str(STEPS), "--save_steps", str(SAVE_EVERY), "--micro_batch_size", "2",
+            "--max_steps", str(STEPS), "--save_steps", str(SAVE_EVERY), "--micro_batch_size", str(MICRO_BATCH),
+            "--gradient_accumulation_steps", str(accumulation),
             "--learning_rate", "1e-2", "--warmup_steps", "2", "--calibration_examples", "16", "--density", "0.05",
             "--seq_len", "48", "--logging_steps", "1", "--val_size", "0.1", "--peft", peft,
             *(SPEFT_FLAGS if peft == "speft" else LORA_FLAGS), *extra]
@@ -61,14 +71,26 @@ def _adapter(out: Path) -> dict[str, torch.Tensor]:
 
 
 @pytest.fixture(scope="module")
-def straight(inputs) -> Path:
-    """The output directory of the run uninterrupted."""
+def straight_runs(inputs):
+    """straight_runs(peft): the output directory of that method's uninterrupted 2-rank run, run once, when
+    first asked for."""
     root, model_dir, dataset = inputs
-    out = root / "straight"
-    proc = subprocess.run(_command(model_dir, dataset, out), cwd=REPO, capture_output=True, text=True,
-                          env=_env(), timeout=600)
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    return out
+    runs = {}
+
+    def get(peft: str) -> Path:
+        if peft not in runs:
+            out = root / f"straight-{peft}"
+            proc = subprocess.run(_command(model_dir, dataset, out, peft=peft), cwd=REPO, capture_output=True,
+                                  text=True, env=_env(), timeout=600)
+            assert proc.returncode == 0, proc.stderr[-3000:]
+            runs[peft] = out
+        return runs[peft]
+    return get
+
+
+@pytest.fixture(scope="module")
+def straight(straight_runs) -> Path:
+    return straight_runs("speft")
 
 
 def _assert_same_adapter(want: Path, got: Path, context: str) -> None:
@@ -78,10 +100,32 @@ def _assert_same_adapter(want: Path, got: Path, context: str) -> None:
         assert torch.equal(want[key], got[key]), f"{key} differs {context}"
 
 
-def _resume(model_dir: Path, dataset: Path, out: Path, *extra: str, peft: str = "speft") -> None:
-    resumed = subprocess.run(_command(model_dir, dataset, out, *extra, "--resume", peft=peft), cwd=REPO,
-                             capture_output=True, text=True, env=_env(), timeout=600)
+def _resume(model_dir: Path, dataset: Path, out: Path, *extra: str, peft: str = "speft", ranks: int = 2,
+            accumulation: int = ACCUMULATION, resume: tuple[str, ...] = ("--resume",)) -> str:
+    """Resume the run in `out`; returns its output."""
+    resumed = subprocess.run(_command(model_dir, dataset, out, *extra, *resume, peft=peft, ranks=ranks,
+                                      accumulation=accumulation),
+                             cwd=REPO, capture_output=True, text=True, env=_env(), timeout=600)
     assert resumed.returncode == 0, resumed.stdout[-2000:] + resumed.stderr[-4000:]
+    return resumed.stdout
+
+
+def _run_until_checkpoint(command: list[str], out: Path, step: int) -> None:
+    """Start the run and SIGKILL its whole process group once checkpoint step-`step` is complete: the tag
+    appears only when every rank has written it (renamed from a temporary one). The run still has steps,
+    checkpoints, an evaluation and the adapter ahead of it, seconds of work; a run found finished fails
+    the test. How far past `step` the kill lands does not matter: the resume starts from step-`step`."""
+    job = subprocess.Popen(command, cwd=REPO, env=_env(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                           start_new_session=True)
+    deadline = time.monotonic() + 600
+    while not (out / "checkpoints" / f"step-{step}").is_dir():
+        assert job.poll() is None, f"the run ended (exit code {job.returncode}) before checkpoint step-{step}"
+        assert time.monotonic() < deadline
+        time.sleep(0.01)
+    assert job.poll() is None, "the run ended before it could be killed"
+    os.killpg(job.pid, signal.SIGKILL)
+    job.wait()
+    assert not (out / "adapter").exists()
 
 
 def test_killed_and_resumed_run_ends_bitwise_like_an_uninterrupted_one(inputs, straight):
@@ -89,13 +133,9 @@ def test_killed_and_resumed_run_ends_bitwise_like_an_uninterrupted_one(inputs, s
 
 
 @pytest.mark.parametrize("peft", ["lora", "roselora"])
-def test_lora_methods_killed_and_resumed_end_bitwise_like_uninterrupted(inputs, peft):
+def test_lora_methods_killed_and_resumed_end_bitwise_like_uninterrupted(inputs, straight_runs, peft):
     root, model_dir, dataset = inputs
-    out = root / f"straight-{peft}"
-    proc = subprocess.run(_command(model_dir, dataset, out, peft=peft), cwd=REPO, capture_output=True, text=True,
-                          env=_env(), timeout=600)
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    _kill_resume_and_compare(inputs, out, peft)
+    _kill_resume_and_compare(inputs, straight_runs(peft), peft)
     wrong = subprocess.run(_command(model_dir, dataset, root / f"interrupted-{peft}", "--resume",
                                     "--overwrite_output_dir"), cwd=REPO,
                            capture_output=True, text=True, env=_env(), timeout=300)
@@ -105,25 +145,119 @@ def test_lora_methods_killed_and_resumed_end_bitwise_like_uninterrupted(inputs, 
 def _kill_resume_and_compare(inputs, straight: Path, peft: str) -> None:
     root, model_dir, dataset = inputs
     interrupted = root / f"interrupted-{peft}"
-    kill_after = random.randint(SAVE_EVERY + 1, STEPS - 1)  # a random step after at least one checkpoint
-    job = subprocess.Popen(_command(model_dir, dataset, interrupted, peft=peft), cwd=REPO, env=_env(),
-                           stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
-    deadline = time.monotonic() + 600
-    while max(_steps_logged(interrupted), default=0) < kill_after:
-        assert job.poll() is None, "the run ended before it could be killed"
-        assert time.monotonic() < deadline
-        time.sleep(0.05)
-    os.killpg(job.pid, signal.SIGKILL)
-    job.wait()
-    assert not (interrupted / "adapter").exists()
-    assert (interrupted / "checkpoints" / "latest").is_file(), f"no checkpoint before step {kill_after}"
+    _run_until_checkpoint(_command(model_dir, dataset, interrupted, peft=peft), interrupted, SAVE_EVERY)
 
-    _resume(model_dir, dataset, interrupted, peft=peft)
-    _assert_same_adapter(straight, interrupted, f"after a kill at step {kill_after}")
+    _resume(model_dir, dataset, interrupted, peft=peft,
+            resume=("--resume", str(interrupted / "checkpoints" / f"step-{SAVE_EVERY}")))
+    _assert_same_adapter(straight, interrupted, f"after a kill past checkpoint step-{SAVE_EVERY}")
     assert _steps_logged(interrupted) == list(range(1, STEPS + 1))
     tags = sorted(p.name for p in (interrupted / "checkpoints").iterdir() if p.is_dir())
     assert tags == [f"step-{s}" for s in range(SAVE_EVERY, STEPS + 1, SAVE_EVERY)]  # no temporary tag left
     assert (interrupted / "checkpoints" / "latest").read_text() == f"step-{STEPS}"
+
+
+def _copy_checkpoint(run: Path, out: Path, step: int) -> Path:
+    """`out` as the run in `run` would have left it, killed after its checkpoint step-`step` (its own
+    metrics.jsonl included: the resume cuts it after that step)."""
+    shutil.copytree(run / "checkpoints" / f"step-{step}", out / "checkpoints" / f"step-{step}")
+    (out / "checkpoints" / "latest").write_text(f"step-{step}")
+    shutil.copy(run / "metrics.jsonl", out / "metrics.jsonl")
+    return out
+
+
+def _assert_close_adapter(want: Path, got: Path, context: str) -> None:
+    """The same sparsity (SPEFT's indices, the zeros RoseLoRA's pruning left) and values within rounding:
+    another number of ranks adds the same gradients in another order (seen: at most 1.5e-8 apart)."""
+    want, got = _adapter(want), _adapter(got)
+    assert want.keys() == got.keys()
+    for key in want:
+        if not want[key].is_floating_point():
+            assert torch.equal(want[key], got[key]), f"{key} differs {context}"
+            continue
+        assert torch.equal(want[key] == 0, got[key] == 0), f"{key}'s zeros differ {context}"
+        torch.testing.assert_close(got[key], want[key], rtol=1e-4, atol=1e-6, msg=f"{key} differs {context}")
+
+
+def _assert_derived(output: str, written_on: int, accumulation: int, ranks: int) -> None:
+    """Rank 0 printed, once, the accumulation that keeps the checkpoint's global batch on `ranks` ranks."""
+    global_batch = written_on * MICRO_BATCH * accumulation
+    line = (f"resume: global batch {global_batch} as in the checkpoint ({written_on} ranks x {MICRO_BATCH} x "
+            f"{accumulation}); on {ranks} ranks: gradient_accumulation_steps {global_batch // (MICRO_BATCH * ranks)}")
+    assert output.count("resume: global batch") == 1 and line in output, output[-3000:]
+
+
+@pytest.mark.parametrize("ranks", [1, 4])
+def test_resumed_on_another_number_of_ranks_ends_like_the_uninterrupted_run(inputs, straight, ranks):
+    """From the 2-rank checkpoint at step 2, before the drop/regrow at step 4, which the new ranks run."""
+    root, model_dir, dataset = inputs
+    out = _copy_checkpoint(straight, root / f"on-{ranks}-ranks", SAVE_EVERY)
+    _assert_derived(_resume(model_dir, dataset, out, ranks=ranks), 2, ACCUMULATION, ranks)
+    _assert_close_adapter(straight, out, f"resumed on {ranks} ranks")
+    assert _steps_logged(out) == list(range(1, STEPS + 1))
+
+
+def test_a_one_rank_run_resumed_on_two_ends_like_the_two_rank_run(inputs, straight):
+    root, model_dir, dataset = inputs
+    out = root / "from-1-rank"
+    accumulation = 2 * ACCUMULATION  # the same global batch on 1 rank
+    _run_until_checkpoint(_command(model_dir, dataset, out, ranks=1, accumulation=accumulation), out, SAVE_EVERY)
+    # The command of the 1-rank run, on 2 ranks: its --gradient_accumulation_steps gives way to the derived one.
+    output = _resume(model_dir, dataset, out, accumulation=accumulation,
+                     resume=("--resume", str(out / "checkpoints" / f"step-{SAVE_EVERY}")))
+    _assert_derived(output, 1, accumulation, 2)
+    _assert_close_adapter(straight, out, "from 1 rank resumed on 2")
+    assert _steps_logged(out) == list(range(1, STEPS + 1))
+
+
+def test_roselora_resumed_on_one_rank_ends_like_the_uninterrupted_run(inputs, straight_runs):
+    """Its sensitivity scores cross over, and its pruning from step 3 on lands on the same entries."""
+    root, model_dir, dataset = inputs
+    straight = straight_runs("roselora")
+    out = _copy_checkpoint(straight, root / "roselora-on-1-rank", SAVE_EVERY)
+    _assert_derived(_resume(model_dir, dataset, out, peft="roselora", ranks=1), 2, ACCUMULATION, 1)
+    _assert_close_adapter(straight, out, "resumed on 1 rank")
+
+
+def test_a_global_batch_the_ranks_cannot_split_is_refused_before_training(inputs, straight, tmp_path):
+    root, model_dir, dataset = inputs
+    out = _copy_checkpoint(straight, tmp_path / "on-3-ranks", SAVE_EVERY)
+    proc = subprocess.run(_command(model_dir, dataset, out, "--resume", ranks=3), cwd=REPO, capture_output=True,
+                          text=True, env=_env(), timeout=300)
+    errors = [line[line.index("error: "):] for line in (proc.stdout + proc.stderr).splitlines() if "error: " in line]
+    assert proc.returncode == 2 and errors == [
+        "error: --resume: the checkpoint was trained on 2 ranks x micro-batches of 2 x 2 accumulation steps (global "
+        "batch 8), which 3 ranks cannot split into whole micro-batches: resume on a number of ranks that divides 4"
+    ], proc.stdout[-2000:] + proc.stderr[-2000:]
+    assert (out / "metrics.jsonl").read_bytes() == (straight / "metrics.jsonl").read_bytes()  # nothing ran
+
+
+LAYOUT = {"world_size": 2, "micro_batch_size": 2, "gradient_accumulation_steps": 2}
+
+
+@pytest.mark.parametrize("ranks,derived", [(1, 4), (2, 2), (4, 1)])
+def test_the_accumulation_is_derived_from_the_checkpoints_global_batch(ranks, derived):
+    config = TrainConfig(model="m", dataset="d", micro_batch_size=2, gradient_accumulation_steps=2)
+    kept, ds_config, note = keep_checkpoint_batches(config, {"gradient_accumulation_steps": 2}, LAYOUT, ranks, [])
+    assert kept.gradient_accumulation_steps == derived and ds_config["gradient_accumulation_steps"] == "auto"
+    assert (note is None) == (ranks == 2)
+
+
+@pytest.mark.parametrize("micro_batch,ranks,randomness,message", [
+    (4, 2, [], "resume with --micro_batch_size 2, which keeps its micro-batches"),
+    (2, 3, [], "which 3 ranks cannot split into whole micro-batches: resume on a number of ranks that divides 4"),
+    (2, 1, ["--lora_dropout 0.1"], "--lora_dropout 0.1 draws per micro-batch on each rank, which 1 ranks cannot "
+                                   "replay: resume on 2 ranks"),
+])
+def test_a_resume_that_cannot_keep_the_batches_is_refused(micro_batch, ranks, randomness, message):
+    config = TrainConfig(model="m", dataset="d", micro_batch_size=micro_batch)
+    with pytest.raises(ConfigError, match=re.escape(message)):
+        keep_checkpoint_batches(config, {}, LAYOUT, ranks, randomness)
+
+
+def test_lora_dropout_is_the_randomness_that_cannot_cross_world_sizes():
+    assert LoraMethod.randomness_per_micro_batch(TrainConfig(model="m", dataset="d", lora_dropout=0.1)) == [
+        "--lora_dropout 0.1"]
+    assert LoraMethod.randomness_per_micro_batch(TrainConfig(model="m", dataset="d")) == []
 
 
 def test_checkpoint_size_grows_with_k_and_holds_no_base_weights(inputs):

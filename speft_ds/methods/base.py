@@ -45,6 +45,13 @@ class Method:
              bf16: bool, accelerator) -> None:
         """Decide and check what the method needs before any weight is loaded (raise ConfigError early)."""
 
+    @classmethod
+    def randomness_per_micro_batch(cls, config) -> list[str]:
+        """The flags (with their values) under which the method draws random numbers per micro-batch on each
+        rank, like dropout: such draws follow the ranks' layout, so a resume on another number of ranks
+        cannot replay them."""
+        return []
+
     def describe(self) -> str | None:
         """One line for the start of a run (rank 0 prints it), or None."""
         return None

@@ -26,6 +26,10 @@ class LoraMethod(Method):
         self.target_shapes = target_shapes
         self.peft_config = lora_config(self.config, list(target_shapes), [n for n, _ in skeleton.named_modules()])
 
+    @classmethod
+    def randomness_per_micro_batch(cls, config) -> list[str]:
+        return [f"--lora_dropout {config.lora_dropout}"] if config.lora_dropout > 0 else []
+
     def describe(self) -> str:
         return (f"{self.name}: rank {self.config.lora_r} on {len(self.target_shapes)} weights, "
                 f"{self.dense_count():,} trainable")
