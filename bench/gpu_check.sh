@@ -2,14 +2,14 @@
 # The GPU check, for a machine with one CUDA GPU: installs what the machine lacks from carried wheels, runs
 # the `gpu` tests (tests/gpu), then bench/gpu_bench.py (step time and peak GPU memory of SPEFT with each delta
 # implementation, LoRA and full fine-tuning on a random ~1.1B LLaMA in bf16, and the salience pass time), which
-# appends a dated section to docs/gpu_checks.md. Planned at about 6 minutes on one H200, 8 at most.
+# appends a dated section to docs/gpu_checks.md. 7.4 minutes on one H200 (2026-12-04), 8 at most.
 #
 # On this workplace's GPU machine (no network, its own torch and Python 3.12), first here:
 #   python bench/gpu_wheels.py          # the wheels into .whl/, checked against the 64 MiB carry limit
 # then the device tool's run with
 #   command: bash bench/gpu_check.sh    carry: [".whl"]    timeout_s: 500
-# which leaves about 4 of the session's 15 device minutes (after a start of 2 to 3) for one rerun of the tests
-# alone, made at once while the machine is warm: "bash bench/gpu_check.sh --tests-only", timeout_s 200.
+# Two such runs fill a session's 15 device minutes (a start of about 35 s each): after a failure, give the
+# machine back, fix, rerun; or rerun the tests alone: "bash bench/gpu_check.sh --tests-only", timeout_s 200.
 # The tool returns what is under $OUT: gpu_checks.md (copy it over docs/gpu_checks.md) and the logs.
 #
 # Exit codes: 0 all passed; 1 a gpu test failed (the benchmark still ran and was written); 2 the benchmark

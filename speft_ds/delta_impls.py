@@ -55,6 +55,10 @@ def _csr(values: torch.Tensor, rows: torch.Tensor, cols: torch.Tensor, n_rows: i
     crow[1:] = torch.bincount(rows, minlength=n_rows).cumsum(0)
     with warnings.catch_warnings():  # torch calls CSR support beta (once per process); it is tested here
         warnings.filterwarnings("ignore", message="Sparse CSR tensor support is in beta state", category=UserWarning)
+        # torch 2.11 on CUDA warns that invariant checks are off even when told so; the entries are unique
+        # and sorted by construction
+        warnings.filterwarnings("ignore", message="Sparse invariant checks are implicitly disabled",
+                                category=UserWarning)
         return torch.sparse_csr_tensor(crow, cols, values, (n_rows, n_cols), check_invariants=False)
 
 

@@ -153,7 +153,9 @@ class RunningTopK:
         sources = [_shard_candidates(self.positions[name], s) for name, s in shards.items()]
         _check_finite_order(sources, self.all_reduce)
         self.seen += _global_sum(sum(s.scores.numel() for s in sources), self.all_reduce)
-        kept = _Candidates(self.scores.to(sources[0].scores.device), lambda offsets: self.keys[offsets])
+        device = sources[0].scores.device  # the kept entries start empty on the host
+        kept_keys = self.keys.to(device)
+        kept = _Candidates(self.scores.to(device), lambda offsets: kept_keys[offsets])
         sources.insert(0, kept)
         if self.seen <= self.k:
             chosen = [torch.arange(s.scores.numel(), device=s.scores.device) for s in sources]

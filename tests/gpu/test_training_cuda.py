@@ -42,8 +42,9 @@ def train(job, out: Path, *flags: str) -> list[dict]:
         env={**os.environ, "DS_ACCELERATOR": "cuda"})  # tests/conftest.py sets cpu for the CPU suite
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-4000:]
     records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
-    memory = [r for r in records if r.get("event") == "memory"]
-    assert all(r["device_peak_mib_per_rank"][0] > 0 for r in memory), "the run did not use the GPU"
+    # The model is not on the GPU before it loads ("start"); every later phase holds it there.
+    peaks = {r["phase"]: r["device_peak_mib_per_rank"][0] for r in records if r.get("event") == "memory"}
+    assert "load" in peaks and all(peaks[phase] > 0 for phase in peaks if phase != "start"), peaks
 
     losses = [r["loss"] for r in records if "event" not in r]
     assert len(losses) == STEPS and all(map(math.isfinite, losses))
