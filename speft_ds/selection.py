@@ -285,10 +285,11 @@ class ScoreSummary:
         for s in scores.values():
             nonzero = s.scores[s.scores != 0]
             logs = nonzero.abs().log10().clamp(_LOG10_LOW, _LOG10_HIGH - 1e-6)
-            bins = ((logs - _LOG10_LOW) / (_LOG10_HIGH - _LOG10_LOW) * _BINS).long().cpu()
-            positive = (nonzero > 0).cpu()
-            self.counts[:_BINS] += torch.bincount(bins[positive], minlength=_BINS)
-            self.counts[_BINS:2 * _BINS] += torch.bincount(bins[~positive], minlength=_BINS)
+            bins = ((logs - _LOG10_LOW) / (_LOG10_HIGH - _LOG10_LOW) * _BINS).long()
+            positive = nonzero > 0
+            # counted where the scores are: only the counts cross to the host
+            self.counts[:_BINS] += torch.bincount(bins[positive], minlength=_BINS).cpu()
+            self.counts[_BINS:2 * _BINS] += torch.bincount(bins[~positive], minlength=_BINS).cpu()
             self.counts[-1] += int((s.scores == 0).sum())
 
     def add_selected(self, selected_scores: torch.Tensor) -> None:

@@ -271,3 +271,24 @@ def test_normalizing_leaves_an_all_zero_weight_as_it_is():
     normalize_per_weight(shards)
     assert torch.equal(shards["a"].scores, torch.zeros(5))
     assert torch.equal(shards["b"].scores, torch.tensor([0.5, -1.5]))
+
+
+def test_score_summary_matches_numpy_histograms():
+    """The summary's counts against numpy's histogram of log10 |score| on the same edges, split by sign, with
+    the out-of-range magnitudes clamped into the end bins and zeros counted apart."""
+    import numpy as np
+
+    torch.manual_seed(0)
+    a = torch.randn(3000) * torch.logspace(-14, 6, 3000)  # reaches past both ends of the range
+    b = torch.cat([torch.zeros(17), torch.randn(500)])
+    scores = {"a.q_proj": a, "a.v_proj": b}
+    _, summary, _ = select_from_groups([{n: whole(s.clone()) for n, s in scores.items()}], list(scores), k=10)
+
+    edges = np.array(summary["log10_edges"])
+    flat = torch.cat([a, b]).double().numpy()
+    for sign, key in ((1, "positive"), (-1, "negative")):
+        logs = np.log10(np.abs(flat[np.sign(flat) == sign]))
+        expected, _ = np.histogram(np.clip(logs, edges[0], edges[-1] - 1e-6), bins=edges)
+        assert summary[key] == expected.tolist(), key
+    assert summary["zero"] == 17
+    assert summary["lowest_selected"] == torch.cat([a, b]).topk(10).values.min().item()
