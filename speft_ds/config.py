@@ -31,6 +31,10 @@ METRIC_NAMES = ("random", "magnitude", "gradient", "snip", "force", "taylor", "f
 # Those that never read the weights' values, so they score a quantized base (whose shards are packed codes).
 WEIGHT_FREE_METRICS = ("random", "gradient", "fisher")
 
+# Each method's default peak rate (--learning_rate), from the quality table on a pretrained model
+# (docs/quality.md): a default moves only where that table favours the new rate on both of its tasks.
+DEFAULT_LEARNING_RATES = {"speft": 1e-3, "lora": 3e-3, "roselora": 1e-3}
+
 LOCAL_DATA_SUFFIXES = {".jsonl": "json", ".json": "json", ".parquet": "parquet", ".csv": "csv"}
 
 
@@ -127,7 +131,9 @@ class TrainConfig:
     # --- training
     micro_batch_size: int = _field(8, "Examples per rank per micro-step (train_micro_batch_size_per_gpu).")
     gradient_accumulation_steps: int = _field(1, "Micro-steps per optimizer step.")
-    learning_rate: float = _field(3e-3, "Peak learning rate of the trainable parameters (delta values, LoRA factors).")
+    learning_rate: Optional[float] = _field(None, "Peak learning rate of the trainable parameters (delta values, "
+                                                  "LoRA factors); default per --peft: speft and roselora 1e-3, lora "
+                                                  "3e-3 (docs/quality.md: what they rest on).")
     weight_decay: float = _field(0.0, "AdamW weight decay on the trainable parameters.")
     max_grad_norm: float = _field(1.0, "Gradient clipping norm (0 disables).")
     warmup_steps: int = _field(0, "Linear warm-up steps.")
@@ -150,6 +156,10 @@ class TrainConfig:
     ddp_timeout: int = _field(600, "Seconds a collective may wait for the other ranks before the job fails "
                                    "(a dead or stuck rank then stops every rank instead of hanging).")
     local_rank: int = _field(-1, "Set by the DeepSpeed launcher.")
+
+    def __post_init__(self):
+        if self.learning_rate is None:  # an unknown --peft is left for check() to report
+            self.learning_rate = DEFAULT_LEARNING_RATES.get(self.peft)
 
     def check(self) -> None:
         """Check everything that can be checked without a model or a process group."""

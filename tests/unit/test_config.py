@@ -22,6 +22,13 @@ def test_defaults_parse():
     assert explicit == set()
 
 
+@pytest.mark.parametrize("peft, expected", [("speft", 1e-3), ("roselora", 1e-3), ("lora", 3e-3)])
+def test_learning_rate_defaults_per_method(peft, expected):
+    """Each method's rate where none is given (docs/quality.md); a given rate wins for every method."""
+    assert parse_config(["--peft", peft])[0].learning_rate == expected
+    assert parse_config(["--peft", peft, "--learning_rate", "2e-4"])[0].learning_rate == 2e-4
+
+
 def test_explicit_flags_are_typed_and_reported():
     config, explicit = parse_config(["--density", "0.05", "--selection", "global", "--num_trainable", "12",
                                      "--micro_batch_size", "3", "--target_modules", "q_proj,v_proj",
