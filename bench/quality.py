@@ -266,7 +266,8 @@ def quality_page(results: list[dict], remaining: int, verdict: str) -> str:
     shares = ("Each SPEFT cell's share of k per module type, and in brackets that share over the module type's "
               "share of the targeted weights (1.0x: what an even spread would give it).")
     defaults = at_defaults(results)
-    return "\n\n".join(["# Quality on a pretrained model", __doc__.split("\n\n")[0], status, "\n".join(table(defaults)),
+    about, commands, plan = __doc__.split("\n\n")[:3]  # what it measures, the commands that fill it, the plan
+    return "\n\n".join(["# Quality on a pretrained model", about, commands, plan, status, "\n".join(table(defaults)),
                         "## SPEFT's density and calibration size", ablations, "\n".join(ablation_table(results)),
                         "## Where SPEFT puts k", shares, "\n".join(k_table(defaults)), verdict.strip()]) + "\n"
 
