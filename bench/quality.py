@@ -300,7 +300,8 @@ def main() -> int:
     print(f"{len(remaining)} planned cells remain" + (f"; next: {remaining[0]}" if remaining else ""))
     if args.table:
         doc = REPO / "docs" / "quality.md"
-        verdict = VERDICT + doc.read_text().split(VERDICT, 1)[1] if VERDICT in doc.read_text() else VERDICT
+        _, marker, kept = doc.read_text().partition(VERDICT)  # the hand-written verdict, if the page has one
+        verdict = VERDICT + kept if marker else VERDICT
         page = quality_page(read_results(), len(remaining), verdict)
         print(page)
         doc.write_text(page)
