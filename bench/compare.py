@@ -9,7 +9,8 @@ intermediate 2048, vocab 32000), micro-batch 4 x 256 tokens, all decoder linears
 (ds_configs/z3.json), 64 calibration examples, 1 warm-up step then the median of 4. Per method it reports
 the median step time, peak RSS per rank during training, trainable and optimizer-state bytes per rank,
 the eval loss, and SPEFT's salience and selection times; then the ratios SPEFT / LoRA, SPEFT / full and
-SPEFT / paper approach. `--sweeps` adds densities 0.1%, 1%, 5% (SPEFT and LoRA), world sizes 1 and 2,
+SPEFT / paper approach, and every method's step over the floor's (the same model frozen, forward and a
+backward to the input embeddings, nothing trained). `--sweeps` adds densities 0.1%, 1%, 5% (SPEFT and LoRA), world sizes 1 and 2,
 and depths 2, 6, 12 layers. Writes docs/benchmarks.md and docs/benchmarks.png.
 """
 
@@ -31,7 +32,7 @@ from speft_ds.config import TrainConfig  # noqa: E402
 from speft_ds.distributed import free_port  # noqa: E402
 from speft_ds.model import find_targets, load_model_config, skeleton_model  # noqa: E402
 
-METHODS = ("speft", "lora", "full", "paper")
+METHODS = ("speft", "lora", "full", "paper", "floor")
 SEQ_LEN, MICRO_BATCH, CALIBRATION, WARMUP, STEPS = 256, 4, 64, 1, 4
 
 
@@ -96,10 +97,15 @@ def main_table(results: dict[str, dict]) -> list[str]:
                     f"| {r['eval_loss']:.4f} |")
     speft = results["speft"]
     rows += ["", "| SPEFT / | step time | peak RSS |", "|---|---|---|"]
-    for method in METHODS[1:]:
+    for method in METHODS[1:-1]:
         other = results[method]
         rows.append(f"| {method} | {speft['median_step_s'] / other['median_step_s']:.2f} | "
                     f"{max(speft['peak_rss_mib_per_rank']) / max(other['peak_rss_mib_per_rank']):.2f} |")
+    floor = results["floor"]["median_step_s"]
+    rows += ["", "The floor: the same model frozen, its forward and a backward to the input embeddings per "
+             "micro-batch, nothing trained, no optimizer. Each method's step over it:", "",
+             "| method | step / floor |", "|---|---|"]
+    rows += [f"| {method} | {results[method]['median_step_s'] / floor:.2f} |" for method in METHODS[:-1]]
     rows += ["", f"SPEFT salience pass ({CALIBRATION} examples): {speft['salience_s']:.1f} s; selection: "
              f"{speft['selection_s']:.2f} s ({100 * speft['selection_s'] / speft['salience_s']:.1f}% of salience)."]
     return rows
@@ -116,7 +122,7 @@ def chart(results: dict[str, dict], path: Path) -> None:
     for ax, key, label in ((axes[0], "median_step_s", "median step time (s)"),
                            (axes[1], "peak_rss_mib_per_rank", "peak RSS per rank (MiB)")):
         values = [max(results[m][key]) if isinstance(results[m][key], list) else results[m][key] for m in methods]
-        ax.bar(methods, values, color=["tab:green", "tab:blue", "tab:gray", "tab:orange"][:len(methods)])
+        ax.bar(methods, values, color=["tab:green", "tab:blue", "tab:gray", "tab:orange", "tab:red"][:len(methods)])
         ax.set_title(label)
     fig.tight_layout()
     fig.savefig(path, dpi=120)

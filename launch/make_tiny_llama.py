@@ -3,7 +3,8 @@
     python launch/make_tiny_llama.py [--pretrain_steps 1500]
 
 Writes speft_ds/assets/arithmetic.jsonl (prompt/response word problems), arithmetic_test.jsonl (a generation
-task held out by operation and operands: prompt/answer) and speft_ds/assets/tiny-llama/
+task held out by operation and operands, the operands of + and * unordered: prompt/answer) and
+speft_ds/assets/tiny-llama/
 (an ordinary HF model directory: config, tokenizer trained with `tokenizers`, safetensors weights).
 The model is briefly pretrained on generated sentences and equations, never on the question/answer
 format, so that fine-tuning on the dataset has something to learn.
@@ -30,13 +31,14 @@ SPECIAL = ["<pad>", "<s>", "</s>"]
 
 
 def word_problem(rng: random.Random) -> tuple[tuple, dict]:
-    """(operation and operands, the example): the key the held-out split is disjoint by."""
+    """(operation and operands, the example): the key the held-out split is disjoint by, with the operands of
+    + and * in ascending order, so a held-out 3 * 7 also keeps 7 * 3 out of training."""
     name, other = rng.sample(NAMES, 2)
     thing = rng.choice(THINGS)
     kind = rng.randrange(3)
     if kind == 0:
         a, b = rng.randint(2, 60), rng.randint(2, 40)
-        key, answer = ("+", a, b), a + b
+        key, answer = ("+", min(a, b), max(a, b)), a + b
         prompt = f"{name} has {a} {thing}. {name} gets {b} more from {other}. How many {thing} does {name} have now?"
         response = f"{a} + {b} = {a + b}. {name} has {a + b} {thing}."
     elif kind == 1:
@@ -46,16 +48,18 @@ def word_problem(rng: random.Random) -> tuple[tuple, dict]:
         prompt = f"{name} had {a} {thing} and gave {b} to {other}. How many {thing} does {name} have left?"
         response = f"{a} - {b} = {a - b}. {name} has {a - b} {thing} left."
     else:
-        a, b = rng.randint(2, 12), rng.randint(2, 12)
-        key, answer = ("*", a, b), a * b
+        # 2-12 bags of 2-25: held-out unordered pairs then leave most products to train on
+        a, b = rng.randint(2, 12), rng.randint(2, 25)
+        key, answer = ("*", min(a, b), max(a, b)), a * b
         prompt = f"{name} fills {a} bags with {b} {thing} each. How many {thing} are in the bags?"
         response = f"{a} * {b} = {a * b}. The bags hold {a * b} {thing}."
     return key, {"prompt": f"Question: {prompt}\nAnswer:", "response": f" {response}", "answer": str(answer)}
 
 
 def split_problems(rng: random.Random, n_train: int, n_test: int) -> tuple[list[dict], list[dict]]:
-    """Training examples, and held-out ones whose (operation, operands) no training example has: the test
-    asks for sums and products the model never saw worked, not the same ones in other words."""
+    """Training examples, and held-out ones whose (operation, operands) no training example has, in either
+    order: the test asks for sums and products the model never saw worked, not the same ones in other words
+    or with the operands swapped."""
     test, test_keys = [], set()
     while len(test) < n_test:
         key, example = word_problem(rng)

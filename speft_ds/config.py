@@ -73,7 +73,12 @@ class TrainConfig:
                                     "training on the embedded dataset; none: no task.")
     eval_steps: int = _field(0, "Also compute the eval loss and task accuracy every N optimizer steps (0: at the end "
                                 "only).")
-    eval_on_start: bool = _field(True, "Score --eval_task on the base before training (false: skip it, as when "
+    retention_text: Optional[str] = _field(None, "Plain text, or .jsonl with a text field per line, unlike the task: "
+                                                 "scored before training (as --eval_on_start says), every "
+                                                 "--eval_steps and after it, for the mean token loss and, where the method can switch its "
+                                                 "update off (speft with a static mask, lora, roselora), the mean "
+                                                 "KL(base || tuned): how much of what the base knew the run keeps.")
+    eval_on_start: bool = _field(True, "Score --eval_task and --retention_text on the base before training (false: skip it, as when "
                                        "many runs share one base).")
     ds_config: str = _field(str(SHIPPED_DS_CONFIG), "DeepSpeed JSON config; 'auto' values are filled from these flags.")
     trust_remote_code: bool = _field(False, "Allow model code from the model directory (off by default).")
@@ -230,6 +235,9 @@ class TrainConfig:
             _check_local_model(self.model)
         if self.eval_task not in ("auto", "none") and not Path(self.eval_task).is_file():
             raise ConfigError(f"--eval_task {self.eval_task} does not exist: pass a task .jsonl file, or none")
+        if self.retention_text is not None and not Path(self.retention_text).is_file():
+            raise ConfigError(f"--retention_text {self.retention_text} does not exist: pass a plain-text or .jsonl "
+                              "file")
         if not Path(self.ds_config).is_file():
             raise ConfigError(f"--ds_config {self.ds_config} does not exist: pass a DeepSpeed JSON file")
         if looks_like_local_file(self.dataset) and not Path(self.dataset).is_file():

@@ -134,9 +134,25 @@ def tokenize_dataset(raw: datasets.Dataset, tokenizer, config: TrainConfig) -> d
     return tokenized
 
 
+def question(example: dict) -> tuple[int, ...]:
+    """What an example asks: its tokens before the first loss token (all of them where every token has a
+    loss, as for plain text)."""
+    labels = example["labels"]
+    first = next((i for i, label in enumerate(labels) if label != IGNORE_INDEX), 0)
+    return tuple(example["input_ids"][:first or len(labels)])
+
+
 def train_eval_split(tokenized: datasets.Dataset, val_size: float, seed: int):
+    """datasets' seeded split, less the held-out examples that ask what a training example asks (a repeated
+    prompt, or a repeated text): their loss would measure recall, not generalisation."""
     split = tokenized.train_test_split(test_size=val_size, seed=seed, shuffle=True)
-    return split["train"], split["test"]
+    train, held_out = split["train"], split["test"]
+    asked = {question(example) for example in train}
+    unseen = [i for i, example in enumerate(held_out) if question(example) not in asked]
+    if not unseen:
+        raise ConfigError(f"every one of the {len(held_out)} held-out examples (--val_size {val_size}) repeats a "
+                          "training prompt: deduplicate the dataset or raise --val_size")
+    return train, held_out.select(unseen) if len(unseen) < len(held_out) else held_out
 
 
 def pack(tokenized: datasets.Dataset, seq_len: int) -> datasets.Dataset:

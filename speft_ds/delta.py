@@ -65,6 +65,8 @@ class _SparseDeltaLayer(nn.Module):
         if values is None:
             values = torch.zeros(indices.numel(), dtype=torch.float32)
         self.delta_values = nn.Parameter(values.detach().clone())
+        # False: the layer computes as its base does (the base model's outputs, for --retention_text's KL)
+        self.delta_enabled = True
 
     @property
     def weight(self) -> nn.Parameter:
@@ -94,6 +96,8 @@ class SparseDeltaLinear(_SparseDeltaLayer):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         weight = self.base_layer.weight
+        if not self.delta_enabled:  # the weight this layer reads itself under ZeRO-3, not the base layer's call
+            return self.base_layer(x) if is_quantized(weight) else F.linear(x, weight, self.base_layer.bias)
         # A quantized weight cannot take the delta in its own dtype; a frozen delta (scored as part of the
         # base by drop_regrow's salience pass) keeps the base layer's own call, where the salience hooks sit.
         if is_quantized(weight) or not self.delta_values.requires_grad:
@@ -106,6 +110,8 @@ class SparseDeltaEmbedding(_SparseDeltaLayer):
         super().__init__(base_layer, indices, values, (base_layer.num_embeddings, base_layer.embedding_dim))
 
     def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        if not self.delta_enabled:
+            return self.base_layer(ids)
         delta = _SparseDeltaEmbeddingFn.apply(ids, self.delta_values, self.delta_indices, *self.shape)
         return self.base_layer(ids) + delta.to(self.base_layer.weight.dtype)
 

@@ -35,6 +35,7 @@ from .run_summary import summary
 from .trackers import Trackers, tracker_names
 from .methods.base import Method, RunContext
 from .model import check_backends, find_targets, load_model, load_model_config, load_tokenizer, skeleton_model
+from .retention import retention_rows, score_retention
 from .task_eval import Task, evaluate_task, load_task
 
 RUN_CONFIG = "run_config.yaml"  # the resolved flags, rerunnable with --config
@@ -55,6 +56,7 @@ class Plan:
     tokenizer: object
     train_set: object
     eval_set: object
+    retention_rows: list | None  # --retention_text cut into rows
     resume_note: str | None  # what a resume changed of the batch layout, for rank 0 to print
 
 
@@ -108,6 +110,7 @@ def plan_run(config: TrainConfig, explicit: set[str]) -> Plan:
                                            config.val_size, config.seed)
     if config.packing:  # each split on its own, so no held-out text shares a row with training text
         train_set, eval_set = pack(train_set, config.seq_len), pack(eval_set, config.seq_len)
+    retention = retention_rows(config.retention_text, tokenizer, config.seq_len) if config.retention_text else None
     steps_per_epoch = len(train_set) // (config.micro_batch_size * world_size) // config.gradient_accumulation_steps
     if steps_per_epoch == 0:
         raise ConfigError(f"{len(train_set)} training examples make no full step of micro_batch_size x "
@@ -116,7 +119,7 @@ def plan_run(config: TrainConfig, explicit: set[str]) -> Plan:
     ds_config = fill_auto(ds_config, config, world_size=world_size, hidden_size=model_config.hidden_size,
                           total_steps=total_steps, bf16=bf16)
     return Plan(config, ds_config, bf16, method, target_shapes, resume_from, base_config_hash(model_config),
-                total_steps, eval_task, tokenizer, train_set, eval_set, resume_note)
+                total_steps, eval_task, tokenizer, train_set, eval_set, retention, resume_note)
 
 
 def micro_batch_stream(plan: Plan, rank: int, world_size: int):
@@ -221,6 +224,30 @@ def score_task(engine, plan: Plan, log: MetricsLog, step: int, when: str) -> dic
     return record
 
 
+def score_retention_text(engine, plan: Plan, log: MetricsLog, step: int, when: str, method: Method | None) -> None:
+    """--retention_text's loss (and KL from the base, where `method` can switch its update off) as one
+    metrics record (every rank takes part)."""
+    result = score_retention(engine.module, plan.retention_rows, plan.config.micro_batch_size,
+                             pad_token_id(plan.tokenizer), device(),
+                             method.without_update if method else lambda: None)
+    log.write({"event": "retention", "step": step, "when": when, **result})
+
+
+def score_run(engine, plan: Plan, log: MetricsLog, step: int, when: str, method: Method | None) -> None:
+    """Every held-out score at one point of the run ("before", "during" or "after" training; every rank takes
+    part): the eval loss (not before: it is the task's loss the run learns), task accuracy and retention,
+    then their wall time as one record."""
+    started = time.perf_counter()
+    if when != "before":
+        log.write({"event": "eval", "step": step, "examples": len(plan.eval_set),
+                   "eval_loss": evaluate(engine, plan, dist.get_rank(), dist.get_world_size())})
+    if plan.eval_task:
+        score_task(engine, plan, log, step, when)
+    if plan.retention_rows:
+        score_retention_text(engine, plan, log, step, when, method)
+    log.write({"event": "evaluation", "step": step, "when": when, "wall_time_s": time.perf_counter() - started})
+
+
 def run(plan: Plan) -> RunResult:
     config, method = plan.config, plan.method
     init_distributed(config.ddp_timeout)
@@ -261,18 +288,15 @@ def run(plan: Plan) -> RunResult:
         engine = make_engine(method.inject(model, ctx), 0)
     log.write(method.trainable_record(engine))
 
-    before = plan.eval_task and config.eval_on_start and not start
-    task_scores = [score_task(engine, plan, log, 0, "before")] if before else []
+    if config.eval_on_start and not start and (plan.eval_task or plan.retention_rows):
+        score_run(engine, plan, log, 0, "before", method)
 
     def between_steps(step: int) -> None:  # reads the current engine
         if config.save_steps and step % config.save_steps == 0:
             state, meta = method.checkpoint_state(engine, keep=rank == 0)
             checkpoint.save(engine, config.output_dir, step, method.name, state, meta, config.save_total_limit)
         if config.eval_steps and step % config.eval_steps == 0 and step < plan.total_steps:
-            log.write({"event": "eval", "step": step, "eval_loss": evaluate(engine, plan, rank, world_size),
-                       "examples": len(plan.eval_set)})
-            if plan.eval_task:
-                task_scores.append(score_task(engine, plan, log, step, "during"))
+            score_run(engine, plan, log, step, "during", method)
 
     stream = micro_batch_stream(plan, rank, world_size)
     for _ in range(start * config.gradient_accumulation_steps):  # the data a resumed run has already seen
@@ -292,10 +316,7 @@ def run(plan: Plan) -> RunResult:
             step = last
     log.write({"event": "training", "steps": plan.total_steps - start, "wall_time_s": time.perf_counter() - started})
     log_memory(log, "training")
-    log.write({"event": "eval", "step": plan.total_steps, "eval_loss": evaluate(engine, plan, rank, world_size),
-               "examples": len(plan.eval_set)})
-    if plan.eval_task:
-        task_scores.append(score_task(engine, plan, log, plan.total_steps, "after"))
+    score_run(engine, plan, log, plan.total_steps, "after", method)
     started = time.perf_counter()
     adapter_dir = Path(config.output_dir) / "adapter"
     method.save_adapter(engine, ctx, adapter_dir)

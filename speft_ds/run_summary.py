@@ -6,7 +6,7 @@ from pathlib import Path
 
 # (name shown, metrics.jsonl event carrying its wall_time_s); mask updates repeat salience and selection.
 PHASES = (("load", "load"), ("salience", "salience"), ("selection", "selection"), ("training", "training"),
-          ("save", "adapter"))
+          ("eval", "evaluation"), ("save", "adapter"))
 MIB_PER_GIB = 1024.0  # the memory records are in MiB
 
 
@@ -15,6 +15,14 @@ def task_line(scores: list[dict]) -> str:
     steps = " -> ".join(f"{r['accuracy']:.1%} ± {r['stderr']:.1%} "
                         + (f"at step {r['step']}" if r["when"] == "during" else r["when"]) for r in scores)
     return f"task {scores[-1]['task']} ({scores[-1]['examples']} held-out examples): {steps}"
+
+
+def retention_line(scores: list[dict]) -> str:
+    """--retention_text's loss at each scoring, and the last KL from the base where the method had one."""
+    losses = " -> ".join(f"{r['loss']:.4f} " + (f"at step {r['step']}" if r["when"] == "during" else r["when"])
+                         for r in scores)
+    kl = f"; KL(base || tuned) {scores[-1]['kl']:.4f}" if scores[-1]["kl"] is not None else ""
+    return f"retention    loss {losses} ({scores[-1]['tokens']:,} tokens){kl}"
 
 
 def summary(records: list[dict], method: str, targeted: int, adapter_dir: Path) -> str:
@@ -38,5 +46,7 @@ def summary(records: list[dict], method: str, targeted: int, adapter_dir: Path) 
     lines.append(f"eval loss    {final['eval_loss']:.4f} ({final['examples']} held-out examples)")
     if events("task_eval"):
         lines.append(task_line(events("task_eval")))
+    if events("retention"):
+        lines.append(retention_line(events("retention")))
     lines.append(f"adapter      {adapter_dir}")
     return "\n".join(lines)

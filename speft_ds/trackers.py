@@ -36,6 +36,8 @@ def scalars(record: dict) -> dict[str, float]:
         return {"eval/loss": float(record["eval_loss"])}
     if event == "task_eval":
         return {f"eval/{record['task']}_accuracy": float(record["accuracy"])}
+    if event == "retention":
+        return {f"eval/retention_{key}": float(record[key]) for key in ("loss", "kl") if record[key] is not None}
     prefix = f"memory/{record['phase']}" if event == "memory" else event
     values = {}
     for key, value in record.items():

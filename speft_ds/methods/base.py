@@ -10,6 +10,7 @@ nothing) -> `inject` -> DeepSpeed engine over `inject`'s parameters -> training 
 
 from __future__ import annotations
 
+from contextlib import AbstractContextManager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
@@ -88,6 +89,11 @@ class Method:
         """Change the trainable part after `completed_steps` (SPEFT's mask updates). `make_engine(params,
         completed_steps)` builds a fresh engine; returns the engine training from here on."""
         raise NotImplementedError
+
+    def without_update(self) -> AbstractContextManager | None:
+        """A context inside which the model computes as the base model does (the update switched off, nothing
+        moved), or None where the method cannot do that cheaply; --retention_text's KL needs it."""
+        return None
 
     def checkpoint_state(self, engine, keep: bool) -> tuple[dict[str, torch.Tensor], dict]:
         """What `restore` needs beyond DeepSpeed's own checkpoint: tensors and JSON-able metadata (a

@@ -8,7 +8,8 @@ import torch
 from transformers import AutoTokenizer
 
 from speft_ds.config import EMBEDDED_MODEL, TrainConfig
-from speft_ds.data import load_raw_dataset, rank_batches, tokenize_example, train_micro_batches
+from speft_ds.config import ConfigError
+from speft_ds.data import load_raw_dataset, rank_batches, tokenize_example, train_eval_split, train_micro_batches
 
 IGNORE = -100
 PROMPT = "Question: Sam fills 10 bags with 9 apples each. How many apples are in the bags?\nAnswer:"
@@ -179,3 +180,43 @@ def test_local_dataset_formats_load_the_same_rows(tmp_path, suffix):
         table.to_csv(path, index=False)
     loaded = load_raw_dataset(TrainConfig(dataset=str(path)))
     assert loaded.to_list() == rows
+
+
+def _examples(prompts: list[str], tokenizer, config: TrainConfig) -> datasets.Dataset:
+    rows = [tokenize_example({"prompt": p, "response": f" {i}"}, tokenizer, config) for i, p in enumerate(prompts)]
+    return datasets.Dataset.from_list(rows)
+
+
+def test_held_out_split_drops_examples_whose_prompt_training_has(tokenizer):
+    """Repeated prompts (different responses) land on both sides of datasets' split; the held-out side keeps
+    only prompts training never shows, and training is datasets' split unchanged."""
+    config = TrainConfig(seq_len=1024)
+    prompts = [f"Question: what is {i % 20} plus one?\nAnswer:" for i in range(60)]  # 20 prompts 3 times each
+    prompts += [f"Question: what is {i} plus two?\nAnswer:" for i in range(40)]  # and 40 once
+    tokenized = _examples(prompts, tokenizer, config)
+    plain = tokenized.train_test_split(test_size=0.2, seed=3, shuffle=True)
+    train, held_out = train_eval_split(tokenized, 0.2, seed=3)
+    assert train["input_ids"] == plain["train"]["input_ids"]
+    prompt_of = {tuple(r["input_ids"]): p for r, p in zip(tokenized, prompts)}
+    train_prompts = {prompt_of[tuple(ids)] for ids in train["input_ids"]}
+    expected = [ids for ids in plain["test"]["input_ids"] if prompt_of[tuple(ids)] not in train_prompts]
+    assert 0 < len(expected) < len(plain["test"])  # the case is one where the split mixes them
+    assert held_out["input_ids"] == expected
+
+
+def test_held_out_split_of_plain_text_drops_repeated_texts(tokenizer):
+    config = TrainConfig(text_field="text", seq_len=1024)
+    texts = [f"line {i % 10}" for i in range(40)] + [f"unique {i}" for i in range(40)]
+    tokenized = datasets.Dataset.from_list([tokenize_example({"text": t}, tokenizer, config) for t in texts])
+    train, held_out = train_eval_split(tokenized, 0.25, seed=0)
+    plain = tokenized.train_test_split(test_size=0.25, seed=0, shuffle=True)
+    seen = {tuple(ids) for ids in train["input_ids"]}
+    assert held_out["input_ids"] == [ids for ids in plain["test"]["input_ids"] if tuple(ids) not in seen]
+    assert 0 < len(held_out) < len(plain["test"])
+
+
+def test_held_out_split_that_only_repeats_training_prompts_is_refused(tokenizer):
+    config = TrainConfig(seq_len=1024)
+    tokenized = _examples(["Question: the same?\nAnswer:"] * 20, tokenizer, config)
+    with pytest.raises(ConfigError, match="repeats a training prompt"):
+        train_eval_split(tokenized, 0.1, seed=0)

@@ -3,6 +3,7 @@ factors when the engine is built), nothing before training, a PEFT-format adapte
 
 from __future__ import annotations
 
+from contextlib import contextmanager
 from dataclasses import asdict
 from pathlib import Path
 
@@ -40,10 +41,22 @@ class LoraMethod(Method):
     def inject(self, model, ctx: RunContext) -> list:
         dtype = next(p for p in model.parameters()).dtype
         self.factors = inject_lora(model, self.peft_config, dtype)
+        self.lora_layers = [model.get_submodule(name) for name in self.factors]
         return [p for pair in self.factors.values() for p in pair]
 
     def restore(self, model, ctx: RunContext, state: dict, meta: dict) -> list:
         return self.inject(model, ctx)  # the engine's checkpoint holds the factors
+
+    @contextmanager
+    def without_update(self):
+        # PEFT's own switch (what PeftModel.disable_adapter uses); enabling again makes the factors trainable
+        for layer in self.lora_layers:
+            layer.enable_adapters(False)
+        try:
+            yield
+        finally:
+            for layer in self.lora_layers:
+                layer.enable_adapters(True)
 
     def trainable_record(self, engine) -> dict:
         params = [p for pair in self.factors.values() for p in pair]

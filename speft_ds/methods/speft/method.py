@@ -4,6 +4,7 @@ across ranks, optional mask updates, and the SPEFT adapter (flat indices + value
 from __future__ import annotations
 
 import time
+from contextlib import contextmanager
 from dataclasses import asdict
 from pathlib import Path
 
@@ -126,6 +127,20 @@ class SpeftMethod(Method):
 
     def values(self) -> list:
         return [layer.delta_values for layer in self.layers.values()]
+
+    def without_update(self):
+        # Deltas folded into W by mask updates cannot be switched off without moving W back.
+        return None if self.folded.parts else self._deltas_off()
+
+    @contextmanager
+    def _deltas_off(self):
+        for layer in self.layers.values():
+            layer.delta_enabled = False
+        try:
+            yield
+        finally:
+            for layer in self.layers.values():
+                layer.delta_enabled = True
 
     def delta_count(self) -> int:
         return sum(zero3.full_numel(layer.delta_values) for layer in self.layers.values())
