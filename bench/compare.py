@@ -103,7 +103,8 @@ def main_table(results: dict[str, dict]) -> list[str]:
                     f"{max(speft['peak_rss_mib_per_rank']) / max(other['peak_rss_mib_per_rank']):.2f} |")
     floor = results["floor"]["median_step_s"]
     rows += ["", "The floor: the same model frozen, its forward and a backward to the input embeddings per "
-             "micro-batch, nothing trained, no optimizer. Each method's step over it:", "",
+             "micro-batch, nothing trained, no optimizer (an engine with the salience pass's ZeRO-3 settings, so its "
+             "peak RSS is not a floor for the others'). Each method's step over it:", "",
              "| method | step / floor |", "|---|---|"]
     rows += [f"| {method} | {results[method]['median_step_s'] / floor:.2f} |" for method in METHODS[:-1]]
     rows += ["", f"SPEFT salience pass ({CALIBRATION} examples): {speft['salience_s']:.1f} s; selection: "

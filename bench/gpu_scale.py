@@ -208,7 +208,7 @@ def main() -> int:
     parameters = ModelShape.from_config(s["shape"]).total
     lines = [f"## {started}: {device}, bench/gpu_scale.py {args.part}" + (" --dry_run" if args.dry_run else ""), "",
              f"{versions()}. Random-weight LLaMA ({s['shape']['hidden_size']} hidden, {s['shape']['num_hidden_layers']} "
-             f"layers, {parameters / 1e9:.2f}B parameters, {targeted:,} targeted), written in {written:.0f} s; "
+             f"layers, {parameters:,} parameters, {targeted:,} targeted), written in {written:.0f} s; "
              f"{s['seq_len']} tokens x micro-batch {s['micro_batch']}, gradient checkpointing, ZeRO-3 on 1 device, "
              f"LoRA r = {s['lora_r']} ({s['lora_r'] * in_plus_out:,} trainable, SPEFT the same k: density "
              f"{density:.3%}), {s['calibration']} calibration examples, {s['steps'] - 1} timed steps after 1.", ""]
@@ -216,10 +216,10 @@ def main() -> int:
         cap = f"capped at {s['cap_gib']} GiB" if s["cap_gib"] else "no cap (dry run)"
         lines += [f"nf4 base, process {cap}, --max_memory_gib {MAX_MEMORY_GIB}.", "", *nf4_rows(results, s, density)]
     else:
-        rate = matmul_tflops(s["accelerator"], torch.bfloat16 if s["precision"] else torch.float32,
-                             512 if args.dry_run else 8192)
-        lines += [f"bf16 matmul rate measured here: {rate:,.1f} TFLOP/s (8192^3 products); MFU = 6 x "
-                  f"{parameters / 1e9:.2f}B x tokens / step time over it.", "",
+        dtype, n = (torch.float32, 512) if args.dry_run else (torch.bfloat16, 8192)
+        rate = matmul_tflops(s["accelerator"], dtype, n)
+        lines += [f"{str(dtype).removeprefix('torch.')} matmul rate measured here: {rate:,.2f} TFLOP/s ({n}^3 "
+                  f"products); MFU = 6 x {parameters:,} parameters x tokens / step time over it.", "",
                   *bf16_rows(results, s, parameters, rate)]
     text = "\n".join(lines) + "\n"
     print(text)
