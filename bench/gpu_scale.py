@@ -14,7 +14,7 @@ download), trained by bench/compare_worker.py jobs under ZeRO-3 on 1 GPU. Two pa
 
 Each part appends a dated section to docs/gpu_checks.md and copies it and the jobs' logs to $OUT.
 
-    python bench/gpu_scale.py nf4 --dry_run     # on CPU: the same jobs at tiny shapes, fp32, no cap (CI-free)
+    python bench/gpu_scale.py --dry_run         # on CPU: both parts' jobs at tiny shapes, fp32, no cap
     bash bench/gpu_scale.sh nf4                 # on the device: installs the carried wheels, then this
 
 The device tool's call (after `python bench/gpu_wheels.py` here): command "bash bench/gpu_scale.sh nf4",
@@ -177,7 +177,8 @@ def bf16_rows(results: dict, s: dict, parameters: int, peak_tflops: float) -> li
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("part", choices=("nf4", "bf16"))
+    parser.add_argument("part", nargs="?", choices=("nf4", "bf16", "all"), default="all",
+                        help="One part per device run; all: both, one after the other (the dry run's default).")
     parser.add_argument("--dry_run", action="store_true", help="Tiny shapes on CPU: check every job runs.")
     parser.add_argument("--work_dir", default="/tmp/speft-gpu-scale")
     parser.add_argument("--doc", default=str(REPO / "docs" / "gpu_checks.md"))
@@ -189,7 +190,13 @@ def main() -> int:
     if not args.dry_run and not torch.cuda.is_available():
         print("gpu_scale: no CUDA device visible to torch (use --dry_run on CPU)", file=sys.stderr)
         return 4
-    s = settings(args.part, args.dry_run)
+    parts = ("nf4", "bf16") if args.part == "all" else (args.part,)
+    return max(run_part(part, args, deadline) for part in parts)
+
+
+def run_part(part: str, args, deadline: float) -> int:
+    """One part's jobs, its section (appended to the doc unless a dry run) and its logs under --out."""
+    s = settings(part, args.dry_run)
     started = time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())
     work = Path(args.work_dir)
     model, data = work / ("tiny-random" if args.dry_run else "llama-7b-random"), work / "texts.jsonl"
@@ -206,13 +213,13 @@ def main() -> int:
                for name, (method, flags) in s["methods"].items()}
     device = "CPU (dry run)" if args.dry_run else torch.cuda.get_device_name()
     parameters = ModelShape.from_config(s["shape"]).total
-    lines = [f"## {started}: {device}, bench/gpu_scale.py {args.part}" + (" --dry_run" if args.dry_run else ""), "",
+    lines = [f"## {started}: {device}, bench/gpu_scale.py {part}" + (" --dry_run" if args.dry_run else ""), "",
              f"{versions()}. Random-weight LLaMA ({s['shape']['hidden_size']} hidden, {s['shape']['num_hidden_layers']} "
              f"layers, {parameters:,} parameters, {targeted:,} targeted), written in {written:.0f} s; "
              f"{s['seq_len']} tokens x micro-batch {s['micro_batch']}, gradient checkpointing, ZeRO-3 on 1 device, "
              f"LoRA r = {s['lora_r']} ({s['lora_r'] * in_plus_out:,} trainable, SPEFT the same k: density "
              f"{density:.3%}), {s['calibration']} calibration examples, {s['steps'] - 1} timed steps after 1.", ""]
-    if args.part == "nf4":
+    if part == "nf4":
         cap = f"capped at {s['cap_gib']} GiB" if s["cap_gib"] else "no cap (dry run)"
         lines += [f"nf4 base, process {cap}, --max_memory_gib {MAX_MEMORY_GIB}.", "", *nf4_rows(results, s, density)]
     else:
@@ -228,7 +235,7 @@ def main() -> int:
             doc.write("\n" + text)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    (out / f"gpu_scale_{args.part}.md").write_text(text)
+    (out / f"gpu_scale_{part}.md").write_text(text)
     for log in work.glob("*.log"):
         shutil.copy(log, out / log.name)
     return 0 if all(isinstance(r, dict) for r in results.values()) else 2
