@@ -46,10 +46,22 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def closest(name: str, known: Sequence[str]) -> str | None:
+    """The known name a misspelt one most likely meant, if any is close."""
+    close = difflib.get_close_matches(name, known, n=1)
+    return close[0] if close else None
+
+
 class Parser(argparse.ArgumentParser):
-    """An ArgumentParser whose usage errors are one-line ConfigErrors (exit code 2 through run_main)."""
+    """An ArgumentParser whose usage errors are one-line ConfigErrors (exit code 2 through run_main); an
+    unknown flag names the closest known one, as an unknown --config key does."""
 
     def error(self, message):
+        unknown = message.removeprefix("unrecognized arguments: ").split() if message.startswith("unrecognized") else []
+        flag = next((token.split("=", 1)[0] for token in unknown if token.startswith("--")), None)
+        guess = flag and closest(flag, [o for o in self._option_string_actions if o.startswith("--")])
+        if guess:
+            raise ConfigError(f"unknown flag {flag}: did you mean {guess}? (see --help)")
         raise ConfigError(f"{message}: see --help")
 
 
@@ -96,8 +108,8 @@ def read_config_file(path: str) -> dict:
     names = [f.name for f in fields(TrainConfig)]
     for key, value in settings.items():
         if key not in names:
-            close = difflib.get_close_matches(str(key), names, n=1)
-            hint = f"did you mean {close[0]}?" if close else "its keys are train.py's flag names (see --help)"
+            guess = closest(str(key), names)
+            hint = f"did you mean {guess}?" if guess else "its keys are train.py's flag names (see --help)"
             raise ConfigError(f"--config {path}: unknown key '{key}': {hint}")
         if isinstance(value, (list, dict)):
             raise ConfigError(f"--config {path}: {key} must be a single value, as on the command line")

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import datasets
@@ -19,6 +20,10 @@ def load_raw_dataset(config: TrainConfig) -> datasets.Dataset:
         try:
             ds = datasets.load_dataset(builder, data_files=config.dataset, split="train", keep_in_memory=True)
         except Exception as err:  # datasets raises many types for a malformed file
+            broken = first_broken_json_line(Path(config.dataset)) if builder == "json" else None
+            if broken:
+                raise ConfigError(f"--dataset {config.dataset}, line {broken[0]}: not JSON ({broken[1]}): fix that "
+                                  "line") from None
             raise ConfigError(f"--dataset {config.dataset} could not be read ({type(err).__name__}: "
                               f"{str(err).splitlines()[0] if str(err) else ''}): check the file format") from None
     else:
@@ -35,6 +40,26 @@ def load_raw_dataset(config: TrainConfig) -> datasets.Dataset:
     if len(ds) < 2:
         raise ConfigError(f"--dataset {config.dataset} has {len(ds)} examples: at least 2 are needed")
     return ds
+
+
+def first_broken_json_line(path: Path) -> tuple[int, str] | None:
+    """(1-based line, why) of the first line that is not JSON in a JSON-lines file, or of the error in a
+    file holding one JSON document (an array); None where the file parses. Called once reading failed, so
+    a good file is parsed once, by datasets."""
+    text = path.read_text(errors="replace")
+    if text.lstrip().startswith("["):
+        try:
+            json.loads(text)
+        except json.JSONDecodeError as err:
+            return err.lineno, err.msg
+        return None
+    for number, line in enumerate(text.splitlines(), start=1):
+        if line.strip():
+            try:
+                json.loads(line)
+            except json.JSONDecodeError as err:
+                return number, err.msg
+    return None
 
 
 def prompt_ids(tokenizer, text: str) -> list[int]:

@@ -52,9 +52,17 @@ def load_task(path: str | Path) -> Task:
     """Read and check a task file (one line per example, every line of the same kind)."""
     path = Path(path)
     try:
-        examples = tuple(json.loads(line) for line in path.read_text().splitlines() if line.strip())
-    except (OSError, json.JSONDecodeError, UnicodeDecodeError) as err:
+        lines = path.read_text().splitlines()
+    except (OSError, UnicodeDecodeError) as err:
         raise ConfigError(f"--eval_task {path} is not a readable .jsonl file ({err}): fix or replace it") from None
+    examples = []
+    for number, line in enumerate(lines, start=1):
+        if line.strip():
+            try:
+                examples.append(json.loads(line))
+            except json.JSONDecodeError as err:
+                raise ConfigError(f"--eval_task {path}, line {number}: not JSON ({err.msg}): fix that line") from None
+    examples = tuple(examples)
     kinds = [kind for kind, needed in _KINDS.items() if examples and all(
         isinstance(e, dict) and all(key in e for key in needed) for e in examples)]
     if not kinds:

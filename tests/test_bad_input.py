@@ -30,6 +30,10 @@ def bad_files(tmp_path):
     (tmp_path / "fields.jsonl").write_text('{"question": "1 + 1?", "answer": "2"}\n' * 4)
     (tmp_path / "list.json").write_text("[]")
     (tmp_path / "one.jsonl").write_text('{"prompt": "1 + 1?", "response": "2"}\n')
+    good = '{"prompt": "1 + 1?", "response": "2"}\n'
+    (tmp_path / "broken_line.jsonl").write_text(good * 2 + '{"prompt": "2 + 2?", "response": 4\n' + good)
+    (tmp_path / "broken_array.json").write_text('[\n  {"prompt": "1 + 1?", "response": "2"},\n  {"prompt": }\n]\n')
+    (tmp_path / "broken_task.jsonl").write_text('{"prompt": "1 + 1?", "answer": "2"}\n{"prompt": "2 + 2?",\n')
     (tmp_path / "long_prompts.jsonl").write_text('{"prompt": "%s", "response": "2"}\n' % ("one plus one " * 20) * 4)
     with_scheduler = json.loads(SHIPPED_DS_CONFIG.read_text())
     with_scheduler["scheduler"] = {"type": "WarmupLR", "params": {"warmup_num_steps": "auto"}}
@@ -52,6 +56,10 @@ CASES = {
     "missing_dataset_file": (["--dataset", "{tmp}/missing.jsonl"], "does not exist"),
     "missing_field": (["--dataset", "{tmp}/fields.jsonl"], "no field"),
     "one_example": (["--dataset", "{tmp}/one.jsonl"], "has 1 examples: at least 2 are needed"),
+    "broken_jsonl_line": (["--dataset", "{tmp}/broken_line.jsonl"], "broken_line.jsonl, line 3: not JSON"),
+    "broken_json_array": (["--dataset", "{tmp}/broken_array.json"], "broken_array.json, line 3: not JSON"),
+    "broken_task_line": (["--eval_task", "{tmp}/broken_task.jsonl"], "broken_task.jsonl, line 2: not JSON"),
+    "misspelt_flag": (["--lerning_rate", "1e-3"], "unknown flag --lerning_rate: did you mean --learning_rate?"),
     "no_loss_tokens": (["--dataset", "{tmp}/long_prompts.jsonl", "--seq_len", "8"],
                        "no example keeps a loss token within --seq_len 8"),
     "resume_outside_output_dir": (["--resume", "{tmp}/elsewhere/checkpoints/step-2"],
