@@ -17,7 +17,7 @@ from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 from torch import nn
 
 from .bnb_weights import packed_4bit_shape
@@ -51,40 +51,113 @@ def versions() -> dict[str, str]:
     return found
 
 
+# safetensors writes wider dtypes first, then by name; the adapter's two dtypes in that order
+_SAFETENSORS_DTYPES = {torch.int64: "I64", torch.float32: "F32"}
+_SAFETENSORS_HEADER_ALIGN = 8
+
+
+class AdapterWriter:
+    """An adapter directory written module by module, so no more than one module's indices and values need
+    exist at once: adapter_model.safetensors gets its header (every tensor's name, dtype and shape) first,
+    then each module's bytes at their place as they come, byte for byte what safetensors' save_file writes
+    for the same tensors; adapter_config.json and the rename into place come with `finish`."""
+
+    def __init__(self, path: str | Path, counts: dict[str, int], shapes: dict[str, list[int]]):
+        self.path, self.counts, self.shapes = Path(path), counts, shapes
+        layout = sorted(((dtype, f"{name}.{part}", count) for name, count in counts.items()
+                         for part, dtype in (("indices", torch.int64), ("values", torch.float32))),
+                        key=lambda item: (list(_SAFETENSORS_DTYPES).index(item[0]), item[1]))
+        header, self.offsets, end = {"__metadata__": {"format": "pt"}}, {}, 0
+        for dtype, key, count in layout:
+            size = count * torch.empty(0, dtype=dtype).element_size()
+            header[key] = {"dtype": _SAFETENSORS_DTYPES[dtype], "shape": [count], "data_offsets": [end, end + size]}
+            self.offsets[key] = (dtype, end, end + size)
+            end += size
+        encoded = json.dumps(header, separators=(",", ":")).encode()
+        encoded += b" " * (-len(encoded) % _SAFETENSORS_HEADER_ALIGN)
+        self.data_start = 8 + len(encoded)
+        self.directory = staging_directory(self.path)
+        try:
+            self.file = open(self.directory / WEIGHTS_NAME, "wb")
+            self.file.write(len(encoded).to_bytes(8, "little") + encoded)
+            self.file.truncate(self.data_start + end)
+        except BaseException:
+            self.abandon()
+            raise
+        self.written: set[str] = set()
+
+    def add(self, name: str, indices: torch.Tensor, values: torch.Tensor) -> None:
+        for part, tensor in (("indices", indices), ("values", values)):
+            dtype, begin, end = self.offsets[f"{name}.{part}"]
+            data = tensor.to(dtype).cpu().contiguous().numpy().tobytes()
+            if len(data) != end - begin:
+                raise ValueError(f"{name}.{part} has {len(data)} bytes where the header planned {end - begin}")
+            self.file.seek(self.data_start + begin)
+            self.file.write(data)
+        self.written.add(name)
+
+    def finish(self, meta: dict) -> None:
+        """Close the file, write adapter_config.json and put the directory in place of any old one."""
+        try:
+            missing = set(self.counts) - self.written
+            if missing:
+                raise ValueError(f"the adapter was closed without {sorted(missing)[0]}")
+            self.file.close()
+            adapter_config = {"peft_type": "SPEFT", **meta, "k": sum(self.counts.values()),
+                              "shapes": {name: self.shapes[name] for name in self.counts}, "versions": versions()}
+            (self.directory / CONFIG_NAME).write_text(json.dumps(adapter_config, indent=2) + "\n")
+            publish_directory(self.directory, self.path)
+        except BaseException:
+            self.abandon()
+            raise
+
+    def abandon(self) -> None:
+        """Remove the half-written directory; any old adapter at `path` stays."""
+        if getattr(self, "file", None):
+            self.file.close()
+        shutil.rmtree(self.directory, ignore_errors=True)
+
+
 def save_adapter(path: str | Path, indices: dict[str, torch.Tensor], values: dict[str, torch.Tensor],
                  shapes: dict[str, list[int]], meta: dict) -> None:
-    """Write the adapter under a temporary name beside `path`, then rename it into place."""
-    tensors = {}
-    for name in indices:
-        tensors[f"{name}.indices"] = indices[name].to(torch.int64).cpu().contiguous()
-        tensors[f"{name}.values"] = values[name].float().cpu().contiguous()
-    adapter_config = {"peft_type": "SPEFT", **meta, "k": sum(t.numel() for t in indices.values()),
-                      "shapes": {name: shapes[name] for name in indices}, "versions": versions()}
-
-    def fill(directory: Path) -> None:
-        save_file(tensors, str(directory / WEIGHTS_NAME), metadata={"format": "pt"})
-        (directory / CONFIG_NAME).write_text(json.dumps(adapter_config, indent=2) + "\n")
-
-    write_directory(path, fill)
+    """Write an adapter held whole in memory (the tools'), through AdapterWriter."""
+    writer = AdapterWriter(path, {name: idx.numel() for name, idx in indices.items()}, shapes)
+    try:
+        for name in indices:
+            writer.add(name, indices[name], values[name])
+    except BaseException:
+        writer.abandon()
+        raise
+    writer.finish(meta)
 
 
-def write_directory(path: str | Path, fill: Callable[[Path], None]) -> None:
-    """`fill` a temporary directory beside `path`, then rename it into place: at every moment one complete
-    adapter (the old or the new) exists at `path`."""
-    path = Path(path)
+def staging_directory(path: Path) -> Path:
+    """A new temporary directory beside `path`, to fill before publish_directory puts it in place."""
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.tmp-", dir=path.parent))
     tmp.chmod(0o755)
+    return tmp
+
+
+def publish_directory(tmp: Path, path: Path) -> None:
+    """Rename a filled directory into place, the old one moved aside first: at every moment one complete
+    adapter (the old or the new) exists at `path`."""
+    old = path.with_name(f".{path.name}.old") if path.exists() else None
+    if old is not None:
+        shutil.rmtree(old, ignore_errors=True)
+        os.replace(path, old)
+    os.replace(tmp, path)
+    if old is not None:
+        shutil.rmtree(old)
+
+
+def write_directory(path: str | Path, fill: Callable[[Path], None]) -> None:
+    """`fill` a temporary directory beside `path`, then rename it into place."""
+    path = Path(path)
+    tmp = staging_directory(path)
     try:
         fill(tmp)
-        # Move any old adapter aside first, so at every moment one complete adapter exists.
-        old = path.with_name(f".{path.name}.old") if path.exists() else None
-        if old is not None:
-            shutil.rmtree(old, ignore_errors=True)
-            os.replace(path, old)
-        os.replace(tmp, path)
-        if old is not None:
-            shutil.rmtree(old)
+        publish_directory(tmp, path)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise

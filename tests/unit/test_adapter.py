@@ -221,3 +221,36 @@ def test_corrupt_adapter_is_refused(adapter, base_model, damage):
         load_adapter(copy.deepcopy(base_model), path)
     with pytest.raises(ConfigError, match="corrupt"):
         merge_adapter(copy.deepcopy(base_model), path)
+
+
+def test_adapter_written_module_by_module_is_byte_for_byte_safetensors_own(tmp_path):
+    """AdapterWriter takes the modules one at a time, in any order, and writes what safetensors' save_file
+    writes for all of them at once (names sorting 10 before 2, dtypes int64 before float32)."""
+    from safetensors.torch import save_file
+
+    from speft_ds.adapter import AdapterWriter
+
+    g = torch.Generator().manual_seed(0)
+    names = [f"model.layers.{i}.mlp.down_proj" for i in (2, 10, 0)] + ["model.layers.1.self_attn.q_proj"]
+    indices = {n: torch.randperm(1000, generator=g)[:n_].sort().values for n, n_ in zip(names, (7, 1, 30, 12))}
+    values = {n: torch.randn(idx.numel(), generator=g) for n, idx in indices.items()}
+    writer = AdapterWriter(tmp_path / "adapter", {n: idx.numel() for n, idx in indices.items()},
+                           {n: [10, 100] for n in names})
+    for name in reversed(names):
+        writer.add(name, indices[name], values[name])
+    writer.finish({"metric": "gradient"})
+    reference = tmp_path / "reference.safetensors"
+    save_file({**{f"{n}.indices": indices[n] for n in names}, **{f"{n}.values": values[n] for n in names}},
+              str(reference), metadata={"format": "pt"})
+    assert (tmp_path / "adapter" / "adapter_model.safetensors").read_bytes() == reference.read_bytes()
+    assert json.loads((tmp_path / "adapter" / "adapter_config.json").read_text())["k"] == 50
+
+
+def test_an_adapter_closed_before_every_module_came_leaves_no_file(tmp_path):
+    from speft_ds.adapter import AdapterWriter
+
+    writer = AdapterWriter(tmp_path / "adapter", {"a": 2, "b": 3}, {"a": [1, 4], "b": [1, 4]})
+    writer.add("a", torch.tensor([0, 1]), torch.ones(2))
+    with pytest.raises(ValueError, match="without b"):
+        writer.finish({})
+    assert list(tmp_path.iterdir()) == []

@@ -12,7 +12,7 @@ import deepspeed
 import torch
 
 from ... import masks, zero3
-from ...adapter import save_adapter
+from ...adapter import AdapterWriter
 from ...data import calibration_indices, pad_token_id, rank_batches
 from ...distributed import per_rank, release_freed_memory, sum_over_ranks
 from ...ds_config import salience_ds_config
@@ -247,24 +247,50 @@ class SpeftMethod(Method):
         # safetensors returns keys sorted; the engine's parameter order is this one
         return {**state, **self.folded.state()}, {"score_summary": self.summary, "layer_order": list(indices)}
 
+    def _module_total(self, name: str) -> tuple[torch.Tensor, torch.Tensor]:
+        """One module's whole indices and values relative to the original base (what mask updates folded in,
+        plus its current deltas): a collective where the module has a delta layer."""
+        layer = self.layers.get(name)
+        current = ({name: zero3.gather_full(layer.delta_indices).long()},
+                   {name: zero3.gather_full_fp32(layer.delta_values)}) if layer is not None else ({}, {})
+        indices, values = self.folded.total([name], *current)
+        return indices[name], values[name]
+
     def save_adapter(self, engine, ctx: RunContext, path: Path) -> None:
-        """Gather the partitioned indices and values (collectives) and let rank 0 write the adapter, relative
-        to the original base model (deltas folded in by mask updates included)."""
+        """Gather one module's indices and values at a time (collectives on every rank) and let rank 0 write
+        them at their place in the adapter file before the next: no rank holds more than one module's, and
+        the file is what writing them all at once would give."""
         config, plan = self.config, ctx.plan
-        indices = self.full_indices(engine, keep=ctx.rank == 0)
-        values = {name: zero3.gather_full_fp32(layer.delta_values) for name, layer in self.layers.items()}
+        engine.empty_partition_cache()  # settle ZeRO-3's prefetching: a gather of an in-flight parameter fails
+        names = [n for n in self.target_names if n in self.layers or self.folded.parts.get(n)]
+        # a module's count after folding needs its indices (the union); without mask updates it is the layer's k
+        counts = {n: (zero3.full_numel(self.layers[n].delta_values) if not self.folded.parts.get(n)
+                      else self._module_total(n)[0].numel()) for n in names}
+        targeted = sum(rows * cols for rows, cols in self.target_shapes.values())
+        writer, failed = None, None
+        if ctx.rank == 0:
+            try:
+                writer = AdapterWriter(path, counts, {n: list(self.target_shapes[n]) for n in names})
+            except Exception as err:  # reported by every rank below, after the collectives
+                failed = err
+        for name in names:
+            indices, values = self._module_total(name)
+            if writer is not None and failed is None:
+                try:
+                    writer.add(name, indices, values)
+                except Exception as err:
+                    failed = err
+            del indices, values
 
-        def write() -> None:
-            trainable_k = sum(t.numel() for t in indices.values())
-            all_indices, all_values = self.folded.total(self.target_names, indices, values)
-            k = sum(t.numel() for t in all_indices.values())
-            targeted = sum(rows * cols for rows, cols in self.target_shapes.values())
-            meta = {"base_model_name_or_path": config.model, "base_config_hash": plan.base_config_hash,
-                    "metric": config.metric, "selection": config.selection,
-                    "density": k / targeted, "trainable_k": trainable_k,
-                    "target_modules": config.target_modules or "all-linear",
-                    "salience_summary": self.summary, "train_config": asdict(config)}
-            shapes = {name: list(shape) for name, shape in self.target_shapes.items() if name in all_indices}
-            save_adapter(path, all_indices, all_values, shapes, meta)
+        def finish() -> None:
+            if failed is not None:
+                if writer is not None:
+                    writer.abandon()
+                raise failed
+            k = sum(counts.values())
+            writer.finish({"base_model_name_or_path": config.model, "base_config_hash": plan.base_config_hash,
+                           "metric": config.metric, "selection": config.selection, "density": k / targeted,
+                           "trainable_k": self.delta_count(), "target_modules": config.target_modules or "all-linear",
+                           "salience_summary": self.summary, "train_config": asdict(config)})
 
-        write_on_rank_zero(ctx.rank, path, write)
+        write_on_rank_zero(ctx.rank, path, finish)
