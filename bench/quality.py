@@ -50,7 +50,9 @@ WORLD_SIZE, STEPS, LONG_STEPS, MICRO_BATCH, SEQ_LEN, CALIBRATION = 2, 60, 300, 8
 LADDER = (1e-5, 3e-5, 1e-4, 3e-4, 1e-3, 3e-3, 1e-2, 3e-2, 1e-1, 3e-1)  # half decades
 # method -> (compare_worker method, extra training flags)
 METHODS = {"base": ("base", []), "speft": ("speft", []), "random": ("speft", ["--metric", "random"]),
-           "lora": ("lora", [])}
+           "lora": ("lora", []),
+           # the forgetting remedy: each gradient score over its input channel's activation norm
+           "channel": ("speft", ["--metric", "gradient_over_input"])}
 
 
 @dataclass(frozen=True)
@@ -64,7 +66,7 @@ class Budget:
 BUDGETS = {"0%": Budget(), "0.01%": Budget(density=1e-4), "0.29%": Budget(lora_r=1), "0.86%": Budget(lora_r=3)}
 # (method, budget) -> the first grid; sparser updates need larger rates (a random mask most)
 START = {("speft", "0.86%"): (3e-4, 1e-3, 3e-3), ("random", "0.86%"): (1e-3, 3e-3, 1e-2),
-         ("lora", "0.86%"): (1e-3, 3e-3, 1e-2),
+         ("lora", "0.86%"): (1e-3, 3e-3, 1e-2), ("channel", "0.86%"): (3e-4, 1e-3, 3e-3),
          ("speft", "0.01%"): (3e-3, 1e-2, 3e-2), ("random", "0.01%"): (1e-2, 3e-2, 1e-1),
          ("speft", "0.29%"): (1e-3, 3e-3, 1e-2), ("random", "0.29%"): (3e-3, 1e-2, 3e-2),
          ("lora", "0.29%"): (1e-3, 3e-3, 1e-2)}

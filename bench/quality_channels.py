@@ -70,7 +70,7 @@ def main() -> int:
 
     cells, _ = read_results()
     done = {json.loads(line)["tag"] for line in CHANNELS.read_text().splitlines()} if CHANNELS.is_file() else set()
-    todo = [cell for cell in cells if cell.method in ("speft", "random") and cell.tag not in done
+    todo = [cell for cell in cells if cell.method in ("speft", "channel", "random") and cell.tag not in done
             and (WORK / cell.tag / "adapter").is_dir()]
     if not todo:
         print("no SPEFT adapter here without its record")

@@ -14,7 +14,7 @@ from speft_ds.run_summary import PHASES
 
 PAGE, FIGURE = REPO / "docs" / "quality.md", REPO / "docs" / "quality.png"
 VERDICT = "<!-- verdict: written by hand, kept by bench/quality.py --table -->"
-METHOD_ORDER = ("speft", "random", "lora")
+METHOD_ORDER = ("speft", "channel", "random", "lora")
 
 
 def _pct(value: float) -> str:
@@ -190,13 +190,15 @@ def write_page(cells: dict, tests: dict, remaining: int) -> None:
 
     about, commands, protocol, retention = quality.__doc__.split("\n\n")[:4]
     _, marker, kept = PAGE.read_text().partition(VERDICT) if PAGE.is_file() else ("", "", "")
+    sweep_cells, at_main = sum(len(grid) for grid in START.values()), sum(b == MAIN_BUDGET for _, b in START)
+    planned_total = 2 + sweep_cells + len(START) + 2 * at_main
     status = (f"Cells run: {len(cells)}; test scorings: {len(tests)}; planned jobs not yet run: {remaining} "
               "(`python bench/quality.py --run_next N`; a cell takes 5 to 15 minutes on 2 CPU cores). The plan, "
               "budget by budget: " + "; ".join(f"{b}: " + ", ".join(m for m, at in START if at == b)
                                                for b in dict.fromkeys(b for _, b in START))
-              + f". Then one {LONG_STEPS}-step cell per method at {MAIN_BUDGET}. In all about 42 cells: 2 base, "
-              f"at least {sum(len(g) for g in START.values())} in the sweeps, {len(START)} second seeds, 3 on "
-              f"{OTHER_TASK}, 3 long ones; each reported cell then scores the test once.")
+              + f". Then one {LONG_STEPS}-step cell per method at {MAIN_BUDGET}. In all about {planned_total} "
+              f"cells: 2 base, at least {sweep_cells} in the sweeps, {len(START)} second seeds, {at_main} on "
+              f"{OTHER_TASK}, {at_main} long ones; each reported cell then scores the test once.")
     plot(cells, tests)
     sections = ["# Quality on a pretrained model", about, commands, protocol, retention, status,
                 "## Test accuracy by budget", "\n".join(budget_table(cells, tests)),

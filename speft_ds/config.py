@@ -27,9 +27,10 @@ EMBEDDED_TASK = PACKAGE_DIR / "assets" / "arithmetic_test.jsonl"
 SHIPPED_DS_CONFIG = PACKAGE_DIR / "ds_configs" / "z3.json"
 
 # The metrics speft_ds.salience registers; named here so flags are checked without importing DeepSpeed.
-METRIC_NAMES = ("random", "magnitude", "gradient", "snip", "force", "taylor", "fisher", "synflow", "grasp")
+METRIC_NAMES = ("random", "magnitude", "gradient", "gradient_over_input", "snip", "force", "taylor", "fisher", "synflow",
+                "grasp")
 # Those that never read the weights' values, so they score a quantized base (whose shards are packed codes).
-WEIGHT_FREE_METRICS = ("random", "gradient", "fisher")
+WEIGHT_FREE_METRICS = ("random", "gradient", "gradient_over_input", "fisher")
 
 # Each method's default peak rate (--learning_rate), from the quality table on a pretrained model
 # (docs/quality.md): a default moves only where that table favours the new rate on both of its tasks.

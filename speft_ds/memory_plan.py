@@ -85,8 +85,8 @@ class ModelShape:
 
 # fp32 statistics sets a metric keeps per targeted element while it accumulates (grasp holds g while it
 # forms g(W + eps g) and g(W - eps g)); metrics with none still hold one set of scores per group.
-ACCUMULATOR_SETS = {"random": 0, "magnitude": 0, "gradient": 1, "snip": 1, "force": 1, "taylor": 1, "fisher": 1,
-                    "synflow": 1, "grasp": 3}
+ACCUMULATOR_SETS = {"random": 0, "magnitude": 0, "gradient": 1, "gradient_over_input": 1, "snip": 1, "force": 1,
+                    "taylor": 1, "fisher": 1, "synflow": 1, "grasp": 3}
 # Bytes per selected entry kept between groups: its fp32 score and its int64 position key.
 _CANDIDATE_BYTES = 12
 

@@ -30,6 +30,7 @@ class ShardStats:
     grad_sq: torch.Tensor | None = None        # mean over examples of the per-example gradient squared
     synflow_grad: torch.Tensor | None = None   # SynFlow's gradient (non-negative weights, linearised model)
     hessian_grad: torch.Tensor | None = None   # H g
+    input_norm: torch.Tensor | None = None     # per input channel of the whole weight: ||x_j|| over the tokens
 
 
 @dataclass(frozen=True)
@@ -77,6 +78,15 @@ def magnitude_score(s: ShardStats) -> torch.Tensor:
 def gradient_score(s: ShardStats) -> torch.Tensor:
     # |mean gradient| (abs after accumulation), as the paper's reference code does.
     return s.grad.abs()
+
+
+@register_metric("gradient_over_input", needs=("grad", "input_norm"), reads_weight=False)
+def gradient_over_input_score(s: ShardStats) -> torch.Tensor:
+    # |g_ij| grows with ||x_j|| (dW = dY^T X), which crowds a plain gradient mask onto the loudest input
+    # channels, whose change every token then carries: dividing by it ranks entries within their channel's scale.
+    columns = torch.arange(s.start, s.start + s.size, device=s.grad.device) % s.input_norm.numel()
+    norms = s.input_norm.to(s.grad.device, torch.float32)[columns]
+    return s.grad.abs() / norms.clamp_min(torch.finfo(torch.float32).tiny)
 
 
 @register_metric("snip", needs=("grad",))
@@ -153,6 +163,8 @@ def compute_salience(model: nn.Module, targets: dict[str, nn.Module], batches: l
     if chosen.needs and shard_grads.calibration_tokens(batches) == 0:
         raise ConfigError("the calibration examples have no loss tokens: check --response_field / --seq_len")
     stats = _statistics(chosen.needs, model, targets, batches, show_progress, offload, desc)
+    norms = (shard_grads.input_channel_norms(model, targets, batches, show_progress, desc)
+             if "input_norm" in chosen.needs else {})
     where = torch.device("cpu") if offload else comm_device()
     scores = {}
     for name, module in targets.items():
@@ -160,7 +172,8 @@ def compute_salience(model: nn.Module, targets: dict[str, nn.Module], batches: l
         n = stop - start
         own = {key: per_name.pop(name) for key, per_name in stats.items()}
         weight = zero3.local_shard(module.weight)[:n].to(where, torch.float32) if chosen.reads_weight else None
-        shard = ShardStats(name, start, n, weight, seed, **{key: t[:n] for key, t in own.items()})
+        shard = ShardStats(name, start, n, weight, seed, **{key: t[:n] for key, t in own.items()},
+                           input_norm=norms.pop(name, None))
         scores[name] = ShardScores(start, chosen.score(shard).to(where, torch.float32), zero3.full_numel(module.weight),
                                    max((t.numel() for t in own.values()), default=0))
         del own, shard

@@ -152,6 +152,41 @@ def _backward_over(model: nn.Module, batches: list[dict], loss_fn: LossFn, desc:
         release_freed_memory()
 
 
+@torch.no_grad()
+def input_channel_norms(model: nn.Module, targets: dict[str, nn.Module], batches: list[dict],
+                        show_progress: bool = False, desc: str = "salience") -> dict[str, torch.Tensor]:
+    """Per targeted layer, the L2 norm over every calibration token (padding and filler batches left out)
+    of each input channel: a forward pass whose hooks add up x^2 per channel, summed over ranks. A few
+    numbers per layer, so every rank holds them whole."""
+    sums: dict[str, torch.Tensor] = {}
+    mask: list[torch.Tensor | None] = [None]  # the batch's token mask, read by the hooks
+
+    def add_squares(name: str):
+        def hook(module, inputs):
+            x = inputs[0].detach().double()
+            squares = x.square() if mask[0] is None else x.square() * mask[0][..., None]
+            total = squares.reshape(-1, x.shape[-1]).sum(0)
+            sums[name] = total if name not in sums else sums[name] + total
+        return hook
+
+    handles = [module.register_forward_pre_hook(add_squares(name)) for name, module in targets.items()]
+    try:
+        for batch in tqdm(batches, desc=f"{desc} (input norms)", disable=not show_progress):
+            if not (batch["labels"] != -100).any():  # a filler batch: a copy that keeps ZeRO-3 in step
+                mask[0] = torch.zeros_like(batch["input_ids"], dtype=torch.float64, device=comm_device())
+            else:
+                mask[0] = batch["attention_mask"].to(comm_device(), torch.float64) if "attention_mask" in batch else None
+            model(**{key: value.to(comm_device()) for key, value in model_inputs(batch).items()}, use_cache=False)
+    finally:
+        for handle in handles:
+            handle.remove()
+    for name in targets:
+        if dist.is_initialized():
+            dist.all_reduce(sums[name])
+        sums[name] = sums[name].sqrt()
+    return sums
+
+
 def global_count(local: int) -> int:
     total = torch.tensor(local, dtype=torch.int64, device=comm_device())
     if dist.is_initialized():

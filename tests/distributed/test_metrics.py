@@ -58,9 +58,11 @@ def setup(tmp_path_factory):
     names = decoder_linears(model)
     weights = {n: model.get_submodule(n).weight.detach().flatten() for n in names}
     grad = dense_gradient(model, examples, names)
+    norms = input_norms(model, examples, names)
     reference = {
         "magnitude": {n: w.abs() for n, w in weights.items()},
         "gradient": {n: g.abs() for n, g in grad.items()},
+        "gradient_over_input": {n: g.abs() / norms[n].repeat(g.numel() // norms[n].numel()) for n, g in grad.items()},
         "snip": {n: (weights[n] * g).abs() for n, g in grad.items()},
         "force": {n: -(weights[n] * g) for n, g in grad.items()},
         "taylor": {n: (weights[n] * g) ** 2 for n, g in grad.items()},
@@ -79,6 +81,20 @@ def setup(tmp_path_factory):
             "synflow64": synflow64}
 
 
+def input_norms(model, examples: list[dict], names: list[str]) -> dict[str, torch.Tensor]:
+    """Each linear's input-channel L2 norm over every token of the examples, each run alone (no padding)."""
+    sums = {n: 0.0 for n in names}
+    handles = [model.get_submodule(n).register_forward_pre_hook(
+        lambda module, inputs, n=n: sums.__setitem__(n, sums[n] + inputs[0][0].double().square().sum(0)))
+        for n in names]
+    with torch.no_grad():
+        for e in examples:
+            model(torch.tensor([e["input_ids"]]))
+    for handle in handles:
+        handle.remove()
+    return {n: total.sqrt().float() for n, total in sums.items()}
+
+
 def _whole(rank_results: list, metric: str, name: str) -> torch.Tensor:
     """Join the ranks' shards of one weight, checking each starts where ZeRO-3's partition does."""
     numel = sum(r[metric][name][1].numel() for r in rank_results)
@@ -89,7 +105,7 @@ def _whole(rank_results: list, metric: str, name: str) -> torch.Tensor:
 
 
 # Each checked against its dense reference here; synflow, grasp and random have tests of their own below.
-REFERENCE_CHECKED = ("magnitude", "gradient", "snip", "force", "taylor", "fisher")
+REFERENCE_CHECKED = ("magnitude", "gradient", "gradient_over_input", "snip", "force", "taylor", "fisher")
 
 
 def test_every_registered_metric_is_checked_here():

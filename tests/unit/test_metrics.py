@@ -18,7 +18,7 @@ def test_weight_free_metrics_score_without_the_weight(stats):
     for name in WEIGHT_FREE_METRICS:
         with_weight = METRICS[name].score(stats)
         without = METRICS[name].score(ShardStats(stats.name, stats.start, stats.size, None, stats.seed,
-                                                 grad=stats.grad, grad_sq=stats.grad_sq))
+                                                 grad=stats.grad, grad_sq=stats.grad_sq, input_norm=stats.input_norm))
         torch.testing.assert_close(without, with_weight, rtol=0, atol=0, msg=name)
 
 
@@ -26,8 +26,9 @@ def test_weight_free_metrics_score_without_the_weight(stats):
 def stats():
     g = torch.Generator().manual_seed(3)
     w, grad, grad_sq, syn, hg = (torch.randn(50, generator=g) for _ in range(5))
+    # a weight of 8 input channels: the shard's elements 10..59 start at channel 2 of row 1
     return ShardStats("model.layers.0.mlp.up_proj", 10, 50, w, seed=7, grad=grad, grad_sq=grad_sq.abs(),
-                      synflow_grad=syn.abs(), hessian_grad=hg)
+                      synflow_grad=syn.abs(), hessian_grad=hg, input_norm=torch.arange(1.0, 9.0))
 
 
 def test_formulas(stats):
@@ -36,6 +37,7 @@ def test_formulas(stats):
         "magnitude": w.abs(), "gradient": g.abs(), "snip": (w * g).abs(), "force": -(w * g),
         "taylor": (w * g) ** 2, "fisher": stats.grad_sq, "synflow": (w.abs() * stats.synflow_grad).abs(),
         "grasp": -(stats.hessian_grad * w),
+        "gradient_over_input": g.abs() / torch.tensor([float(1 + (10 + i) % 8) for i in range(50)]),
     }
     for name, want in expected.items():
         torch.testing.assert_close(METRICS[name].score(stats), want, msg=name)
