@@ -56,7 +56,7 @@ def test_a_shipped_config_parses_and_starts_a_two_rank_run(inputs, tmp_path, ds_
     assert proc.stdout.count("---- run summary ----") == 1, proc.stdout[-2000:]
     assert block[1].startswith(f"method       speft: {k:,} trainable, ")
     assert [part.split()[0] for part in block[2].removeprefix("time").split("|")] == \
-        ["load", "salience", "selection", "training", "save"]
+        ["load", "salience", "selection", "training", "eval", "save"]
     assert block[3].startswith("peak memory  ") and block[3].count(",") == 1  # two ranks
     assert block[4].startswith(f"eval loss    {final_loss:.4f} ")
     assert block[5] == f"adapter      {tmp_path / 'out' / 'adapter'}"

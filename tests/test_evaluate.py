@@ -49,7 +49,8 @@ def test_bad_task_files_are_one_clear_error(tmp_path):
     (tmp_path / "fields.jsonl").write_text('{"question": "1 + 1?"}\n')
     (tmp_path / "label.jsonl").write_text('{"prompt": "?", "choices": ["a", "b"], "label": 2}\n')
     (tmp_path / "broken.jsonl").write_text('{"prompt": \n')
-    for name, expected in (("fields", "prompt + answer"), ("label", "label outside"), ("broken", "readable")):
+    for name, expected in (("fields", "prompt + answer"), ("label", "label outside"),
+                           ("broken", "broken.jsonl, line 1: not JSON")):
         with pytest.raises(ConfigError, match=re.escape(expected)):
             load_task(tmp_path / f"{name}.jsonl")
 
