@@ -67,12 +67,21 @@ def retention_rows(path: str | Path, tokenizer, seq_len: int) -> list[dict]:
     return rows
 
 
+KL_POSITIONS = 256  # positions per piece: a piece's distributions take KL_POSITIONS x vocabulary x 4 bytes, thrice
+
+
 def _kl_sum(base_logits: torch.Tensor, tuned_logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-    """Summed KL(base || tuned) of the next-token distributions at the predicted positions."""
-    base = F.log_softmax(base_logits[:, :-1].double(), dim=-1)
-    tuned = F.log_softmax(tuned_logits[:, :-1].double(), dim=-1)
-    per_position = (base.exp() * (base - tuned)).sum(dim=-1)
-    return per_position[labels[:, 1:] != IGNORE_INDEX].sum()
+    """Summed KL(base || tuned) of the next-token distributions at the predicted positions, a few hundred
+    positions at a time: whole rows' distributions at a large vocabulary would take gigabytes."""
+    keep = (labels[:, 1:] != IGNORE_INDEX).reshape(-1)
+    base_all = base_logits[:, :-1].reshape(-1, base_logits.size(-1))[keep]
+    tuned_all = tuned_logits[:, :-1].reshape(-1, tuned_logits.size(-1))[keep]
+    total = torch.zeros((), dtype=torch.float64, device=base_logits.device)
+    for start in range(0, base_all.size(0), KL_POSITIONS):
+        base = F.log_softmax(base_all[start:start + KL_POSITIONS].float(), dim=-1)
+        tuned = F.log_softmax(tuned_all[start:start + KL_POSITIONS].float(), dim=-1)
+        total += (base.exp() * (base - tuned)).sum(dtype=torch.float64)
+    return total
 
 
 @torch.no_grad()
