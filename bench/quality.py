@@ -273,7 +273,7 @@ def main() -> int:
     if args.table:
         from bench.quality_report import write_page
 
-        write_page(*read_results(), remaining=len(jobs))
+        write_page(remaining=len(jobs))
     return 0
 
 

@@ -9,7 +9,7 @@ import math
 from pathlib import Path
 
 from bench.quality import (BUDGETS, LONG_STEPS, MAIN_BUDGET, OTHER_TASK, REPO, START, STEPS, SWEEP_TASK, Cell,
-                           base_cell, sweep)
+                           base_cell, read_results, sweep)
 from speft_ds.run_summary import PHASES
 
 PAGE, FIGURE = REPO / "docs" / "quality.md", REPO / "docs" / "quality.png"
@@ -180,14 +180,18 @@ def plot(cells: dict, tests: dict) -> None:
               title="learning against forgetting, every rate and budget")
     for axes in (left, right):
         axes.grid(alpha=0.3)
-        axes.legend()
+        if axes.get_legend_handles_labels()[0]:
+            axes.legend()
     fig.tight_layout()
     fig.savefig(FIGURE, dpi=110)
 
 
-def write_page(cells: dict, tests: dict, remaining: int) -> None:
+def write_page(remaining: int) -> None:
+    """The page from the records; read here, with this module's Cell (bench/quality.py runs as __main__,
+    whose Cell is another class)."""
     import bench.quality as quality
 
+    cells, tests = read_results()
     about, commands, protocol, retention = quality.__doc__.split("\n\n")[:4]
     _, marker, kept = PAGE.read_text().partition(VERDICT) if PAGE.is_file() else ("", "", "")
     sweep_cells, at_main = sum(len(grid) for grid in START.values()), sum(b == MAIN_BUDGET for _, b in START)
