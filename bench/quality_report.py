@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import json
 import math
-from pathlib import Path
 
 from bench.quality import (BUDGETS, LONG_STEPS, MAIN_BUDGET, OTHER_TASK, REPO, START, STEPS, SWEEP_TASK, Cell,
                            base_cell, read_results, sweep)
