@@ -2,7 +2,7 @@
 
 - 8 x 80 GB and 64 x 80 GB: per-GPU peaks for LLaMA-2 7B, 13B and 70B, bf16 or nf4, with the shipped cluster
   and offload configs: each phase's peak at micro-batch 1, and the largest micro-batch whose peaks all fit
-  (the README's table);
+  (the README's table), with the host memory per rank while saving and a checkpoint's size on disk;
 - the salience pass on small boxes (docs/salience_memory.md): the one-pass peak, the fewest groups of
   targeted weights that fit the GPU with the accumulators on it, and the offload alternative.
 
@@ -19,8 +19,8 @@ sys.path.insert(0, str(REPO))
 
 from dataclasses import replace  # noqa: E402
 
-from speft_ds.memory_plan import (PRESETS, Job, ModelShape, NoSaliencePlanFits, choose_salience, plan,  # noqa: E402
-                                  salience_time)
+from speft_ds.memory_plan import (PRESETS, Job, ModelShape, NoSaliencePlanFits, checkpoint_bytes,  # noqa: E402
+                                  choose_salience, plan, salience_time)
 
 MAX_MICRO_BATCH = 64
 GPU_GIB = 80 * 10**9 / 2**30  # an "80 GB" GPU: 74.5 GiB
@@ -31,7 +31,8 @@ CONFIGS = {"z3_cluster.json": dict(offload_param=False, offload_optimizer=False,
 def _peaks(shape: ModelShape, world_size: int, quantize: str | None, memory: dict, micro_batch: int) -> dict:
     job = Job(world_size=world_size, density=0.01, seq_len=2048, micro_batch=micro_batch, quantize=quantize,
               gradient_checkpointing=True, **memory)
-    return {phase: parts["peak"] / 2**30 for phase, parts in plan(shape, job).items()}
+    return {**{phase: parts["peak"] / 2**30 for phase, parts in plan(shape, job).items()},
+            "checkpoint": checkpoint_bytes(shape, job) / 2**30}
 
 
 def _fits(shape: ModelShape, world_size: int, quantize: str | None, memory: dict, micro_batch: int) -> bool:
@@ -77,8 +78,8 @@ def salience_table() -> list[str]:
 
 def main() -> None:
     print("| model | base | GPUs | config | load GiB | salience GiB | training GiB | host GiB / rank | "
-          f"largest micro-batch (of {MAX_MICRO_BATCH}) |")
-    print("|---|---|---|---|---|---|---|---|---|")
+          f"largest micro-batch (of {MAX_MICRO_BATCH}) | saving: host GiB / rank | checkpoint GiB |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|")
     for model in PRESETS:
         shape = ModelShape.from_config(PRESETS[model])
         for quantize in (None, "nf4"):
@@ -88,7 +89,8 @@ def main() -> None:
                     print(f"| {model} | {quantize or 'bf16'} | {world_size} | {config} | {peaks['load']:.1f} | "
                           f"{peaks['salience']:.1f} | {peaks['training']:.1f} | "
                           f"{max(peaks['salience host'], peaks['training host']):.1f} | "
-                          f"{_largest_micro_batch(shape, world_size, quantize, memory)} |")
+                          f"{_largest_micro_batch(shape, world_size, quantize, memory)} | "
+                          f"{peaks['saves host']:.2f} | {peaks['checkpoint']:.1f} |")
 
 
     print()

@@ -6,8 +6,9 @@
 
 Writes the random checkpoint once (bf16 safetensors shards of 1 GiB, generated and written one shard at a
 time), then runs the ordinary training entry point on it: calibration, selection at density 0.01, a few
-steps, eval, adapter save. Prints wall time per phase, peak RSS per rank, the salience plan the run chose
-(groups, offload, planned peak) and the planner's peaks against the measured ones (run it with
+steps, a checkpoint after the last, eval, adapter save. Prints wall time per phase, peak RSS per rank,
+each save's own wall time and peak RSS per rank over the RSS before it, the checkpoint's bytes, the
+salience plan the run chose (groups, offload, planned peak) and the planner's peaks against the measured ones (run it with
 MALLOC_MMAP_THRESHOLD_=1048576 to measure without what glibc keeps of freed blocks; docs/plan_check.md).
 
 With --versus_one_pass F it runs the job twice: with one salience group, then with --max_memory_gib set
@@ -69,6 +70,7 @@ def run_job(args, work: Path, model_dir: Path, out: Path, extra: list[str]) -> t
                "--model", str(model_dir), "--dataset", str(dataset), "--text_field", "text",
                "--seq_len", str(args.seq_len), "--calibration_examples", str(args.calibration),
                "--density", str(DENSITY), "--max_steps", str(args.steps), "--micro_batch_size", str(args.micro_batch),
+               "--save_steps", str(args.steps),  # one checkpoint, after the last step
                "--logging_steps", "1", "--val_size", str(args.val_size), "--output_dir", str(out),
                "--ds_config", str(ds_config), "--bf16", "true" if args.bf16 else "false",
                *(["--gradient_checkpointing"] if args.gradient_checkpointing else []),
@@ -82,7 +84,7 @@ def run_job(args, work: Path, model_dir: Path, out: Path, extra: list[str]) -> t
     return [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()], wall
 
 
-def report(args, records: list[dict], wall: float) -> None:
+def report(args, records: list[dict], wall: float, out: Path) -> None:
     events = {r["event"]: r for r in records if "event" in r}
     steps = [r for r in records if "event" not in r]
     salience_plan = events["salience_plan"]
@@ -100,6 +102,15 @@ def report(args, records: list[dict], wall: float) -> None:
     for name, seconds in phases:
         print(f"{name:34} {seconds:8.1f}")
     print(f"{'whole job (launcher to exit)':34} {wall:8.1f}")
+    for event in ("checkpoint", "adapter"):
+        saved = events[event]
+        print(f"{event} save: {saved['wall_time_s']:.1f} s, peak RSS per rank over the RSS before it (MiB): "
+              + ", ".join(f"{peak - before:,.0f}" for peak, before in zip(saved["peak_rss_mib_per_rank"],
+                                                                       saved["rss_before_mib_per_rank"])))
+    step_dir = out / "checkpoints" / f"step-{args.steps}"
+    if step_dir.is_dir():
+        files = sorted(step_dir.iterdir())
+        print(f"checkpoint on disk: {sum(f.stat().st_size for f in files) / MIB:,.1f} MiB in {len(files)} files")
     for record in (r for r in records if r.get("event") == "memory" and r["phase"] != "start"):
         print(f"peak RSS per rank during {record['phase']:17} (MiB): "
               + ", ".join(f"{m:,.0f}" for m in record["peak_rss_mib_per_rank"]))
@@ -148,15 +159,15 @@ def main() -> int:
         extra += ["--max_memory_gib", str(args.max_memory_gib)]
     if args.versus_one_pass is None:
         records, wall = run_job(args, work, model_dir, work / "out", extra)
-        report(args, records, wall)
+        report(args, records, wall, work / "out")
         return 0
 
     one, one_wall = run_job(args, work, model_dir, work / "out-one-pass", ["--salience_chunks", "1"])
-    report(args, one, one_wall)
+    report(args, one, one_wall, work / "out-one-pass")
     peak = max(next(r for r in one if r.get("event") == "salience_memory")["measured_peak_gib_per_rank"])
     budget = round(args.versus_one_pass * peak, 3)
     bounded, bounded_wall = run_job(args, work, model_dir, work / "out-bounded", ["--max_memory_gib", str(budget)])
-    report(args, bounded, bounded_wall)
+    report(args, bounded, bounded_wall, work / "out-bounded")
     salience = [next(r for r in records if r.get("event") == "salience") for records in (one, bounded)]
     measured = max(next(r for r in bounded if r.get("event") == "salience_memory")["measured_peak_gib_per_rank"])
     print(f"\none pass: salience peak {peak:.2f} GiB per rank, {salience[0]['wall_time_s']:.0f} s")

@@ -1,13 +1,18 @@
-"""Checkpoints to resume from: DeepSpeed's own files (the partitioned trainable parameters and their
-optimizer states, the LR schedule) plus, in safetensors, what the recipe needs to continue exactly: the
-step and the method's own state (SPEFT: the masks and the deltas that mask updates folded into the base
-weights; RoseLoRA: its importance scores). The frozen base is never written.
+"""Checkpoints to resume from, in safetensors only (nothing is unpickled), each rank writing what it holds.
 
-DeepSpeed refuses a ZeRO-3 checkpoint written by another number of ranks, so the safetensors file also
-holds a copy that does not depend on it (the "portable" part): the whole trained values and AdamW moments,
-the optimizer's step and learning rates, the LR schedule, rank 0's RNG states and the batch layout. A resume
-on the same number of ranks loads DeepSpeed's files (bitwise, nothing gathered); on another, the portable
-part.
+OUTPUT_DIR/checkpoints/step-N/ holds
+- rank-R-of-W.safetensors, one per rank: its slices of the trained values and their AdamW moments (the
+  optimizer's fp32 partitions), of a method's state kept per slice (SPEFT's index lists, RoseLoRA's
+  scores), each with its [start, stop) in the whole flat tensor, and the rank's RNG states. No rank
+  gathers anything: a save costs each rank its own partition, and the trained state is on disk once.
+- speft_state.safetensors, from rank 0: the step, the optimizer's step, learning rates and loss scale, the
+  LR schedule, the batch layout, and the method's own whole state (SPEFT: deltas folded in by mask updates).
+The frozen base is never written.
+
+A resume on any number of ranks reads, for each slice it now holds, the parts of the saved slices that
+overlap it (safetensors reads a range without loading the rest). On as many ranks as wrote it each rank
+takes its own RNG states; on another number every rank takes rank 0's: all ranks start from one seed and
+draw alike (per-rank draws such as dropout refuse such a resume, recipe.py).
 
 Layout: OUTPUT_DIR/checkpoints/step-N/ and OUTPUT_DIR/checkpoints/latest (the newest complete tag). A
 checkpoint is written under a temporary tag, renamed when every rank has finished, and `latest` is
@@ -19,6 +24,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+from contextlib import ExitStack
 from dataclasses import dataclass, replace
 from pathlib import Path
 
@@ -30,26 +36,60 @@ from safetensors.torch import save_file
 
 from . import zero3
 from .config import ConfigError, TrainConfig, TrainingError
-from .distributed import device, is_communication_failure
+from .distributed import device
 
 STATE_FILE = "speft_state.safetensors"
 LATEST = "latest"
-PORTABLE = "portable"  # the metadata key, and the tensors' key prefix, of the world-size-independent copy
+ENGINE = "engine"  # the metadata key of the optimizer's and schedule's state in STATE_FILE
 
 
 def checkpoint_root(output_dir: str | Path) -> Path:
     return Path(output_dir) / "checkpoints"
 
 
+def _rank_file(directory: Path, rank: int, world_size: int) -> Path:
+    return directory / f"rank-{rank:05d}-of-{world_size:05d}.safetensors"
+
+
 @dataclass
 class ResumePoint:
     step: int
     method: str
-    state: dict[str, torch.Tensor]  # the method's tensors
+    state: dict[str, torch.Tensor]  # the method's whole tensors
     meta: dict  # and its JSON metadata
-    root: Path
-    tag: str
-    portable: dict | None  # the portable part's metadata (its tensors are read only when needed)
+    engine: dict  # the optimizer's step, learning rates, loss scale, LR schedule and batch layout
+    directory: Path
+
+    def read_whole(self, key: str) -> torch.Tensor:
+        """The whole flat tensor `key`, from every rank's slice of it."""
+        with ExitStack() as stack:
+            return _read_range(self._slices(stack, key), 0, None)
+
+    def read_slice(self, key: str, param: torch.nn.Parameter) -> torch.Tensor:
+        """This rank's slice of tensor `key`, laid out like `param`'s partition now (padded like its
+        ds_tensor), from the saved slices that overlap it."""
+        start, stop = zero3.shard_range(param)
+        with ExitStack() as stack:
+            mine = _read_range(self._slices(stack, key), start, stop)
+        return torch.nn.functional.pad(mine, (0, zero3.shard_numel(param) - (stop - start)))
+
+    def _slices(self, stack: ExitStack, key: str) -> list[tuple[int, int, object]]:
+        """(start, stop, lazy slice) of every saved slice of `key`."""
+        found = []
+        ranks = self.engine["layout"]["world_size"]
+        for rank in range(ranks):
+            handle = stack.enter_context(safe_open(str(_rank_file(self.directory, rank, ranks)), framework="pt"))
+            start, stop = json.loads(handle.metadata()["ranges"])[key]
+            found.append((start, stop, handle.get_slice(key)))
+        return found
+
+
+def _read_range(slices: list[tuple[int, int, object]], start: int, stop: int | None) -> torch.Tensor:
+    """Elements [start, stop) (stop None: to the end) of a whole flat tensor saved as `slices`."""
+    stop = max(s for _, s, _ in slices) if stop is None else stop
+    parts = [lazy[max(start, begin) - begin:min(stop, end) - begin] for begin, end, lazy in slices
+             if begin < stop and end > start]
+    return torch.cat(parts) if parts else slices[0][2][0:0]
 
 
 def _steps(root: Path) -> list[int]:
@@ -57,32 +97,19 @@ def _steps(root: Path) -> list[int]:
 
 
 def save(engine, output_dir: str | Path, step: int, method: str, state: dict[str, torch.Tensor], meta: dict,
-         keep_last: int | None) -> None:
-    """Every rank calls this (DeepSpeed writes each rank's partition). A write that fails on any rank (a
-    full disk, say) fails the save on every rank with a TrainingError; the previous checkpoint stays."""
+         slices: dict[str, tuple[torch.nn.Parameter, torch.Tensor]], keep_last: int | None) -> None:
+    """Every rank calls this and writes its own file; rank 0 also writes the whole state (`state`, `meta`).
+    `slices`: the method's state kept per slice, as (the parameter it is laid out like, this rank's slice).
+    A write that fails on any rank (a full disk, say) fails the save on every rank with a TrainingError; the
+    previous checkpoint stays."""
     root = checkpoint_root(output_dir)
     tmp_tag, tag = f".tmp-step-{step}", f"step-{step}"
     rank = dist.get_rank()
-    portable, portable_meta = _portable_state(engine, keep=rank == 0)
-    if rank == 0:
-        shutil.rmtree(root / tmp_tag, ignore_errors=True)  # left by a run killed while saving
-    error = None
-    try:
-        engine.save_checkpoint(str(root), tag=tmp_tag, save_latest=False, exclude_frozen_parameters=True,
-                               client_state={"torch_rng_state": torch.get_rng_state(),
-                                             "accelerator_rng_state": get_accelerator().get_rng_state()})
-    except Exception as err:  # torch.save reports a full disk as a RuntimeError, safetensors as its own type
-        if is_communication_failure(err):
-            raise
-        error = err
-        # DeepSpeed writes its files between collectives and ends with a barrier, where the ranks whose
-        # writes succeeded now wait: join it so every rank reaches the vote below. (Its checkpoint epilogue
-        # gathers persistent parameters before that barrier; with a persistence threshold above 0 a rank
-        # that failed earlier would meet the wrong collective, and the job fails as a lost rank instead.)
-        dist.barrier()
+    error = _attempt(_fresh_directory, root / tmp_tag) if rank == 0 else None
+    _fail_together(error, root, tmp_tag, tag)  # the directory exists before any rank writes into it
+    error = _attempt(_write_rank_file, root / tmp_tag, engine, slices)
     if rank == 0 and error is None:
-        error = _attempt(_write_state, root / tmp_tag, step, method, {**state, **portable},
-                         {**meta, PORTABLE: portable_meta})
+        error = _attempt(_write_state, root / tmp_tag, step, method, state, {**meta, ENGINE: _engine_state(engine)})
     _fail_together(error, root, tmp_tag, tag)  # every rank's files are complete past this point
     if rank == 0:
         error = _attempt(_publish, root, tmp_tag, tag, keep_last)
@@ -93,21 +120,34 @@ def _trained(engine) -> list[tuple[str, torch.nn.Parameter]]:
     return [(name, param) for name, param in engine.module.named_parameters() if param.requires_grad]
 
 
-def _portable_state(engine, keep: bool) -> tuple[dict[str, torch.Tensor], dict]:
-    """The portable part: tensors (kept only where `keep`) and metadata. Gathers every trained parameter
-    and its moments whole, one at a time (collectives on every rank)."""
-    step = zero3.adam_step(engine)  # 0: a fresh optimizer (after a reselect) has no moments yet
-    tensors = {}
+def _fresh_directory(directory: Path) -> None:
+    shutil.rmtree(directory, ignore_errors=True)  # left by a run killed while saving
+    directory.mkdir(parents=True)
+
+
+def _write_rank_file(directory: Path, engine, slices: dict[str, tuple[torch.nn.Parameter, torch.Tensor]]) -> None:
+    """This rank's slices (without padding) of the trained values, their moments (once the optimizer has
+    stepped: a fresh optimizer after a mask update has none) and the method's per-slice state, each with
+    its range in the whole flat tensor, and this rank's RNG states."""
+    moments = zero3.adam_step(engine) > 0
+    tensors, ranges = {}, {}
     for name, param in _trained(engine):
-        whole = {"value": zero3.gather_full_fp32(param), **(zero3.adam_moments(param) if step else {})}
-        if keep:
-            tensors.update({f"{PORTABLE}/{name}/{key}": t for key, t in whole.items()})
-    tensors[f"{PORTABLE}/rng/torch"] = torch.get_rng_state()
-    tensors[f"{PORTABLE}/rng/accelerator"] = get_accelerator().get_rng_state()
+        for key, value in zero3.local_trained_state(param, moments).items():
+            tensors[f"{name}/{key}"], ranges[f"{name}/{key}"] = value, zero3.shard_range(param)
+    for key, (param, mine) in slices.items():
+        start, stop = zero3.shard_range(param)
+        tensors[key], ranges[key] = mine.flatten()[:stop - start].cpu().clone(), (start, stop)
+    tensors["rng/torch"] = torch.get_rng_state()
+    tensors["rng/accelerator"] = get_accelerator().get_rng_state()
+    save_file(tensors, str(_rank_file(directory, dist.get_rank(), dist.get_world_size())),
+              metadata={"ranges": json.dumps(ranges)})
+
+
+def _engine_state(engine) -> dict:
     layout = {"world_size": dist.get_world_size(), "micro_batch_size": engine.train_micro_batch_size_per_gpu(),
               "gradient_accumulation_steps": engine.gradient_accumulation_steps()}
-    return tensors, {"layout": layout, "adam_step": step, "lr": engine.get_lr(),
-                     "lr_scheduler": engine.lr_scheduler.state_dict()}
+    return {"layout": layout, "adam_step": zero3.adam_step(engine), "lr": engine.get_lr(),
+            "loss_scale": zero3.loss_scale_state(engine), "lr_scheduler": engine.lr_scheduler.state_dict()}
 
 
 def _attempt(write, *args) -> Exception | None:
@@ -162,10 +202,7 @@ def _write_state(directory: Path, step: int, method: str, state: dict[str, torch
 
 def find(output_dir: str | Path, resume: str, method: str) -> tuple[Path, str]:
     """(checkpoint root, tag) for --resume: 'latest', or a step-N directory inside OUTPUT_DIR/checkpoints,
-    written by a run of the same method.
-
-    Only checkpoints this tool wrote into its own output directory are accepted: DeepSpeed's loader
-    unpickles them."""
+    written by a run of the same method."""
     root = checkpoint_root(output_dir).resolve()
     if resume == "latest":
         if not (root / LATEST).is_file():
@@ -181,19 +218,21 @@ def find(output_dir: str | Path, resume: str, method: str) -> tuple[Path, str]:
     if not (root / tag / STATE_FILE).is_file():
         raise ConfigError(f"--resume: {root / tag} is not a complete speft-ds checkpoint")
     with safe_open(str(root / tag / STATE_FILE), framework="pt") as handle:
-        written_by = handle.metadata().get("method", "speft")
+        metadata = handle.metadata()
+    if ENGINE not in metadata:
+        raise ConfigError(f"--resume: {root / tag} was written by an older speft-ds, in DeepSpeed's pickled files: "
+                          "resume it with the speft-ds that wrote it, or train again")
+    written_by = metadata.get("method", "speft")
     if written_by != method:
         raise ConfigError(f"--resume: {root / tag} is a checkpoint of --peft {written_by}, not {method}: resume "
                           f"with --peft {written_by}")
     return root, tag
 
 
-def batch_layout(root: Path, tag: str) -> dict | None:
-    """The checkpoint's world_size, micro_batch_size and gradient_accumulation_steps (None if written before
-    checkpoints kept them)."""
+def batch_layout(root: Path, tag: str) -> dict:
+    """The checkpoint's world_size, micro_batch_size and gradient_accumulation_steps."""
     with safe_open(str(root / tag / STATE_FILE), framework="pt") as handle:
-        portable = handle.metadata().get(PORTABLE)
-    return json.loads(portable)["layout"] if portable else None
+        return json.loads(handle.metadata()[ENGINE])["layout"]
 
 
 def model_dropout(model_config) -> list[str]:
@@ -202,15 +241,13 @@ def model_dropout(model_config) -> list[str]:
             if key.endswith("dropout") and isinstance(value, (int, float)) and value > 0]
 
 
-def keep_checkpoint_batches(config: TrainConfig, ds_config: dict, saved: dict | None, world_size: int,
+def keep_checkpoint_batches(config: TrainConfig, ds_config: dict, saved: dict, world_size: int,
                             per_micro_batch: list[str]) -> tuple[TrainConfig, dict, str | None]:
     """The config and DeepSpeed config a resume trains with: the checkpoint's global batch, cut into the
     same micro-batches (train_micro_batches keeps the examples of each step and of each micro-batch whatever
     the number of ranks), with gradient_accumulation_steps derived for `world_size`; and the line rank 0
     prints when that differs from what was asked. A ConfigError where no accumulation fits, or where
     randomness drawn per micro-batch on each rank (`per_micro_batch`: dropout) could not be replayed."""
-    if saved is None:  # a checkpoint from before the layout was kept: DeepSpeed accepts only its own
-        return config, ds_config, None
     ranks, micro, accumulation = saved["world_size"], saved["micro_batch_size"], saved["gradient_accumulation_steps"]
     global_batch = ranks * micro * accumulation
     written = (f"--resume: the checkpoint was trained on {ranks} ranks x micro-batches of {micro} x {accumulation} "
@@ -234,43 +271,38 @@ def keep_checkpoint_batches(config: TrainConfig, ds_config: dict, saved: dict | 
 
 
 def read_state(root: Path, tag: str) -> ResumePoint:
-    """The recipe's own state (safetensors: nothing unpickled), the portable part's tensors left on disk."""
+    """The recipe's whole state (safetensors: nothing unpickled); the ranks' slices stay on disk."""
     with safe_open(str(root / tag / STATE_FILE), framework="pt") as handle:
         metadata = {key: json.loads(value) if key not in ("step", "method") else value
                     for key, value in handle.metadata().items()}
-        tensors = {key: handle.get_tensor(key) for key in handle.keys() if not key.startswith(f"{PORTABLE}/")}
-    step, method, portable = int(metadata.pop("step")), metadata.pop("method", "speft"), metadata.pop(PORTABLE, None)
-    return ResumePoint(step, method, tensors, metadata, root, tag, portable)
+        tensors = {key: handle.get_tensor(key) for key in handle.keys()}
+    step, method, engine = int(metadata.pop("step")), metadata.pop("method"), metadata.pop(ENGINE)
+    return ResumePoint(step, method, tensors, metadata, engine, root / tag)
 
 
 def load_engine_state(engine, point: ResumePoint) -> None:
-    """Restore the trainable parameters, optimizer states, LR schedule and this rank's RNG states (host and
-    accelerator: LoRA's dropout draws from the accelerator's): from DeepSpeed's files when the checkpoint was
-    written by as many ranks as run now, from the portable part otherwise."""
-    if point.portable and point.portable["layout"]["world_size"] != dist.get_world_size():
-        _load_portable(engine, point)
-        return
-    _, client_state = engine.load_checkpoint(str(point.root), tag=point.tag, load_module_strict=False)
-    torch.set_rng_state(client_state["torch_rng_state"])
-    if "accelerator_rng_state" in client_state:  # absent from checkpoints written before it was kept
-        get_accelerator().set_rng_state(client_state["accelerator_rng_state"])
-
-
-def _load_portable(engine, point: ResumePoint) -> None:
-    """The portable part into a new engine on another number of ranks: each rank takes its slices of the
-    whole values and moments. Every rank takes rank 0's RNG states: all ranks start from one seed and draw
-    alike (per-rank draws such as dropout refuse a resume on another world size, recipe.py)."""
-    meta = point.portable
-    with safe_open(str(point.root / point.tag / STATE_FILE), framework="pt") as handle:
-        moments = {}
-        for name, param in _trained(engine):
-            zero3.set_trained_value(param, handle.get_tensor(f"{PORTABLE}/{name}/value"))
-            if meta["adam_step"]:
-                moments[param] = {key: handle.get_tensor(f"{PORTABLE}/{name}/{key}") for key in zero3.ADAM_MOMENTS}
-        torch.set_rng_state(handle.get_tensor(f"{PORTABLE}/rng/torch"))
-        get_accelerator().set_rng_state(handle.get_tensor(f"{PORTABLE}/rng/accelerator"))
-    if moments:
-        zero3.seed_adam_state(engine, meta["adam_step"], moments)
-    engine.lr_scheduler.load_state_dict(meta["lr_scheduler"])
-    for group, lr in zip(engine.optimizer.param_groups, meta["lr"]):  # as DeepSpeed's loader restores them
+    """Restore the trained values and AdamW moments (each rank reading the slices it holds now), the
+    optimizer's step, learning rates and loss scale, the LR schedule, and the RNG states (host and
+    accelerator: LoRA's dropout draws from the accelerator's)."""
+    saved = point.engine
+    if saved["adam_step"]:
+        zero3.start_adam_state(engine, saved["adam_step"])
+    for name, param in _trained(engine):
+        if zero3.is_persistent(param):  # ZeRO-3 keeps it whole on every rank, and it is small
+            zero3.set_trained_value(param, point.read_whole(f"{name}/value"))
+        else:
+            zero3.set_trained_slice(param, point.read_slice(f"{name}/value", param))
+        if saved["adam_step"]:
+            zero3.set_local_moments(param, {key: point.read_slice(f"{name}/{key}", param)
+                                            for key in zero3.ADAM_MOMENTS})
+    zero3.set_loss_scale_state(engine, saved["loss_scale"])
+    engine.lr_scheduler.load_state_dict(saved["lr_scheduler"])
+    for group, lr in zip(engine.optimizer.param_groups, saved["lr"]):  # as DeepSpeed's loader restores them
         group["lr"] = lr
+    engine.global_steps = point.step
+    engine.global_samples = point.step * engine.train_batch_size()
+    ranks = saved["layout"]["world_size"]
+    same = ranks == dist.get_world_size()
+    with safe_open(str(_rank_file(point.directory, dist.get_rank() if same else 0, ranks)), framework="pt") as handle:
+        torch.set_rng_state(handle.get_tensor("rng/torch"))
+        get_accelerator().set_rng_state(handle.get_tensor("rng/accelerator"))

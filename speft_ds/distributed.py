@@ -100,7 +100,7 @@ def memory_mib_per_rank() -> dict[str, list[float]]:
     accelerator its peak allocated memory, in MiB, on every rank (a collective). Zeros where /proc is
     missing."""
     try:
-        mine = [_status_kib("VmRSS:") / 1024.0, _status_kib("VmHWM:") / 1024.0]
+        mine = [_status_kib("VmRSS:") / 1024.0, max(_rss_peak_mib(), _phase_peak_mib[0])]
     except (OSError, StopIteration):
         mine = [0.0, 0.0]
     accelerator = get_accelerator()
@@ -137,13 +137,43 @@ def release_freed_memory() -> None:
         _LIBC.malloc_trim(0)
 
 
-def reset_peak_memory() -> None:
-    """Start new peaks (VmHWM from the current RSS, and the accelerator's), so each phase's own can be read."""
+# A phase's peak RSS (MiB) from before a block measured inside it (block_memory) restarted VmHWM.
+_phase_peak_mib = [0.0]
+
+
+@contextmanager
+def block_memory():
+    """Measure a block's own host memory inside a phase without losing the phase's peak: yields a dict that,
+    after the block, holds every rank's RSS before it and peak RSS during it (MiB; collectives)."""
+    before = memory_mib_per_rank()
+    _phase_peak_mib[0] = before["peak_rss_mib_per_rank"][dist.get_rank()]
+    _reset_rss_peak()
+    measured: dict = {}
+    yield measured
+    measured.update(rss_before_mib_per_rank=before["rss_mib_per_rank"],
+                    peak_rss_mib_per_rank=[round(r[0], 1) for r in per_rank([_rss_peak_mib()])])
+
+
+def _rss_peak_mib() -> float:
+    """VmHWM: the peak RSS since the last reset (0 where /proc is missing)."""
+    try:
+        return _status_kib("VmHWM:") / 1024.0
+    except (OSError, StopIteration):
+        return 0.0
+
+
+def _reset_rss_peak() -> None:
     try:
         with open("/proc/self/clear_refs", "w") as clear_refs:
             clear_refs.write("5")
     except OSError:
         pass
+
+
+def reset_peak_memory() -> None:
+    """Start new peaks (VmHWM from the current RSS, and the accelerator's), so each phase's own can be read."""
+    _phase_peak_mib[0] = 0.0
+    _reset_rss_peak()
     if get_accelerator().device_name() != "cpu":
         get_accelerator().reset_peak_memory_stats()
 

@@ -229,11 +229,23 @@ def plan(shape: ModelShape, job: Job) -> dict[str, dict[str, int]]:
     }
     training_host = {"offloaded base shard": base_shard if job.offload_param else 0,
                      "offloaded optimizer states": optimizer if job.offload_optimizer else 0}
+    # Host memory while saving. A checkpoint copies this rank's slices (values, AdamW moments, int32
+    # indices) and safetensors serialises the copies: twice the slices. The adapter gathers one module's
+    # indices (int64) and values at a time, on every rank; at the density's share of the largest weight
+    # (a global top-k may give one weight more).
+    saves_host = {"checkpoint slices, copied + serialised": 2 * values * (4 + 8 + 4),
+                  "adapter: one module gathered": int(job.density * largest_linear) * (8 + 4)}
     # transformers cannot load a quantized model inside zero.Init: each rank holds it whole first.
     load = {"whole quantized base" if job.quantize else "base weight shard": base_whole if job.quantize else device_base}
     result = {"load": load, "salience": salience, "salience host": salience_host, "training": training,
-              "training host": training_host}
+              "training host": training_host, "saves host": saves_host}
     return {phase: {**parts, "peak": sum(parts.values())} for phase, parts in result.items()}
+
+
+def checkpoint_bytes(shape: ModelShape, job: Job) -> int:
+    """A checkpoint on disk, all ranks together: each trained value once, with its AdamW moments and its
+    int32 index (RNG states and headers aside)."""
+    return int(job.density * sum(size for size, _ in targets(shape, job))) * (4 + 8 + 4)
 
 
 class NoSaliencePlanFits(ValueError):

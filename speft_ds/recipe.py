@@ -24,8 +24,8 @@ from .cli import write_run_config
 from .config import ConfigError, TrainConfig, TrainingError
 from .data import (collate, load_raw_dataset, model_inputs, pack, pad_token_id, rank_batches, tokenize_dataset,
                    train_eval_split, train_micro_batches)
-from .distributed import (device, init_distributed, leave_process_group, naming_lost_ranks, release_freed_memory,
-                          sum_over_ranks)
+from .distributed import (block_memory, device, init_distributed, leave_process_group, naming_lost_ranks,
+                          release_freed_memory, sum_over_ranks)
 from .ds_config import fill_auto, read_ds_config, reconcile, resolve_bf16
 from .gguf_models import resolve_model
 from .launch_env import world_size_from_env
@@ -278,9 +278,8 @@ def run(plan: Plan) -> RunResult:
         return training_engine(model, params, plan, completed_steps)
 
     if point:
-        engine = make_engine(method.restore(model, ctx, point.state, point.meta), start)
+        engine = make_engine(method.restore(model, ctx, point), start)
         checkpoint.load_engine_state(engine, point)
-        del point  # and with it the method's whole state (SPEFT: every index list): its layers keep partitions
     else:
         if rank == 0 and method.describe():
             print(method.describe(), flush=True)
@@ -293,8 +292,13 @@ def run(plan: Plan) -> RunResult:
 
     def between_steps(step: int) -> None:  # reads the current engine
         if config.save_steps and step % config.save_steps == 0:
-            state, meta = method.checkpoint_state(engine, keep=rank == 0)
-            checkpoint.save(engine, config.output_dir, step, method.name, state, meta, config.save_total_limit)
+            with block_memory() as memory:
+                saving = time.perf_counter()
+                state, meta = method.checkpoint_state(engine)
+                checkpoint.save(engine, config.output_dir, step, method.name, state, meta, method.checkpoint_slices(),
+                                config.save_total_limit)
+                saving = time.perf_counter() - saving
+            log.write({"event": "checkpoint", "step": step, "wall_time_s": saving, **memory})
         if config.eval_steps and step % config.eval_steps == 0 and step < plan.total_steps:
             score_run(engine, plan, log, step, "during", method)
 
@@ -317,12 +321,14 @@ def run(plan: Plan) -> RunResult:
     log.write({"event": "training", "steps": plan.total_steps - start, "wall_time_s": time.perf_counter() - started})
     log_memory(log, "training")
     score_run(engine, plan, log, plan.total_steps, "after", method)
-    started = time.perf_counter()
     adapter_dir = Path(config.output_dir) / "adapter"
-    method.save_adapter(engine, ctx, adapter_dir)
-    if rank == 0:  # its own file: adapter_config.json stays what peft and our loaders read
-        write_run_config(config, adapter_dir / RUN_CONFIG)
-    log.write({"event": "adapter", "wall_time_s": time.perf_counter() - started})
+    with block_memory() as memory:
+        started = time.perf_counter()
+        method.save_adapter(engine, ctx, adapter_dir)
+        if rank == 0:  # its own file: adapter_config.json stays what peft and our loaders read
+            write_run_config(config, adapter_dir / RUN_CONFIG)
+        saving = time.perf_counter() - started
+    log.write({"event": "adapter", "wall_time_s": saving, **memory})
     log_memory(log, "eval and adapter")
     if trackers:  # before the summary, which ends the output (W&B prints its own on closing)
         trackers.close()

@@ -15,8 +15,10 @@ import torch.distributed as dist
 from deepspeed.runtime.zero import parameter_offload
 from deepspeed.runtime.zero.partition_parameters import ZeroParamStatus
 from deepspeed.runtime.zero.partitioned_param_coordinator import PartitionedParameterCoordinator
+from deepspeed.ops.adam import DeepSpeedCPUAdam
 from deepspeed.utils import (safe_get_full_fp32_param, safe_get_full_optimizer_state, safe_get_local_fp32_param,
-                             safe_get_local_grad, safe_set_local_fp32_param, safe_set_local_optimizer_state)
+                             safe_get_local_grad, safe_get_local_optimizer_state, safe_set_local_fp32_param,
+                             safe_set_local_optimizer_state)
 
 from .bnb_weights import is_quantized, packed_4bit_shape
 from .distributed import device
@@ -144,26 +146,56 @@ def zero_outside(param: torch.nn.Parameter, keep: torch.Tensor) -> None:
         param.ds_tensor.masked_fill_(drop.to(param.ds_tensor.device), 0)
         master = safe_get_local_fp32_param(param).detach().clone()
         safe_set_local_fp32_param(param, master.masked_fill_(drop.to(master.device), 0))
-        if param.ds_persist:  # gathered again after the step, and kept whole between forwards
+        if is_persistent(param):  # gathered again after the step, and kept whole between forwards
             param.data.masked_fill_(~keep.view(param.data.shape).to(param.data.device), 0)
+
+
+def is_persistent(param: torch.nn.Parameter) -> bool:
+    """Whether ZeRO-3 keeps `param` whole on every rank between forwards (below
+    stage3_param_persistence_threshold), beside its slice."""
+    return bool(getattr(param, "ds_persist", False))
 
 
 def set_trained_value(param: torch.nn.Parameter, whole: torch.Tensor) -> None:
     """Give a trained parameter the value `whole` (the full tensor, on every rank): this rank's slice of the
     module's copy and of the optimizer's fp32 master, and the whole copy ZeRO-3 keeps of a 'persistent'
     parameter. No communication."""
-    mine = local_slice(param, whole.float())
+    set_trained_slice(param, local_slice(param, whole.float()))
+    if is_persistent(param):
+        with torch.no_grad():
+            param.data.copy_(whole.view(param.data.shape).to(param.data))
+
+
+def set_trained_slice(param: torch.nn.Parameter, mine: torch.Tensor) -> None:
+    """Give this rank's slice (padded like ds_tensor) of a trained parameter the value `mine`: in the
+    module's copy and in the optimizer's fp32 master. A persistent parameter's whole copy is left to the
+    caller (set_trained_value). No communication."""
     with torch.no_grad():
         param.ds_tensor.copy_(mine.to(param.ds_tensor))
         safe_set_local_fp32_param(param, mine.to(safe_get_local_fp32_param(param)))
-        if param.ds_persist:
-            param.data.copy_(whole.view(param.data.shape).to(param.data))
+
+
+def local_trained_state(param: torch.nn.Parameter, moments: bool) -> dict[str, torch.Tensor]:
+    """This rank's slice, without padding, of a trained parameter's fp32 master value and (with `moments`)
+    of its AdamW moments: copies of the optimizer's own partitions, nothing gathered."""
+    start, stop = shard_range(param)
+    state = {"value": safe_get_local_fp32_param(param)}
+    if moments:
+        state.update({key: safe_get_local_optimizer_state(param, key) for key in ADAM_MOMENTS})
+    return {key: t.detach().flatten()[:stop - start].cpu().clone() for key, t in state.items()}
+
+
+def local_frozen(param: torch.nn.Parameter) -> torch.Tensor:
+    """This rank's slice, without padding, of a partitioned frozen parameter (such as delta indices): a
+    copy, nothing gathered."""
+    start, stop = shard_range(param)
+    return local_shard(param)[:stop - start].cpu().clone()
 
 
 def resident_bytes(param: torch.nn.Parameter) -> int:
     """Bytes of `param` this rank keeps between gathers: its slice, or the whole where ZeRO-3 keeps a small
     parameter whole on every rank (below stage3_param_persistence_threshold) or does not partition it."""
-    held = param.ds_tensor if is_partitioned(param) and not param.ds_persist else param
+    held = param.ds_tensor if is_partitioned(param) and not is_persistent(param) else param
     return held.numel() * held.element_size()
 
 
@@ -227,14 +259,42 @@ def seed_adam_state(engine, step: int, moments: dict[torch.nn.Parameter, dict[st
 
     torch's AdamW creates its state at the first step; creating it here instead lets kept entries keep
     their moments and bias correction across a mask update."""
-    optimizer = engine.optimizer
-    for flat in optimizer.fp32_partitioned_groups_flat:
-        optimizer.optimizer.state[flat] = {"step": torch.tensor(float(step)), "exp_avg": torch.zeros_like(flat),
-                                           "exp_avg_sq": torch.zeros_like(flat)}
+    start_adam_state(engine, step)
     for param, states in moments.items():
-        for key, value in states.items():
-            # This rank's slice, padded like ds_tensor (DeepSpeed's full setter mishandles the padding).
-            safe_set_local_optimizer_state(param, local_slice(param, value), key)
+        # This rank's slice, padded like ds_tensor (DeepSpeed's full setter mishandles the padding).
+        set_local_moments(param, {key: local_slice(param, value) for key, value in states.items()})
+
+
+def start_adam_state(engine, step: int) -> None:
+    """A new engine's AdamW state at `step`, every moment zero."""
+    optimizer = engine.optimizer
+    # torch's AdamW counts steps in a tensor; DeepSpeed's CPU Adam (offload_optimizer) passes an int to its kernel
+    count = step if isinstance(optimizer.optimizer, DeepSpeedCPUAdam) else torch.tensor(float(step))
+    for flat in optimizer.fp32_partitioned_groups_flat:
+        optimizer.optimizer.state[flat] = {"step": count, "exp_avg": torch.zeros_like(flat),
+                                           "exp_avg_sq": torch.zeros_like(flat)}
+
+
+def set_local_moments(param: torch.nn.Parameter, moments: dict[str, torch.Tensor]) -> None:
+    """This rank's slices (padded like ds_tensor) of a trained parameter's AdamW moments, after
+    start_adam_state."""
+    for key, value in moments.items():
+        safe_set_local_optimizer_state(param, value, key)
+
+
+_LOSS_SCALE_FIELDS = ("cur_scale", "cur_iter", "last_overflow_iter", "cur_hysteresis")
+
+
+def loss_scale_state(engine) -> dict:
+    """The ZeRO-3 optimizer's loss scaler counters (fp16's dynamic scale; a constant 1 otherwise)."""
+    scaler = engine.optimizer.loss_scaler
+    return {key: float(getattr(scaler, key)) for key in _LOSS_SCALE_FIELDS if hasattr(scaler, key)}
+
+
+def set_loss_scale_state(engine, state: dict) -> None:
+    scaler = engine.optimizer.loss_scaler
+    for key, value in state.items():
+        setattr(scaler, key, type(getattr(scaler, key))(value))
 
 
 @contextlib.contextmanager

@@ -16,9 +16,9 @@ from pathlib import Path
 
 import pytest
 import torch
-from safetensors.torch import load_file
+from safetensors.torch import load_file, save_file
 
-from speft_ds.checkpoint import keep_checkpoint_batches
+from speft_ds.checkpoint import find, keep_checkpoint_batches
 from speft_ds.config import ConfigError, TrainConfig
 from speft_ds.distributed import free_port
 from speft_ds.methods.lora.method import LoraMethod
@@ -285,6 +285,17 @@ def test_resume_needs_a_checkpoint_of_this_output_dir(inputs, tmp_path):
     assert proc.returncode == 2 and "no checkpoint" in proc.stderr
 
 
+def test_a_checkpoint_in_deepspeeds_pickled_files_is_refused_in_one_line(tmp_path):
+    """Checkpoints of speft-ds before per-rank slices: DeepSpeed's files plus a state file without the engine's."""
+    step = tmp_path / "checkpoints" / "step-2"
+    step.mkdir(parents=True)
+    save_file({"rng/torch": torch.get_rng_state()}, str(step / "speft_state.safetensors"),
+              metadata={"step": "2", "method": "speft"})
+    (tmp_path / "checkpoints" / "latest").write_text("step-2")
+    with pytest.raises(ConfigError, match="written by an older speft-ds, in DeepSpeed's pickled files: resume it"):
+        find(tmp_path, "latest", "speft")
+
+
 def test_non_finite_loss_stops_the_run_and_keeps_the_last_good_checkpoint(inputs):
     root, model_dir, dataset = inputs
     out = root / "diverges"
@@ -335,20 +346,18 @@ def _pages(path: Path) -> int:
     return -(-path.stat().st_size // 4096) * 4096  # tmpfs allocates whole pages
 
 
-@pytest.mark.parametrize("fails_in", ["deepspeed", "state"])
+@pytest.mark.parametrize("fails_in", ["rank files", "state"])
 def test_a_full_disk_fails_the_save_loudly_and_keeps_the_previous_checkpoint(inputs, straight, tmp_path, fails_in):
     """The output directory lives on a tmpfs (mounted in a private user and mount namespace, so no root is
-    needed) sized so that the second save runs out of space in DeepSpeed's files or in ours."""
+    needed) sized so that the second save runs out of space in the ranks' files or, after them, in rank 0's
+    state file."""
     root, model_dir, dataset = inputs
     checkpoints = straight / "checkpoints"
-    # What the run holds after its first save (DeepSpeed also copies its zero_to_*.py scripts beside the
-    # checkpoints), plus a page for metrics.jsonl to grow.
+    # What the run holds after its first save, plus a page for metrics.jsonl to grow.
     first = sum(_pages(f) for f in [straight / "metrics.jsonl", *checkpoints.glob("*"),
                                     *(checkpoints / f"step-{SAVE_EVERY}").iterdir()] if f.is_file()) + 4096
-    second = checkpoints / f"step-{2 * SAVE_EVERY}"
-    state_file = _pages(second / "speft_state.safetensors")
-    deepspeed_files = sum(_pages(f) for f in second.iterdir()) - state_file
-    size = first + (4096 if fails_in == "deepspeed" else deepspeed_files + state_file - 2 * 4096)
+    rank_files = sum(_pages(f) for f in (checkpoints / f"step-{2 * SAVE_EVERY}").glob("rank-*"))
+    size = first + (4096 if fails_in == "rank files" else rank_files)
     mount, kept = tmp_path / "small-disk", tmp_path / "kept"
     mount.mkdir()
     # The tmpfs vanishes with the namespace: copy what the run left there out before leaving it.
@@ -363,7 +372,7 @@ def test_a_full_disk_fails_the_save_loudly_and_keeps_the_previous_checkpoint(inp
     assert errors[0].startswith(f"error: saving checkpoint step-{2 * SAVE_EVERY} failed") \
         and f"step-{SAVE_EVERY} is kept" in errors[0], errors[0]
     # rank 0 names its own error, or says the save failed on another rank
-    assert ("SafetensorError" in errors[0]) == (fails_in == "state"), errors[0]
+    assert "SafetensorError" in errors[0] or (fails_in == "rank files" and "on another rank" in errors[0]), errors[0]
     assert not (kept / "adapter").exists()
     assert _checkpoint_dirs(kept) == [f"step-{SAVE_EVERY}"]  # no partial checkpoint left
     assert (kept / "checkpoints" / "latest").read_text() == f"step-{SAVE_EVERY}"

@@ -14,8 +14,8 @@ from speft_ds.cli import Parser
 from speft_ds.config import METRIC_NAMES, SHIPPED_DS_CONFIG, ConfigError, read_json
 from speft_ds.ds_config import read_ds_config
 from speft_ds.gguf_models import resolve_model
-from speft_ds.memory_plan import (PLANNING_HEADROOM, PRESETS, Job, ModelShape, NoSaliencePlanFits, choose_salience, plan, salience_time,
-                                  zero_settings)
+from speft_ds.memory_plan import (PLANNING_HEADROOM, PRESETS, Job, ModelShape, NoSaliencePlanFits, checkpoint_bytes,
+                                  choose_salience, plan, salience_time, zero_settings)
 
 GIB = 2**30
 
@@ -91,4 +91,5 @@ def main(argv) -> int:
                   f"about {salience_time(shape, job):.2f}x the compute of one pass")
         for name, value in parts.items():
             print(f"  {name:38} {value / GIB:9.2f} GiB")
+    print(f"\ncheckpoint on disk (all ranks): {checkpoint_bytes(shape, job) / GIB:.2f} GiB")
     return 0

@@ -5,7 +5,7 @@ A run, as the recipe drives it: `plan` (before any weight is loaded) -> `prepare
 nothing) -> `inject` -> DeepSpeed engine over `inject`'s parameters -> training steps, with
 `after_backward` and `after_step` around each optimizer step and `update` every `update_every` steps ->
 `save_adapter`. A resumed run calls `restore` instead of `prepare` and `inject`, from what
-`checkpoint_state` wrote.
+`checkpoint_state` and `checkpoint_slices` gave the checkpoint.
 """
 
 from __future__ import annotations
@@ -19,6 +19,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
+from ..checkpoint import ResumePoint
 from ..config import TrainingError
 from ..distributed import device
 
@@ -64,10 +65,10 @@ class Method:
         """Put the method's layers into the model; returns the trainable parameters."""
         raise NotImplementedError
 
-    def restore(self, model: nn.Module, ctx: RunContext, state: dict[str, torch.Tensor], meta: dict
-                ) -> list[nn.Parameter]:
-        """`inject` as it stood when `checkpoint_state` returned (state, meta); returns the trainable
-        parameters, whose values the engine's checkpoint then restores."""
+    def restore(self, model: nn.Module, ctx: RunContext, point: ResumePoint) -> list[nn.Parameter]:
+        """`inject` as it stood when the checkpoint `point` was written (its `state` and `meta` are what
+        `checkpoint_state` returned; `read_whole` and `read_slice` read what `checkpoint_slices` gave);
+        returns the trainable parameters, whose values the checkpoint then restores."""
         raise NotImplementedError
 
     def trainable_record(self, engine) -> dict:
@@ -95,10 +96,15 @@ class Method:
         moved), or None where the method cannot do that cheaply; --retention_text's KL needs it."""
         return None
 
-    def checkpoint_state(self, engine, keep: bool) -> tuple[dict[str, torch.Tensor], dict]:
-        """What `restore` needs beyond DeepSpeed's own checkpoint: tensors and JSON-able metadata (a
-        collective; only kept where `keep`)."""
+    def checkpoint_state(self, engine) -> tuple[dict[str, torch.Tensor], dict]:
+        """What `restore` needs beyond the trained values and their optimizer state, held whole: tensors and
+        JSON-able metadata, which rank 0 writes (every rank calls this)."""
         return {}, {}
+
+    def checkpoint_slices(self) -> dict[str, tuple[nn.Parameter, torch.Tensor]]:
+        """What `restore` needs that each rank keeps per slice: key -> (the parameter it is laid out like,
+        this rank's slice, padded like its ds_tensor or not). Each rank writes its own; nothing is gathered."""
+        return {}
 
     def save_adapter(self, engine, ctx: RunContext, path) -> None:
         """Write the adapter (a collective: every rank gathers, rank 0 writes)."""

@@ -44,8 +44,8 @@ class LoraMethod(Method):
         self.lora_layers = [model.get_submodule(name) for name in self.factors]
         return [p for pair in self.factors.values() for p in pair]
 
-    def restore(self, model, ctx: RunContext, state: dict, meta: dict) -> list:
-        return self.inject(model, ctx)  # the engine's checkpoint holds the factors
+    def restore(self, model, ctx: RunContext, point) -> list:
+        return self.inject(model, ctx)  # the checkpoint's slices hold the factors
 
     @contextmanager
     def without_update(self):

@@ -17,12 +17,12 @@ class RoseLoraMethod(LoraMethod):
     def inject(self, model, ctx: RunContext) -> list:
         self.total_steps = ctx.plan.total_steps
         self.scores: dict[str, torch.Tensor] = {}  # parameter name -> this rank's slice of the sensitivity
-        self.restored: dict[str, torch.Tensor] = {}  # whole scores from a checkpoint, sliced once partitioned
+        self.restored = None  # a checkpoint's scores, read slice by slice once the factors are partitioned
         return super().inject(model, ctx)
 
-    def restore(self, model, ctx: RunContext, state: dict, meta: dict) -> list:
+    def restore(self, model, ctx: RunContext, point) -> list:
         params = self.inject(model, ctx)
-        self.restored = {key.removeprefix("scores/"): t for key, t in state.items()}
+        self.restored = point
         return params
 
     def _named_params(self) -> dict[str, torch.nn.Parameter]:
@@ -37,8 +37,8 @@ class RoseLoraMethod(LoraMethod):
         for name, param in self._named_params().items():
             grad, value = zero3.local_grad_and_value(param)
             previous = self.scores.get(name)
-            if previous is None and name in self.restored:
-                previous = zero3.local_slice(param, self.restored.pop(name))
+            if previous is None and self.restored is not None:
+                previous = self.restored.read_slice(f"scores/{name}", param)
             self.scores[name] = smoothed(previous, (grad * value).abs(), self.config.rose_beta)
 
     def whole_scores(self) -> dict[str, torch.Tensor]:
@@ -58,8 +58,9 @@ class RoseLoraMethod(LoraMethod):
             zero3.zero_outside(a, mask_a)
             zero3.zero_outside(b, mask_b)
 
-    def checkpoint_state(self, engine, keep: bool) -> tuple[dict, dict]:
-        return {f"scores/{name}": s.contiguous() for name, s in self.whole_scores().items()}, {}
+    def checkpoint_slices(self) -> dict:
+        named = self._named_params()
+        return {f"scores/{name}": (named[name], score) for name, score in self.scores.items()}
 
     def final_budget(self) -> int:
         """The most non-zeros the factors hold once the schedule ends: r x (kept per column of B + kept per

@@ -62,12 +62,13 @@ class SpeftMethod(Method):
         del self.selected
         return self.values()
 
-    def restore(self, model, ctx: RunContext, state: dict, meta: dict) -> list:
-        self.folded = masks.FoldedDeltas.from_state(state)
-        self.summary = meta["score_summary"]
+    def restore(self, model, ctx: RunContext, point) -> list:
+        self.folded = masks.FoldedDeltas.from_state(point.state)
+        self.summary = point.meta["score_summary"]
         self.folded.refold({name: model.get_submodule(name).weight for name in self.folded.parts})
-        indices = {name: state[f"indices/{name}"] for name in meta["layer_order"]}
-        self.layers = self._inject(model, ctx, indices)
+        # one layer's whole index list at a time, read from every rank's slices as its layer is built
+        indices = ((name, point.read_whole(f"indices/{name}")) for name in point.meta["layer_order"])
+        self.layers = inject_partitioned(model, ctx.plan.ds_config, indices, impl=self.config.delta_impl)
         return self.values()
 
     def select_masks(self, engine, ctx: RunContext, calibration_round: int = 0, k: int | None = None,
@@ -152,18 +153,13 @@ class SpeftMethod(Method):
         return {"event": "delta", "k": self.delta_count(), "index_bytes_per_rank": [int(r[0]) for r in held],
                 "value_bytes_per_rank": [int(r[1]) for r in held]}
 
-    def full_indices(self, engine, keep: bool = True) -> dict[str, torch.Tensor]:
+    def full_indices(self, engine) -> dict[str, torch.Tensor]:
         """Each delta layer's whole index list (int64), gathered one layer at a time (a collective on every
-        rank); only kept where `keep` (rank 0 alone, to write a file)."""
+        rank)."""
         # ZeRO-3 may still be prefetching parameters for the next forward, and a gather of an in-flight
         # parameter fails: settle and release them all first.
         engine.empty_partition_cache()
-        gathered = {}
-        for name, layer in self.layers.items():
-            indices = zero3.gather_full(layer.delta_indices).long()
-            if keep:
-                gathered[name] = indices
-        return gathered
+        return {name: zero3.gather_full(layer.delta_indices).long() for name, layer in self.layers.items()}
 
     def _base_weights(self) -> dict:
         return {name: layer.base_layer.weight for name, layer in self.layers.items()}
@@ -241,11 +237,13 @@ class SpeftMethod(Method):
         return engine
 
     # --- checkpoints and the adapter
-    def checkpoint_state(self, engine, keep: bool) -> tuple[dict, dict]:
-        indices = self.full_indices(engine, keep=keep)
-        state = {f"indices/{name}": idx.cpu().contiguous() for name, idx in indices.items()}
+    def checkpoint_state(self, engine) -> tuple[dict, dict]:
         # safetensors returns keys sorted; the engine's parameter order is this one
-        return {**state, **self.folded.state()}, {"score_summary": self.summary, "layer_order": list(indices)}
+        return self.folded.state(), {"score_summary": self.summary, "layer_order": list(self.layers)}
+
+    def checkpoint_slices(self) -> dict:
+        return {f"indices/{name}": (layer.delta_indices, zero3.local_shard(layer.delta_indices))
+                for name, layer in self.layers.items()}
 
     def _module_total(self, name: str) -> tuple[torch.Tensor, torch.Tensor]:
         """One module's whole indices and values relative to the original base (what mask updates folded in,
