@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import Callable, Sequence
 
 from .config import ConfigError, TrainConfig, TrainingError
-from .launch_env import local_rank_from_env
+from .runtime.launch_env import local_rank_from_env
 
 
 def _parse_bool(text: str) -> bool:

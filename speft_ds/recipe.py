@@ -18,25 +18,26 @@ from deepspeed.accelerator import get_accelerator
 from tqdm import tqdm
 from transformers import get_scheduler
 
-from . import checkpoint, methods, zero3
-from .adapter import base_config_hash
+from . import methods
 from .cli import write_run_config
-from .config import ConfigError, TrainConfig, TrainingError
-from .data import (collate, load_raw_dataset, model_inputs, pack, pad_token_id, rank_batches, tokenize_dataset,
-                   train_eval_split, train_micro_batches)
-from .distributed import (block_memory, device, init_distributed, leave_process_group, naming_lost_ranks,
-                          release_freed_memory, sum_over_ranks)
-from .ds_config import fill_auto, read_ds_config, reconcile, resolve_bf16
-from .gguf_models import resolve_model
-from .launch_env import world_size_from_env
-from .losses import causal_lm_loss_sum
-from .metrics_log import MetricsLog, log_memory
-from .run_summary import summary
-from .trackers import Trackers, tracker_names
+from .config import ConfigError, TrainConfig, TrainingError, tracker_names
+from .data.batches import (collate, load_raw_dataset, model_inputs, pack, pad_token_id, rank_batches, tokenize_dataset,
+                           train_eval_split, train_micro_batches)
+from .data.losses import causal_lm_loss_sum
+from .data.retention import retention_rows, score_retention
+from .data.task_eval import Task, evaluate_task, load_task
+from .methods.adapter_files import base_config_hash
 from .methods.base import Method, RunContext
-from .model import check_backends, find_targets, load_model, load_model_config, load_tokenizer, skeleton_model
-from .retention import retention_rows, score_retention
-from .task_eval import Task, evaluate_task, load_task
+from .models.gguf import resolve_model
+from .models.loading import check_backends, find_targets, load_model, load_model_config, load_tokenizer, skeleton_model
+from .runtime import checkpoint, zero3
+from .runtime.distributed import (block_memory, device, init_distributed, leave_process_group, naming_lost_ranks,
+                                  release_freed_memory, sum_over_ranks)
+from .runtime.ds_config import fill_auto, read_ds_config, reconcile, resolve_bf16
+from .runtime.launch_env import world_size_from_env
+from .runtime.metrics_log import MetricsLog, log_memory
+from .runtime.run_summary import summary
+from .runtime.trackers import Trackers
 
 RUN_CONFIG = "run_config.yaml"  # the resolved flags, rerunnable with --config
 

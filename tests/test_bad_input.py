@@ -13,8 +13,8 @@ import torch.distributed
 
 from speft_ds.cli import run_main
 from speft_ds.config import EMBEDDED_MODEL, SHIPPED_DS_CONFIG
+from speft_ds.runtime.distributed import free_port
 from speft_ds.train import main
-from speft_ds.distributed import free_port
 
 REPO = Path(__file__).resolve().parents[1]
 # The tests' model instead of the default, which is fetched from PyPI; a case's own --model comes later and wins.

@@ -13,8 +13,8 @@ import torch
 from safetensors.torch import load_file
 
 from speft_ds.cli import parse_config
-from speft_ds.distributed import free_port
 from speft_ds.recipe import plan_run
+from speft_ds.runtime.distributed import free_port
 from tests.models import write_dataset, write_tiny_llama
 
 REPO = Path(__file__).resolve().parents[1]

@@ -11,7 +11,7 @@ from pathlib import Path
 from safetensors.torch import load_file
 
 from speft_ds.config import EMBEDDED_MODEL
-from speft_ds.distributed import free_port
+from speft_ds.runtime.distributed import free_port
 
 REPO = Path(__file__).resolve().parents[1]
 

@@ -1,4 +1,4 @@
-"""Task evaluation (speft_ds.task_eval, launch/evaluate.py): scoring rules, plain-torch references for
+"""Task evaluation (speft_ds.data.task_eval, launch/evaluate.py): scoring rules, plain-torch references for
 generation and multiple choice, 1 rank against 2 ZeRO-3 ranks, base + adapter against the merged model,
 and task scores recorded by a training run."""
 
@@ -18,8 +18,8 @@ import torch.nn.functional as F
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from speft_ds.config import ConfigError
-from speft_ds.distributed import free_port
-from speft_ds.task_eval import is_correct, load_task, mean_and_stderr
+from speft_ds.data.task_eval import is_correct, load_task, mean_and_stderr
+from speft_ds.runtime.distributed import free_port
 from tests.models import tiny_job
 
 REPO = Path(__file__).resolve().parents[1]

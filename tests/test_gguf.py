@@ -18,8 +18,8 @@ from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from speft_ds.config import ConfigError
-from speft_ds.distributed import free_port
-from speft_ds.gguf_models import resolve_model
+from speft_ds.models.gguf import resolve_model
+from speft_ds.runtime.distributed import free_port
 from tests.gguf_files import byte_level_tokenizer, write_tiny_gguf
 from tests.models import write_dataset, write_tiny_llama
 

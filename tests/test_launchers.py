@@ -18,11 +18,11 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM
 
-from speft_ds.adapter import read_adapter
 from speft_ds.config import TrainConfig
-from speft_ds.data import load_raw_dataset, tokenize_dataset
-from speft_ds.distributed import free_port
-from speft_ds.model import load_tokenizer
+from speft_ds.data.batches import load_raw_dataset, tokenize_dataset
+from speft_ds.methods.speft.adapter_format import read_adapter
+from speft_ds.models.loading import load_tokenizer
+from speft_ds.runtime.distributed import free_port
 from tests.models import tiny_job
 from tests.references import decoder_linears, dense_gradient, plain_permutation, plain_split
 

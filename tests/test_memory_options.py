@@ -11,7 +11,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from speft_ds.distributed import free_port
+from speft_ds.runtime.distributed import free_port
 from tests.models import tiny_job
 
 REPO = Path(__file__).resolve().parents[1]

@@ -15,8 +15,9 @@ from safetensors import safe_open
 from transformers import AutoModelForCausalLM, BitsAndBytesConfig, LlamaConfig, LlamaForCausalLM
 
 from speft_ds import load_adapter
-from speft_ds.adapter import base_config_hash, save_adapter
-from speft_ds.model import find_targets
+from speft_ds.methods.adapter_files import base_config_hash
+from speft_ds.methods.speft.adapter_format import save_adapter
+from speft_ds.models.loading import find_targets
 from tests.models import write_tiny_llama
 
 REPO = Path(__file__).resolve().parents[1]
@@ -91,7 +92,7 @@ def test_merge_memory_is_about_one_layer_not_the_model(tmp_path):
     # clear_refs resets it to the current RSS once the imports are done.
     driver = (
         "import sys\n"
-        "from speft_ds.merge import merge_checkpoint\n"
+        "from speft_ds.commands.merging import merge_checkpoint\n"
         "from transformers import AutoConfig\n"
         "AutoConfig.from_pretrained(sys.argv[1])  # its first call imports ~100 MB of modules: not the merge's\n"
         "status = lambda key: int(next(l for l in open('/proc/self/status') if l.startswith(key)).split()[1])\n"

@@ -17,7 +17,7 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 
 from speft_ds.config import TrainingError
-from speft_ds.distributed import CHECK_IN_S, free_port, init_distributed, naming_lost_ranks
+from speft_ds.runtime.distributed import CHECK_IN_S, free_port, init_distributed, naming_lost_ranks
 from tests.models import write_dataset, write_tiny_llama
 
 REPO = Path(__file__).resolve().parents[1]

@@ -12,7 +12,7 @@ from tensorboard.backend.event_processing.event_accumulator import EventAccumula
 
 from speft_ds.cli import parse_config
 from speft_ds.config import ConfigError
-from speft_ds.distributed import free_port
+from speft_ds.runtime.distributed import free_port
 from tests.models import tiny_job
 
 

@@ -18,10 +18,10 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from speft_ds.checkpoint import find, keep_checkpoint_batches
 from speft_ds.config import ConfigError, TrainConfig
-from speft_ds.distributed import free_port
 from speft_ds.methods.lora.method import LoraMethod
+from speft_ds.runtime.checkpoint import find, keep_checkpoint_batches
+from speft_ds.runtime.distributed import free_port
 from tests.models import write_dataset, write_tiny_llama
 
 REPO = Path(__file__).resolve().parents[1]

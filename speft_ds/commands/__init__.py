@@ -1,6 +1,8 @@
-"""The single-process tools, each a module with `main(argv) -> int`, and their console scripts (pyproject's
-[project.scripts]; launch/*.py run the same). A tool's module is imported only when it runs, so a bad flag
-is answered before torch, DeepSpeed or transformers load."""
+"""The single-process tools, each a module with `main(argv) -> int` (merge.py, generate.py, plan.py, mask.py,
+evaluate.py), the logic only a tool uses beside it (merging.py: the streaming merge into a sharded
+checkpoint), and their console scripts (pyproject's [project.scripts]; launch/*.py run the same). A tool's
+module is imported only when it runs, so a bad flag is answered before torch, DeepSpeed or transformers load.
+On the top floor with recipe.py, cli.py and train.py, the tools may import anything in the package."""
 
 from __future__ import annotations
 
@@ -10,7 +12,7 @@ from typing import Callable
 from ..cli import run_main
 
 MODULES = {"merge": "speft_ds.commands.merge", "generate": "speft_ds.commands.generate",
-           "plan": "speft_ds.commands.plan", "mask": "speft_ds.commands.mask", "evaluate": "speft_ds.evaluation"}
+           "plan": "speft_ds.commands.plan", "mask": "speft_ds.commands.mask", "evaluate": "speft_ds.commands.evaluate"}
 
 
 def _entry_point(name: str) -> Callable[[], int]:

@@ -7,7 +7,7 @@ from pathlib import Path
 
 from speft_ds.cli import adapter_tool_parser
 from speft_ds.config import ConfigError
-from speft_ds.gguf_models import resolve_model
+from speft_ds.models.gguf import resolve_model
 
 
 def main(argv) -> int:
@@ -24,7 +24,7 @@ def main(argv) -> int:
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from speft_ds import load_adapter
-    from speft_ds.data import prompt_ids
+    from speft_ds.data.batches import prompt_ids
 
     tokenizer = AutoTokenizer.from_pretrained(model_dir, trust_remote_code=args.trust_remote_code)
     model = AutoModelForCausalLM.from_pretrained(model_dir, use_safetensors=True, dtype="auto",

@@ -20,7 +20,7 @@ def main(argv) -> int:
     if importlib.util.find_spec("matplotlib") is None:
         raise ConfigError("plotting needs matplotlib: pip install 'speft-ds[plot]'")
 
-    from speft_ds.report import format_table, mask_rows, plot_mask
+    from speft_ds.methods.speft.report import format_table, mask_rows, plot_mask
 
     rows, adapter_config = mask_rows(adapter)
     print(format_table(rows, adapter_config))

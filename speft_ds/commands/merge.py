@@ -10,7 +10,7 @@ from pathlib import Path
 
 from speft_ds.cli import adapter_tool_parser
 from speft_ds.config import ConfigError
-from speft_ds.gguf_models import resolve_model
+from speft_ds.models.gguf import resolve_model
 
 
 def _size(text: str) -> int:
@@ -40,7 +40,7 @@ def main(argv) -> int:
 
     import torch
 
-    from speft_ds.merge import merge_checkpoint
+    from speft_ds.commands.merging import merge_checkpoint
 
     dtype = None if args.dtype == "auto" else getattr(torch, args.dtype)
     files = merge_checkpoint(model, args.adapter, out, max_shard_bytes, dtype=dtype,

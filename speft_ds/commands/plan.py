@@ -12,10 +12,10 @@ from pathlib import Path
 
 from speft_ds.cli import Parser
 from speft_ds.config import METRIC_NAMES, SHIPPED_DS_CONFIG, ConfigError, read_json
-from speft_ds.ds_config import read_ds_config
-from speft_ds.gguf_models import resolve_model
-from speft_ds.memory_plan import (PLANNING_HEADROOM, PRESETS, Job, ModelShape, NoSaliencePlanFits, checkpoint_bytes,
-                                  choose_salience, plan, salience_time, zero_settings)
+from speft_ds.models.gguf import resolve_model
+from speft_ds.runtime.ds_config import read_ds_config
+from speft_ds.runtime.memory_plan import (PLANNING_HEADROOM, PRESETS, Job, ModelShape, NoSaliencePlanFits,
+                                          checkpoint_bytes, choose_salience, plan, salience_time, zero_settings)
 
 GIB = 2**30
 

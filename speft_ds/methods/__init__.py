@@ -2,6 +2,11 @@
 
 The recipe reaches a method only through `get(name)`; the adapter tools (merge, generate, evaluate) reach an
 adapter file through `read_adapter`, which tells the formats apart by adapter_config.json's peft_type.
+
+Beside the folders: base.py (the interface), adapters.py (reading, applying and merging either adapter format)
+and adapter_files.py (what every method's adapter directory shares: file names, base checks, the rename into
+place). This folder and its subfolders may import config.py, models/, runtime/ and data/, never commands/ or
+the top-level modules (recipe.py, cli.py, train.py).
 """
 
 from __future__ import annotations

@@ -9,9 +9,9 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from .. import adapter as speft_files
-from ..delta_impls import add_delta_
-from . import adapter_type
+from . import adapter_files, adapter_type
+from .speft import adapter_format as speft_files
+from .speft.delta_impls import add_delta_
 
 
 class SpeftDeltas:
@@ -22,7 +22,7 @@ class SpeftDeltas:
         self.modules = set(self.indices)
 
     def check_base(self, model_config, weight_shape) -> None:
-        speft_files.check_base(model_config, weight_shape, self.config)
+        adapter_files.check_base(model_config, weight_shape, self.config)
 
     def add_to(self, module: str, weight: torch.Tensor) -> torch.Tensor:
         return add_delta_(weight, self.indices[module], self.values[module])
@@ -60,7 +60,7 @@ def load_adapter(model: nn.Module, path: str | Path) -> nn.Module:
     from .lora.adapter import LoraAdapter
 
     LoraAdapter(path).check_base(getattr(model, "config", None),
-                                 lambda name: speft_files.module_weight_shape(model, name))
+                                 lambda name: adapter_files.module_weight_shape(model, name))
     return PeftModel.from_pretrained(model, str(path))
 
 
@@ -74,10 +74,10 @@ def merge_adapter(model: nn.Module, path: str | Path) -> nn.Module:
 def load_adapter_partitioned(model: nn.Module, path: str | Path, ds_config: dict) -> None:
     """The adapter into a ZeRO-3 model, unmerged: SPEFT's deltas partitioned as they are created, LoRA's
     factors as plain tensors that the engine built next partitions."""
-    from .. import zero3
+    from ..runtime import zero3
 
     if adapter_type(path) == "SPEFT":
-        from ..partitioned_deltas import load_adapter_partitioned as load_speft
+        from .speft.partitioned_deltas import load_adapter_partitioned as load_speft
 
         load_speft(model, path, ds_config)
         return

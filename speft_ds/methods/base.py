@@ -19,9 +19,9 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from ..checkpoint import ResumePoint
 from ..config import TrainingError
-from ..distributed import device
+from ..runtime.checkpoint import ResumePoint
+from ..runtime.distributed import device
 
 
 @dataclass

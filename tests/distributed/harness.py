@@ -10,7 +10,7 @@ from pathlib import Path
 import torch
 import torch.multiprocessing as mp
 
-from speft_ds.distributed import free_port
+from speft_ds.runtime.distributed import free_port
 
 
 def _worker(rank: int, world_size: int, port: int, fn, args: tuple, out_dir: str) -> None:
@@ -20,7 +20,7 @@ def _worker(rank: int, world_size: int, port: int, fn, args: tuple, out_dir: str
     torch.set_num_threads(1)
     warnings.filterwarnings("error", module="speft_ds")  # as pyproject's filterwarnings does in-process
     try:
-        from speft_ds.distributed import init_distributed, leave_process_group
+        from speft_ds.runtime.distributed import init_distributed, leave_process_group
 
         init_distributed()
         result = fn(rank, world_size, *args)

@@ -14,9 +14,9 @@ from tests.models import tiny_job
 
 
 def _worker(rank, world_size, argv):
-    from speft_ds import zero3
     from speft_ds.cli import parse_config
     from speft_ds.recipe import plan_run, run
+    from speft_ds.runtime import zero3
 
     live, peak = [0], [0]
 

@@ -15,7 +15,7 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from speft_ds.memory_plan import contiguous_groups
+from speft_ds.runtime.memory_plan import contiguous_groups
 from tests.distributed.harness import run_ranks
 from tests.models import write_tiny_llama
 from tests.references import MICRO_BATCH, decoder_linears, dense_gradient, random_examples, reference_top_k, \
@@ -38,13 +38,13 @@ def _masks(rank, world_size, model_dir, examples, metric, quantize, k, plans, ch
     """Per salience plan: every weight's whole selected index list, and the summary."""
     from deepspeed.runtime.zero.partition_parameters import ZeroParamStatus
 
-    from speft_ds import zero3
     from speft_ds.config import TrainConfig
-    from speft_ds.data import rank_batches
-    from speft_ds.ds_config import salience_ds_config
-    from speft_ds.model import block_of, decoder_blocks, find_targets, load_model
-    from speft_ds.salience import score_groups
-    from speft_ds.selection import gather_indices, select_from_groups
+    from speft_ds.data.batches import rank_batches
+    from speft_ds.methods.speft.salience import score_groups
+    from speft_ds.methods.speft.selection import gather_indices, select_from_groups
+    from speft_ds.models.loading import block_of, decoder_blocks, find_targets, load_model
+    from speft_ds.runtime import zero3
+    from speft_ds.runtime.ds_config import salience_ds_config
 
     config = TrainConfig(model=model_dir, quantize=quantize, gradient_checkpointing=checkpointing)
     model, hf_ds_config = load_model(config, zero3_config(world_size), torch.float32)

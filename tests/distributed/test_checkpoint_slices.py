@@ -15,9 +15,9 @@ from tests.models import tiny_job
 
 
 def _worker(rank, world_size, argv):
-    from speft_ds import checkpoint, zero3
     from speft_ds.cli import parse_config
     from speft_ds.recipe import plan_run, run
+    from speft_ds.runtime import checkpoint, zero3
 
     saving, gathers_while_saving, largest_written = [False], [0], [0]
 

@@ -11,9 +11,9 @@ from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM
 
 from speft_ds.config import SHIPPED_DS_CONFIG, TrainConfig
-from speft_ds.data import load_raw_dataset, tokenize_dataset
-from speft_ds.model import load_tokenizer
-from speft_ds.zero3 import destroy_engine
+from speft_ds.data.batches import load_raw_dataset, tokenize_dataset
+from speft_ds.models.loading import load_tokenizer
+from speft_ds.runtime.zero3 import destroy_engine
 from tests.distributed.harness import run_ranks
 from tests.models import write_dataset, write_tiny_llama
 from tests.references import (decoder_linears, dense_gradient, mean_token_loss, plain_micro_batches,

@@ -10,7 +10,7 @@ from itertools import islice
 import torch
 
 from speft_ds.config import EMBEDDED_TASK
-from speft_ds.zero3 import destroy_engine
+from speft_ds.runtime.zero3 import destroy_engine
 from tests.distributed.harness import run_ranks
 from tests.models import tiny_job
 

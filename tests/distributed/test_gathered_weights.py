@@ -8,8 +8,8 @@ import pytest
 import torch
 from torch import nn
 
-from speft_ds.memory_plan import Job, ModelShape, plan
-from speft_ds.zero3 import destroy_engine
+from speft_ds.runtime.memory_plan import Job, ModelShape, plan
+from speft_ds.runtime.zero3 import destroy_engine
 from tests.distributed.harness import run_ranks
 
 SHAPE = ModelShape(hidden=64, intermediate=128, layers=2, heads=4, kv_heads=2, vocab=100)

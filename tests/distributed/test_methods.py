@@ -29,9 +29,9 @@ RECORDED_STEP = 4  # a step inside the schedule
 def _worker(rank, world_size, argv, probe_ids):
     from deepspeed.utils import safe_get_full_grad
 
-    from speft_ds import zero3
     from speft_ds.cli import parse_config
     from speft_ds.recipe import plan_run, run
+    from speft_ds.runtime import zero3
 
     config, explicit = parse_config(argv)
     plan = plan_run(config, explicit)

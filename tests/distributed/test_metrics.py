@@ -9,8 +9,8 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM
 
-from speft_ds.salience import METRICS
-from speft_ds.zero3 import destroy_engine
+from speft_ds.methods.speft.salience import METRICS
+from speft_ds.runtime.zero3 import destroy_engine
 from tests.distributed.harness import run_ranks
 from tests.models import write_tiny_llama
 from tests.references import (MICRO_BATCH, decoder_linears, dense_fisher, dense_gradient, dense_hessian_gradient,
@@ -23,10 +23,10 @@ GRASP_BOUND = 1e-3
 
 def _worker(rank, world_size, model_dir, examples):
     from speft_ds.config import TrainConfig
-    from speft_ds.data import rank_batches
-    from speft_ds.ds_config import salience_ds_config
-    from speft_ds.model import find_targets, load_model
-    from speft_ds.salience import compute_salience
+    from speft_ds.data.batches import rank_batches
+    from speft_ds.methods.speft.salience import compute_salience
+    from speft_ds.models.loading import find_targets, load_model
+    from speft_ds.runtime.ds_config import salience_ds_config
 
     config = salience_ds_config(zero3_config(world_size))
     model, hf_ds_config = load_model(TrainConfig(model=model_dir), config, torch.float32)

@@ -12,8 +12,8 @@ import torch
 import torch.nn.functional as F
 from transformers import AutoModelForCausalLM
 
-from speft_ds.data import pack
-from speft_ds.zero3 import destroy_engine
+from speft_ds.data.batches import pack
+from speft_ds.runtime.zero3 import destroy_engine
 from tests.distributed.harness import run_ranks
 from tests.models import write_tiny_llama
 from tests.references import MICRO_BATCH, decoder_linears, random_examples, zero3_config
@@ -23,9 +23,9 @@ SEQ_LEN = 24
 
 def _worker(rank, world_size, model_dir, rows):
     from speft_ds.config import TrainConfig
-    from speft_ds.data import rank_batches
-    from speft_ds.model import find_targets, load_model
-    from speft_ds.salience import compute_salience
+    from speft_ds.data.batches import rank_batches
+    from speft_ds.methods.speft.salience import compute_salience
+    from speft_ds.models.loading import find_targets, load_model
 
     model, hf_ds_config = load_model(TrainConfig(model=model_dir), zero3_config(world_size), torch.float32)
     engine = deepspeed.initialize(model=model, config=zero3_config(world_size))[0]

@@ -20,10 +20,10 @@ from transformers import AutoModelForCausalLM
 
 from speft_ds import load_adapter
 from speft_ds.config import SHIPPED_DS_CONFIG, TrainConfig
-from speft_ds.data import load_raw_dataset, tokenize_dataset
-from speft_ds.distributed import free_port
-from speft_ds.model import _quantization_config, load_tokenizer
-from speft_ds.zero3 import destroy_engine
+from speft_ds.data.batches import load_raw_dataset, tokenize_dataset
+from speft_ds.models.loading import _quantization_config, load_tokenizer
+from speft_ds.runtime.distributed import free_port
+from speft_ds.runtime.zero3 import destroy_engine
 from tests.distributed.harness import run_ranks
 from tests.models import write_dataset, write_tiny_llama
 from tests.references import (MICRO_BATCH, decoder_linears, dense_gradient, mean_token_loss, plain_micro_batches,
@@ -55,10 +55,10 @@ def _dequantized_dense_model(model_dir: Path, quantize: str):
 
 
 def _salience_shards(rank, world_size, model_dir, quantize, examples):
-    from speft_ds.data import rank_batches
-    from speft_ds.ds_config import salience_ds_config
-    from speft_ds.model import find_targets, load_model
-    from speft_ds.salience import compute_salience
+    from speft_ds.data.batches import rank_batches
+    from speft_ds.methods.speft.salience import compute_salience
+    from speft_ds.models.loading import find_targets, load_model
+    from speft_ds.runtime.ds_config import salience_ds_config
 
     config = TrainConfig(model=model_dir, quantize=quantize)
     model, hf_ds_config = load_model(config, zero3_config(world_size), torch.float32)

@@ -13,7 +13,7 @@ import torch.nn.functional as F
 from peft import PeftModel
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from speft_ds.adapter import read_adapter
+from speft_ds.methods.speft.adapter_format import read_adapter
 from tests.distributed.harness import run_ranks
 from tests.models import tiny_job
 
@@ -22,9 +22,9 @@ DOCUMENTS = ["Tom has 12 apples and Anna has 30 books. " * 6, "Mei gave 4 coins 
 
 
 def _worker(rank, world_size, argv):
-    from speft_ds import zero3
     from speft_ds.cli import parse_config
     from speft_ds.recipe import plan_run, run
+    from speft_ds.runtime import zero3
 
     config, explicit = parse_config(argv)
     result = run(plan_run(config, explicit))

@@ -15,7 +15,7 @@ import torch
 from torch import nn
 from transformers import AutoModelForCausalLM
 
-from speft_ds.zero3 import destroy_engine
+from speft_ds.runtime.zero3 import destroy_engine
 from tests.distributed.harness import run_ranks
 from tests.models import write_tiny_llama
 from tests.references import MICRO_BATCH, dense_gradient, random_examples, reference_top_k, zero3_config
@@ -32,10 +32,11 @@ EDGE_TARGETS = "embed_tokens,lm_head,q_proj"  # named targets beyond the default
 
 def _salience_and_selection(model_dir: str, examples: list[dict], rank: int, world_size: int):
     from speft_ds.config import TrainConfig
-    from speft_ds.data import rank_batches
-    from speft_ds.model import find_targets, load_model
-    from speft_ds.salience import ShardScores, compute_salience
-    from speft_ds.selection import gather_indices, num_to_select, select_from_groups, select_global, select_local
+    from speft_ds.data.batches import rank_batches
+    from speft_ds.methods.speft.salience import ShardScores, compute_salience
+    from speft_ds.methods.speft.selection import (gather_indices, num_to_select, select_from_groups, select_global,
+                                                  select_local)
+    from speft_ds.models.loading import find_targets, load_model
 
     model, hf_ds_config = load_model(TrainConfig(model=model_dir), zero3_config(world_size), torch.float32)
     engine = deepspeed.initialize(model=model, config=zero3_config(world_size))[0]

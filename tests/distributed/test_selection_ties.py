@@ -31,8 +31,8 @@ def planted_scores() -> list[torch.Tensor]:
 
 
 def _worker(rank, world_size, scores):
-    from speft_ds.salience import ShardScores
-    from speft_ds.selection import gather_indices, select_global
+    from speft_ds.methods.speft.salience import ShardScores
+    from speft_ds.methods.speft.selection import gather_indices, select_global
 
     shards = {}
     for position, full in enumerate(scores):

@@ -18,10 +18,10 @@ from transformers import AutoModelForCausalLM
 
 from speft_ds import load_adapter, merge_adapter
 from speft_ds.config import SHIPPED_DS_CONFIG, TrainConfig
-from speft_ds.data import load_raw_dataset, tokenize_dataset
-from speft_ds.delta import SparseDeltaEmbedding, SparseDeltaLinear
-from speft_ds.model import load_tokenizer
-from speft_ds.zero3 import destroy_engine
+from speft_ds.data.batches import load_raw_dataset, tokenize_dataset
+from speft_ds.methods.speft.delta import SparseDeltaEmbedding, SparseDeltaLinear
+from speft_ds.models.loading import load_tokenizer
+from speft_ds.runtime.zero3 import destroy_engine
 from tests.distributed.harness import run_ranks
 from tests.models import write_dataset, write_tiny_llama
 from tests.references import mean_token_loss, plain_micro_batches, plain_split
@@ -140,7 +140,7 @@ def test_each_rank_keeps_only_its_share_of_the_indices(trained):
 def dense_reference_training(config: TrainConfig, indices: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     """Train dense deltas D (gradient masked to `indices`) in one process, the way 2 data-parallel ranks do:
     per step, the mean over ranks and accumulation steps of each micro-batch's mean token loss. The batches
-    are its own (tests.references), not speft_ds.data's."""
+    are its own (tests.references), not those of speft_ds.data.batches."""
     model = AutoModelForCausalLM.from_pretrained(config.model, dtype=torch.float32).requires_grad_(False)
     train_set = plain_split(tokenize_dataset(load_raw_dataset(config), load_tokenizer(config), config),
                             config.val_size, config.seed)

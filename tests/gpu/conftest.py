@@ -1,5 +1,5 @@
 """Tests marked `gpu` run where torch sees a CUDA device and are skipped with a reason everywhere else (CI
-and this project's CPU machines): bench/gpu_check.sh runs them on a GPU."""
+and this project's CPU machines): bench/gpu/gpu_check.sh runs them on a GPU."""
 
 import pytest
 import torch

@@ -9,8 +9,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from speft_ds.delta import SparseDeltaLinear
-from speft_ds.delta_impls import delta_product
+from speft_ds.methods.speft.delta import SparseDeltaLinear
+from speft_ds.methods.speft.delta_impls import delta_product
 from tests.unit.test_delta import build_indices, make_base, reference_dense
 
 pytestmark = pytest.mark.gpu

@@ -10,13 +10,13 @@ import torch
 from transformers import AutoModelForCausalLM
 
 from speft_ds.config import EMBEDDED_MODEL
-from speft_ds.data import collate, model_inputs, pack
+from speft_ds.data.batches import collate, model_inputs, pack
 
 pytestmark = pytest.mark.gpu
 
 
 def test_attention_stays_inside_each_packed_example_with_flash_attention_2():
-    pytest.importorskip("flash_attn", reason="flash-attn is not installed (bench/gpu_wheels.py leaves it out)")
+    pytest.importorskip("flash_attn", reason="flash-attn is not installed (bench/gpu/gpu_wheels.py leaves it out)")
     model = AutoModelForCausalLM.from_pretrained(EMBEDDED_MODEL, attn_implementation="flash_attention_2",
                                                  dtype=torch.bfloat16).cuda().eval()
     examples = [[5, 17, 33, 8, 90], [7, 7, 41], [12, 60, 3, 3, 28, 9]]

@@ -68,7 +68,7 @@ def test_bf16_training_on_one_gpu(job, tmp_path, flags):
 
 
 def test_flash_attention_2_training(job, tmp_path):
-    pytest.importorskip("flash_attn", reason="flash-attn is not installed (bench/gpu_wheels.py leaves it out)")
+    pytest.importorskip("flash_attn", reason="flash-attn is not installed (bench/gpu/gpu_wheels.py leaves it out)")
     train(job, tmp_path / "out", "--attn", "flash_attention_2")
 
 

@@ -12,9 +12,9 @@ from safetensors.torch import load_file
 from torch import nn
 from transformers import LlamaConfig, LlamaForCausalLM
 
-from speft_ds.adapter import load_adapter, merge_adapter, save_adapter
 from speft_ds.config import ConfigError
-from speft_ds.delta import SparseDeltaLinear
+from speft_ds.methods.speft.adapter_format import load_adapter, merge_adapter, save_adapter
+from speft_ds.methods.speft.delta import SparseDeltaLinear
 
 TARGETS = ["model.layers.0.self_attn.q_proj", "model.layers.1.mlp.down_proj", "model.layers.1.self_attn.v_proj"]
 
@@ -183,7 +183,7 @@ def test_directory_without_adapter_is_refused(base_model, tmp_path):
 
 def test_adapter_from_another_base_is_refused(base_model, tmp_path):
     """Same shapes, other architecture config (rms_norm_eps): refused through the base config hash."""
-    from speft_ds.adapter import base_config_hash
+    from speft_ds.methods.adapter_files import base_config_hash
 
     name = TARGETS[0]
     path = tmp_path / "adapter"
@@ -228,7 +228,7 @@ def test_adapter_written_module_by_module_is_byte_for_byte_safetensors_own(tmp_p
     writes for all of them at once (names sorting 10 before 2, dtypes int64 before float32)."""
     from safetensors.torch import save_file
 
-    from speft_ds.adapter import AdapterWriter
+    from speft_ds.methods.speft.adapter_format import AdapterWriter
 
     g = torch.Generator().manual_seed(0)
     names = [f"model.layers.{i}.mlp.down_proj" for i in (2, 10, 0)] + ["model.layers.1.self_attn.q_proj"]
@@ -247,7 +247,7 @@ def test_adapter_written_module_by_module_is_byte_for_byte_safetensors_own(tmp_p
 
 
 def test_an_adapter_closed_before_every_module_came_leaves_no_file(tmp_path):
-    from speft_ds.adapter import AdapterWriter
+    from speft_ds.methods.speft.adapter_format import AdapterWriter
 
     writer = AdapterWriter(tmp_path / "adapter", {"a": 2, "b": 3}, {"a": [1, 4], "b": [1, 4]})
     writer.add("a", torch.tensor([0, 1]), torch.ones(2))

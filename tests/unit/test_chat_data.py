@@ -10,7 +10,7 @@ import pytest
 from transformers import AutoTokenizer
 
 from speft_ds.config import EMBEDDED_MODEL, ConfigError, TrainConfig
-from speft_ds.data import load_raw_dataset, tokenize_dataset, tokenize_example
+from speft_ds.data.batches import load_raw_dataset, tokenize_dataset, tokenize_example
 
 IGNORE = -100
 # ChatML, as SmolLM2 and Qwen write it (no default system turn, so the layout below is the whole text).

@@ -10,7 +10,7 @@ import pytest
 
 from speft_ds.cli import parse_config
 from speft_ds.config import SHIPPED_DS_CONFIG, ConfigError, TrainConfig, target_pattern
-from speft_ds.ds_config import fill_auto, read_ds_config, reconcile, resolve_bf16
+from speft_ds.runtime.ds_config import fill_auto, read_ds_config, reconcile, resolve_bf16
 
 
 # --------------------------------------------------------------------------- CLI

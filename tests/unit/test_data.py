@@ -9,7 +9,8 @@ from transformers import AutoTokenizer
 
 from speft_ds.config import EMBEDDED_MODEL, TrainConfig
 from speft_ds.config import ConfigError
-from speft_ds.data import load_raw_dataset, rank_batches, tokenize_example, train_eval_split, train_micro_batches
+from speft_ds.data.batches import (load_raw_dataset, rank_batches, tokenize_example, train_eval_split,
+                                   train_micro_batches)
 
 IGNORE = -100
 PROMPT = "Question: Sam fills 10 bags with 9 apples each. How many apples are in the bags?\nAnswer:"

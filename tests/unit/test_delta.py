@@ -7,8 +7,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from speft_ds.delta import SparseDeltaEmbedding, SparseDeltaLinear
-from speft_ds.delta_impls import delta_product, resolve
+from speft_ds.methods.speft.delta import SparseDeltaEmbedding, SparseDeltaLinear
+from speft_ds.methods.speft.delta_impls import delta_product, resolve
 
 
 def make_base(out_features: int, in_features: int, gen: torch.Generator, dtype=torch.float32) -> nn.Linear:

@@ -10,7 +10,7 @@ import re
 from transformers import AutoTokenizer
 
 from speft_ds.config import EMBEDDED_DATASET, EMBEDDED_MODEL, EMBEDDED_TASK
-from speft_ds.task_eval import is_correct, load_task
+from speft_ds.data.task_eval import is_correct, load_task
 
 # The three problem templates of launch/make_tiny_llama.py, each giving (operation, operands).
 TEMPLATES = [

@@ -13,9 +13,9 @@ from torch import nn
 from transformers import LlamaConfig
 
 from speft_ds.config import METRIC_NAMES
-from speft_ds.memory_plan import (ACCUMULATOR_SETS, PRESETS, Job, ModelShape, NoSaliencePlanFits, choose_salience,
-                                  contiguous_groups, plan, salience_groups, salience_time)
-from speft_ds.model import skeleton_model
+from speft_ds.models.loading import skeleton_model
+from speft_ds.runtime.memory_plan import (ACCUMULATOR_SETS, PRESETS, Job, ModelShape, NoSaliencePlanFits,
+                                          choose_salience, contiguous_groups, plan, salience_groups, salience_time)
 
 REPO = Path(__file__).resolve().parents[2]
 

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from speft_ds.config import METRIC_NAMES, WEIGHT_FREE_METRICS
-from speft_ds.salience import METRICS, ShardStats
+from speft_ds.methods.speft.salience import METRICS, ShardStats
 
 
 def test_cli_metric_names_are_the_registered_metrics():

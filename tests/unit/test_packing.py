@@ -9,7 +9,7 @@ import torch
 from transformers import AutoModelForCausalLM
 
 from speft_ds.config import EMBEDDED_MODEL, ConfigError, TrainConfig
-from speft_ds.data import collate, model_inputs, pack
+from speft_ds.data.batches import collate, model_inputs, pack
 
 IGNORE = -100
 

@@ -1,4 +1,4 @@
-"""bench/quality_tasks.py's splits: training, validation and test share no question, also with commutative
+"""bench/quality/quality_tasks.py's splits: training, validation and test share no question, also with commutative
 operands swapped or in other words. Questions are read back from the prompts
 with the tasks' own wording, not with the generator's keys."""
 
@@ -9,7 +9,7 @@ import re
 
 import pytest
 
-from bench.quality_tasks import TASKS, write_task
+from bench.quality.quality_tasks import TASKS, write_task
 
 ARITH = re.compile(r"has (\d+) \w+\. \w+ gives \w+ (\d+) bags with (\d+) \w+ in each bag")
 CHOOSE = re.compile(r"What is (\d+) ([+*]) (\d+)\?")

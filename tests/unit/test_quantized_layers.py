@@ -8,7 +8,7 @@ import pytest
 import torch
 from torch import nn
 
-from speft_ds.quantized_layers import _Frozen4bitLinearFn, release_gathered_4bit_weights
+from speft_ds.models.quantized_layers import _Frozen4bitLinearFn, release_gathered_4bit_weights
 
 
 def _layer(storage: torch.dtype, quant_type: str) -> nn.Module:

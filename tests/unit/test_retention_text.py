@@ -9,7 +9,7 @@ import pytest
 from transformers import AutoTokenizer
 
 from speft_ds.config import EMBEDDED_MODEL, ConfigError
-from speft_ds.retention import read_documents, retention_rows
+from speft_ds.data.retention import read_documents, retention_rows
 
 
 def test_plain_text_is_one_document_and_jsonl_one_per_line(tmp_path):

@@ -15,8 +15,8 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from ...adapter import CONFIG_NAME, WEIGHTS_NAME, check_base, versions, write_directory
 from ...config import ConfigError
+from ..adapter_files import CONFIG_NAME, WEIGHTS_NAME, check_base, versions, write_directory
 
 SIDE_NAME = "speft_ds_adapter.json"
 PEFT_PREFIX = "base_model.model."

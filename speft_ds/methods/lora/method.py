@@ -9,9 +9,9 @@ from pathlib import Path
 
 from torch import nn
 
-from ... import zero3
 from ...config import ConfigError
-from ...distributed import per_rank
+from ...runtime import zero3
+from ...runtime.distributed import per_rank
 from ..base import Method, RunContext, write_on_rank_zero
 from .adapter import inject_lora, lora_config, save_lora_adapter
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import torch
 
-from ... import zero3
+from ...runtime import zero3
 from ..base import RunContext
 from ..lora.method import LoraMethod
 from .pruning import factor_masks, keep_fraction, kept_per_line, smoothed

@@ -11,17 +11,18 @@ from pathlib import Path
 import deepspeed
 import torch
 
-from ... import masks, zero3
-from ...adapter import AdapterWriter
-from ...data import calibration_indices, pad_token_id, rank_batches
-from ...distributed import per_rank, release_freed_memory, sum_over_ranks
-from ...ds_config import salience_ds_config
-from ...metrics_log import log_memory
-from ...partitioned_deltas import inject_partitioned
-from ...salience import score_groups
-from ...salience_budget import SaliencePlan, plan_salience
-from ...selection import gather_indices, num_to_select, select_from_groups
+from ...data.batches import calibration_indices, pad_token_id, rank_batches
+from ...runtime import zero3
+from ...runtime.distributed import per_rank, release_freed_memory, sum_over_ranks
+from ...runtime.ds_config import salience_ds_config
+from ...runtime.metrics_log import log_memory
 from ..base import Method, RunContext, write_on_rank_zero
+from . import masks
+from .adapter_format import AdapterWriter
+from .partitioned_deltas import inject_partitioned
+from .salience import score_groups
+from .salience_budget import SaliencePlan, plan_salience
+from .selection import gather_indices, num_to_select, select_from_groups
 
 
 class SpeftMethod(Method):

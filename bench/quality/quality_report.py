@@ -1,0 +1,218 @@
+"""docs/quality.md and docs/quality.png from bench/quality/quality.py's records: the base, the budget table (test
+accuracy at each method's validation-chosen rate, two seeds), every sweep cell on validation, the whole
+job's cost, and forgetting. The verdict at the page's end is written by hand and kept."""
+
+from __future__ import annotations
+
+import json
+import math
+
+from bench.quality.quality import (BUDGETS, LONG_STEPS, MAIN_BUDGET, OTHER_TASK, REPO, START, STEPS, SWEEP_TASK, Cell,
+                                   base_cell, read_results, sweep)
+from speft_ds.runtime.run_summary import PHASES
+
+PAGE, FIGURE = REPO / "docs" / "quality.md", REPO / "docs" / "quality.png"
+VERDICT = "<!-- verdict: written by hand, kept by bench/quality/quality.py --table -->"
+METHOD_ORDER = ("speft", "channel", "random", "lora")
+
+
+def _pct(value: float) -> str:
+    return f"{value:.1%}"
+
+
+def _with_se(accuracy: float, stderr: float) -> str:
+    return f"{accuracy:.1%} ± {stderr:.1%}"
+
+
+def _retention(record: dict, base: dict | None) -> str:
+    """Retention loss after training, its rise over the base's, and the KL from the base."""
+    after = record.get("retention_after")
+    if not after:
+        return "| | |"
+    rise = f" (+{after['loss'] - base['retention_after']['loss']:.3f})" if base and base.get("retention_after") else ""
+    kl = f"{after['kl']:.4f}" if after.get("kl") is not None else "n/a"
+    return f"| {after['loss']:.3f}{rise} | {kl} |"
+
+
+def sweep_table(cells: dict) -> list[str]:
+    rows = ["| budget | method | trainable | lr | validation accuracy | held-out loss | retention loss (rise) | "
+            "KL(base ‖ tuned) | job s |", "|---|---|---|---|---|---|---|---|---|"]
+    base = cells.get(base_cell(SWEEP_TASK))
+    for (method, budget) in START:
+        grid, chosen = sweep(cells, method, budget)
+        for lr in grid:
+            r = cells.get(Cell(method, SWEEP_TASK, budget, lr, 1))
+            if r is None:
+                continue
+            mark = " (chosen)" if lr == chosen else ""
+            if "failed" in r:
+                rows.append(f"| {budget} | {method} | | {lr:g}{mark} | failed: {r['failed'][-1][:60]} | | | | |")
+                continue
+            rows.append(f"| {budget} | {method} | {r['trainable']:,} | {lr:g}{mark} | "
+                        f"{_with_se(r['task_after']['accuracy'], r['task_after']['stderr'])} | {r['eval_loss']:.4f} "
+                        f"{_retention(r, base)} {r['job_s']:.0f} |")
+    return rows
+
+
+def _mean_test(tests: list[dict]) -> str:
+    if not tests:
+        return ""
+    mean = sum(t["accuracy"] for t in tests) / len(tests)
+    se = math.sqrt(sum(t["stderr"] ** 2 for t in tests)) / len(tests)
+    return _with_se(mean, se)
+
+
+def budget_table(cells: dict, tests: dict) -> list[str]:
+    rows = ["| budget | method | trainable | chosen lr (grid) | test seed 1 | test seed 2 | mean (± s.e.) | "
+            "retention loss (rise) | KL(base ‖ tuned) |", "|---|---|---|---|---|---|---|---|---|"]
+    base = cells.get(base_cell(SWEEP_TASK))
+    if base_cell(SWEEP_TASK) in tests:
+        rows.append(f"| 0 | base | 0 | | {_pct(tests[base_cell(SWEEP_TASK)]['accuracy'])} | | | "
+                    f"{base['retention_after']['loss']:.3f} | 0 |")
+    for budget in BUDGETS:
+        for method in METHOD_ORDER:
+            if (method, budget) not in START:
+                continue
+            grid, lr = sweep(cells, method, budget)
+            span = f"{min(grid):g}-{max(grid):g}"
+            if lr is None:
+                rows.append(f"| {budget} | {method} | | not yet chosen ({span}) | | | | | |")
+                continue
+            seeds = [Cell(method, SWEEP_TASK, budget, lr, seed) for seed in (1, 2)]
+            scored = [tests[c] for c in seeds if c in tests]
+            first = cells[seeds[0]]
+            rows.append(f"| {budget} | {method} | {first.get('trainable', 0):,} | {lr:g} ({span}) | "
+                        + " | ".join(_pct(tests[c]["accuracy"]) if c in tests else "" for c in seeds)
+                        + f" | {_mean_test(scored) if len(scored) == 2 else ''} {_retention(first, base)}")
+    return rows
+
+
+def other_task_table(cells: dict, tests: dict) -> list[str]:
+    rows = [f"| method | lr (chosen on {SWEEP_TASK}) | test accuracy |", "|---|---|---|"]
+    if base_cell(OTHER_TASK) in tests:
+        rows.append(f"| base | | {_with_se(tests[base_cell(OTHER_TASK)]['accuracy'], tests[base_cell(OTHER_TASK)]['stderr'])} |")
+    for cell in sorted((c for c in tests if c.task == OTHER_TASK and c.method != "base"), key=lambda c: c.method):
+        rows.append(f"| {cell.method} | {cell.lr:g} | {_with_se(tests[cell]['accuracy'], tests[cell]['stderr'])} |")
+    return rows
+
+
+def cost_table(cells: dict) -> list[str]:
+    """The main budget's chosen seed-1 cells, phase by phase, and the step count where each method's whole
+    job takes as long as LoRA's."""
+    chosen = {m: cells.get(Cell(m, SWEEP_TASK, MAIN_BUDGET, lr, 1)) for m, b in START
+              if b == MAIN_BUDGET and (lr := sweep(cells, m, b)[1]) is not None}
+    chosen = {m: r for m, r in chosen.items() if r and "phase_s" in r}
+    names = [name for name, _ in PHASES]
+    rows = ["| method | " + " | ".join(f"{n} s" for n in names) + " | whole job s | s per step | "
+            "peak RSS per rank (MiB) | steps where its job equals LoRA's |", "|---|" + "---|" * (len(names) + 4)]
+    lora = chosen.get("lora")
+
+    def fixed_and_step(r: dict) -> tuple[float, float]:
+        return r["wall_s"] - r["phase_s"]["training"], r["phase_s"]["training"] / r["steps"]
+
+    for method, r in chosen.items():
+        fixed, step = fixed_and_step(r)
+        even = ""
+        if lora and method != "lora":
+            lora_fixed, lora_step = fixed_and_step(lora)
+            even = (f"{(fixed - lora_fixed) / (lora_step - step):.0f}" if lora_step > step
+                    else "never (slower per step)" if fixed > lora_fixed else "always")
+        rows.append(f"| {method} | " + " | ".join(f"{r['phase_s'][n]:.0f}" for n in names)
+                    + f" | {r['wall_s']:.0f} | {step:.2f} | "
+                    + ", ".join(f"{p:,.0f}" for p in r["job_peak_rss_mib_per_rank"]) + f" | {even} |")
+    return rows
+
+
+def long_table(cells: dict, tests: dict) -> list[str]:
+    rows = [f"| method | lr | test at {STEPS} steps (seed 1) | test at {LONG_STEPS} steps | retention loss "
+            f"at {LONG_STEPS} |", "|---|---|---|---|---|"]
+    for cell in (c for c in tests if c.steps == LONG_STEPS):
+        short = tests.get(Cell(cell.method, cell.task, cell.budget, cell.lr, cell.seed))
+        after = cells[cell].get("retention_after") or {}
+        rows.append(f"| {cell.method} | {cell.lr:g} | {_pct(short['accuracy']) if short else ''} | "
+                    f"{_pct(tests[cell]['accuracy'])} | {after.get('loss', float('nan')):.3f} |")
+    return rows
+
+
+def channel_table() -> list[str]:
+    """bench/quality/quality_channels.py's records: the share of k on each layer's loudest input channels."""
+    from bench.quality.quality_channels import CHANNELS
+
+    rows = ["| budget | method | lr | seed | k on the top 1% of input channels | on the top 10% |", "|---|---|---|---|---|---|"]
+    if CHANNELS.is_file():
+        for line in CHANNELS.read_text().splitlines():
+            r = json.loads(line)
+            rows.append(f"| {r['budget']} | {r['method']} | {r['lr']:g} | {r['seed']} | {_pct(r['top_1%'])} | "
+                        f"{_pct(r['top_10%'])} |")
+    return rows
+
+
+def plot(cells: dict, tests: dict) -> None:
+    """Left: test accuracy (mean of the seeds) against trainable count per method. Right: every sweep
+    cell's validation accuracy gain against its retention loss rise."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    base = cells.get(base_cell(SWEEP_TASK))
+    if not base or "retention_after" not in base:
+        return
+    fig, (left, right) = plt.subplots(1, 2, figsize=(11, 4.2))
+    for method in METHOD_ORDER:
+        points = []
+        for budget in BUDGETS:
+            lr = sweep(cells, method, budget)[1] if (method, budget) in START else None
+            scored = [tests[c] for c in (Cell(method, SWEEP_TASK, budget, lr, s) for s in (1, 2)) if c in tests]
+            if lr is not None and len(scored) == 2:
+                points.append((cells[Cell(method, SWEEP_TASK, budget, lr, 1)]["trainable"],
+                               sum(t["accuracy"] for t in scored) / 2))
+        if points:
+            left.plot(*zip(*sorted(points)), marker="o", label=method)
+        sweep_cells = [r for c, r in cells.items() if c.method == method and c.task == SWEEP_TASK
+                       and c.steps == STEPS and "retention_after" in r]
+        if sweep_cells:
+            right.scatter([r["retention_after"]["loss"] - base["retention_after"]["loss"] for r in sweep_cells],
+                          [r["task_after"]["accuracy"] for r in sweep_cells], label=method)
+    left.set(xscale="log", xlabel="trainable parameters", ylabel=f"test accuracy ({SWEEP_TASK}, mean of 2 seeds)")
+    right.set(xlabel="rise of the loss on the general text (GPL-3)", ylabel=f"validation accuracy ({SWEEP_TASK})",
+              title="learning against forgetting, every rate and budget")
+    for axes in (left, right):
+        axes.grid(alpha=0.3)
+        if axes.get_legend_handles_labels()[0]:
+            axes.legend()
+    fig.tight_layout()
+    fig.savefig(FIGURE, dpi=110)
+
+
+def write_page(remaining: int) -> None:
+    """The page from the records; read here, with this module's Cell (bench/quality/quality.py runs as __main__,
+    whose Cell is another class)."""
+    import bench.quality.quality as quality
+
+    cells, tests = read_results()
+    about, commands, protocol, retention = quality.__doc__.split("\n\n")[:4]
+    _, marker, kept = PAGE.read_text().partition(VERDICT) if PAGE.is_file() else ("", "", "")
+    sweep_cells, at_main = sum(len(grid) for grid in START.values()), sum(b == MAIN_BUDGET for _, b in START)
+    planned_total = 2 + sweep_cells + len(START) + 2 * at_main
+    status = (f"Cells run: {len(cells)}; test scorings: {len(tests)}; planned jobs not yet run: {remaining} "
+              "(`python bench/quality/quality.py --run_next N`; a cell takes 5 to 15 minutes on 2 CPU cores). "
+              "The plan, "
+              "budget by budget: " + "; ".join(f"{b}: " + ", ".join(m for m, at in START if at == b)
+                                               for b in dict.fromkeys(b for _, b in START))
+              + f". Then one {LONG_STEPS}-step cell per method at {MAIN_BUDGET}. In all about {planned_total} "
+              f"cells: 2 base, at least {sweep_cells} in the sweeps, {len(START)} second seeds, {at_main} on "
+              f"{OTHER_TASK}, {at_main} long ones; each reported cell then scores the test once.")
+    plot(cells, tests)
+    sections = ["# Quality on a pretrained model", about, commands, protocol, retention, status,
+                "## Test accuracy by budget", "\n".join(budget_table(cells, tests)),
+                f"![accuracy by budget, and learning against forgetting]({FIGURE.name})",
+                f"## The other task ({OTHER_TASK}) at {MAIN_BUDGET}", "\n".join(other_task_table(cells, tests)),
+                f"## The whole job's cost at {MAIN_BUDGET}", "\n".join(cost_table(cells)),
+                "## Every sweep cell (validation)", "\n".join(sweep_table(cells)),
+                "## Where the mask sits: input channels by activation norm on the general text",
+                "(`python bench/quality/quality_channels.py`; an even spread puts 1% and 10% there.)",
+                "\n".join(channel_table()),
+                f"## Long cells ({LONG_STEPS} steps)", "\n".join(long_table(cells, tests)),
+                VERDICT + (kept if marker else "")]
+    PAGE.write_text("\n\n".join(section.strip("\n") for section in sections) + "\n")

@@ -1,0 +1,103 @@
+"""What every method's adapter directory shares (SPEFT's own format, methods/speft/adapter_format.py; LoRA's,
+methods/lora/adapter.py): the file names, the package versions recorded in it, the checks that refuse an
+adapter on another base (the base config's hash, each target's weight shape), and the write beside the old
+directory then rename into place that leaves one complete adapter at its path at every moment.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import tempfile
+from collections.abc import Callable
+from importlib.metadata import PackageNotFoundError, version
+from pathlib import Path
+
+from torch import nn
+
+from ..config import ConfigError
+from ..models.bnb_weights import packed_4bit_shape
+
+WEIGHTS_NAME = "adapter_model.safetensors"
+CONFIG_NAME = "adapter_config.json"
+
+
+def versions() -> dict[str, str]:
+    found = {}
+    for package in ("speft-ds", "torch", "deepspeed", "transformers"):
+        try:
+            found[package] = version(package)
+        except PackageNotFoundError:
+            found[package] = "not installed"
+    return found
+
+
+def staging_directory(path: Path) -> Path:
+    """A new temporary directory beside `path`, to fill before publish_directory puts it in place."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.tmp-", dir=path.parent))
+    tmp.chmod(0o755)
+    return tmp
+
+
+def publish_directory(tmp: Path, path: Path) -> None:
+    """Rename a filled directory into place, the old one moved aside first: at every moment one complete
+    adapter (the old or the new) exists at `path`."""
+    old = path.with_name(f".{path.name}.old") if path.exists() else None
+    if old is not None:
+        shutil.rmtree(old, ignore_errors=True)
+        os.replace(path, old)
+    os.replace(tmp, path)
+    if old is not None:
+        shutil.rmtree(old)
+
+
+def write_directory(path: str | Path, fill: Callable[[Path], None]) -> None:
+    """`fill` a temporary directory beside `path`, then rename it into place."""
+    path = Path(path)
+    tmp = staging_directory(path)
+    try:
+        fill(tmp)
+        publish_directory(tmp, path)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
+
+# Config keys that describe how a model was saved or is run, not which model it is.
+_RUNTIME_CONFIG_KEYS = {"_name_or_path", "_commit_hash", "transformers_version", "torch_dtype", "dtype", "use_cache",
+                        "attn_implementation", "_attn_implementation", "_attn_implementation_autoset",
+                        "quantization_config"}
+
+
+def base_config_hash(model_config) -> str:
+    """A hash of the base model's architecture config, to refuse an adapter on another base."""
+    described = {k: v for k, v in model_config.to_dict().items() if k not in _RUNTIME_CONFIG_KEYS}
+    return hashlib.sha256(json.dumps(described, sort_keys=True, default=str).encode()).hexdigest()
+
+
+def check_base(model_config, weight_shape: Callable[[str], list[int] | None], adapter_config: dict) -> None:
+    """Refuse an adapter trained on another base: its config hash, and each target's weight shape
+    (`weight_shape(name)`, None where the model has no such weight)."""
+    expected = adapter_config.get("base_config_hash")
+    if expected and model_config is not None and base_config_hash(model_config) != expected:
+        raise ConfigError(f"the adapter was trained on another base model ({adapter_config.get('base_model_name_or_path')}; "
+                          "its config differs from this model's): load the base it was trained on")
+    for name, shape in adapter_config["shapes"].items():
+        actual = weight_shape(name)
+        if actual is None:
+            raise ConfigError(f"the adapter targets {name}, which the model does not have: "
+                              "use the base model the adapter was trained on")
+        if list(actual) != list(shape):
+            raise ConfigError(f"the adapter's {name} has shape {shape} but the model's is {list(actual)}: "
+                              "use the base model the adapter was trained on")
+
+
+def module_weight_shape(model: nn.Module, name: str) -> list[int] | None:
+    try:
+        weight = model.get_submodule(name).weight
+    except AttributeError:
+        return None
+    return list(packed_4bit_shape(weight) or weight.shape)
