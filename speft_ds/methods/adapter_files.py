@@ -1,13 +1,15 @@
 """What every method's adapter directory shares (SPEFT's own format, methods/speft/adapter_format.py; LoRA's,
 methods/lora/adapter.py): the file names, the package versions recorded in it, the checks that refuse an
 adapter on another base (the base config's hash, each target's weight shape), and the write beside the old
-directory then rename into place that leaves one complete adapter at its path at every moment.
+directory then rename into place that leaves one complete adapter at its path at every moment, and the
+weights file written one module at a time (StreamedAdapter).
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
+import math
 import os
 import shutil
 import tempfile
@@ -15,6 +17,7 @@ from collections.abc import Callable
 from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 
+import torch
 from torch import nn
 
 from ..config import ConfigError
@@ -54,16 +57,68 @@ def publish_directory(tmp: Path, path: Path) -> None:
         shutil.rmtree(old)
 
 
-def write_directory(path: str | Path, fill: Callable[[Path], None]) -> None:
-    """`fill` a temporary directory beside `path`, then rename it into place."""
-    path = Path(path)
-    tmp = staging_directory(path)
-    try:
-        fill(tmp)
-        publish_directory(tmp, path)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
+# safetensors orders a file's tensors by dtype (wider first for these), then by name
+_SAFETENSORS_DTYPES = {torch.int64: "I64", torch.float32: "F32"}
+_SAFETENSORS_HEADER_ALIGN = 8
+
+
+class StreamedAdapter:
+    """An adapter directory whose adapter_model.safetensors is written one tensor at a time, so no more than
+    one module's tensors need exist at once: the header (every tensor's name, dtype and shape, from
+    `layout`) first, then each tensor's bytes at their place as they come, byte for byte what safetensors'
+    save_file writes for the same tensors. `finish` writes the directory's other files and renames it into
+    place; `abandon` removes it, leaving any old adapter at `path`."""
+
+    def __init__(self, path: str | Path, layout: dict[str, tuple[torch.dtype, list[int]]]):
+        self.path = Path(path)
+        order = sorted(layout, key=lambda key: (list(_SAFETENSORS_DTYPES).index(layout[key][0]), key))
+        header, self.places, end = {"__metadata__": {"format": "pt"}}, {}, 0
+        for key in order:
+            dtype, shape = layout[key]
+            size = math.prod(shape) * torch.empty(0, dtype=dtype).element_size()
+            header[key] = {"dtype": _SAFETENSORS_DTYPES[dtype], "shape": list(shape),
+                           "data_offsets": [end, end + size]}
+            self.places[key] = (dtype, end, end + size)
+            end += size
+        encoded = json.dumps(header, separators=(",", ":")).encode()
+        encoded += b" " * (-len(encoded) % _SAFETENSORS_HEADER_ALIGN)
+        self.data_start = 8 + len(encoded)
+        self.directory = staging_directory(self.path)
+        try:
+            self.file = open(self.directory / WEIGHTS_NAME, "wb")
+            self.file.write(len(encoded).to_bytes(8, "little") + encoded)
+            self.file.truncate(self.data_start + end)
+        except BaseException:
+            self.abandon()
+            raise
+        self.written: set[str] = set()
+
+    def add_tensor(self, key: str, tensor: torch.Tensor) -> None:
+        dtype, begin, end = self.places[key]
+        data = tensor.to(dtype).cpu().contiguous().numpy().tobytes()
+        if len(data) != end - begin:
+            raise ValueError(f"{key} has {len(data)} bytes where the header planned {end - begin}")
+        self.file.seek(self.data_start + begin)
+        self.file.write(data)
+        self.written.add(key)
+
+    def finish(self, fill: Callable[[Path], None]) -> None:
+        """Close the weights file, `fill` the directory with the other files and put it in place."""
+        try:
+            missing = set(self.places) - self.written
+            if missing:
+                raise ValueError(f"the adapter was closed without {sorted(missing)[0]}")
+            self.file.close()
+            fill(self.directory)
+            publish_directory(self.directory, self.path)
+        except BaseException:
+            self.abandon()
+            raise
+
+    def abandon(self) -> None:
+        if getattr(self, "file", None):
+            self.file.close()
+        shutil.rmtree(self.directory, ignore_errors=True)
 
 
 # Config keys that describe how a model was saved or is run, not which model it is.

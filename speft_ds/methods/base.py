@@ -13,7 +13,7 @@ from __future__ import annotations
 from contextlib import AbstractContextManager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Iterable
 
 import torch
 import torch.distributed as dist
@@ -109,6 +109,36 @@ class Method:
     def save_adapter(self, engine, ctx: RunContext, path) -> None:
         """Write the adapter (a collective: every rank gathers, rank 0 writes)."""
         raise NotImplementedError
+
+
+def write_streamed(rank: int, path: Path, open_writer: Callable[[], object], pieces: Iterable[tuple],
+                   finish: Callable[[object], None]) -> None:
+    """Every rank walks `pieces` (each one module's whole tensors, gathered by collectives as it comes);
+    rank 0 opens a writer (StreamedAdapter) and adds each piece before the next is gathered, so no rank holds
+    more than one module's, then `finish(writer)`. A failure on rank 0 is kept until the collectives are done,
+    then becomes one TrainingError on every rank (write_on_rank_zero)."""
+    writer, failed = None, None
+    if rank == 0:
+        try:
+            writer = open_writer()
+        except Exception as err:
+            failed = err
+    for piece in pieces:
+        if writer is not None and failed is None:
+            try:
+                writer.add(*piece)
+            except Exception as err:
+                failed = err
+        del piece
+
+    def complete() -> None:
+        if failed is not None:
+            if writer is not None:
+                writer.abandon()
+            raise failed
+        finish(writer)
+
+    write_on_rank_zero(rank, path, complete)
 
 
 def write_on_rank_zero(rank: int, path: Path, write: Callable[[], None]) -> None:

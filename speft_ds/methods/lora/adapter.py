@@ -12,11 +12,11 @@ import json
 from pathlib import Path
 
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 from torch import nn
 
 from ...config import ConfigError
-from ..adapter_files import CONFIG_NAME, WEIGHTS_NAME, check_base, versions, write_directory
+from ..adapter_files import CONFIG_NAME, WEIGHTS_NAME, StreamedAdapter, check_base, versions
 
 SIDE_NAME = "speft_ds_adapter.json"
 PEFT_PREFIX = "base_model.model."
@@ -55,20 +55,23 @@ def peft_key(module: str, factor: str) -> str:
     return f"{PEFT_PREFIX}{module}.lora_{factor}.weight"
 
 
-def save_lora_adapter(path: Path, factors: dict[str, tuple[torch.Tensor, torch.Tensor]], peft_config,
-                      side: dict) -> None:
-    """Write the whole (gathered) factors under PEFT's names, PEFT's config, and our side file."""
-    tensors = {}
-    for module, (a, b) in factors.items():
-        tensors[peft_key(module, "A")] = a.float().cpu().contiguous()
-        tensors[peft_key(module, "B")] = b.float().cpu().contiguous()
+class LoraAdapterWriter(StreamedAdapter):
+    """A LoRA adapter directory in PEFT's format written module by module (StreamedAdapter): each module's
+    whole (A, B) as they come; PEFT's config and our side file with `finish`."""
 
-    def fill(directory: Path) -> None:
-        save_file(tensors, str(directory / WEIGHTS_NAME), metadata={"format": "pt"})
-        peft_config.save_pretrained(str(directory))
-        (directory / SIDE_NAME).write_text(json.dumps({**side, "versions": versions()}, indent=2) + "\n")
+    def __init__(self, path: str | Path, shapes: dict[str, tuple[list[int], list[int]]]):
+        super().__init__(path, {peft_key(module, factor): (torch.float32, list(shape))
+                                for module, pair in shapes.items() for factor, shape in zip("AB", pair)})
 
-    write_directory(path, fill)
+    def add(self, module: str, a: torch.Tensor, b: torch.Tensor) -> None:
+        self.add_tensor(peft_key(module, "A"), a)
+        self.add_tensor(peft_key(module, "B"), b)
+
+    def finish(self, peft_config, side: dict) -> None:
+        def fill(directory: Path) -> None:
+            peft_config.save_pretrained(str(directory))
+            (directory / SIDE_NAME).write_text(json.dumps({**side, "versions": versions()}, indent=2) + "\n")
+        super().finish(fill)
 
 
 class LoraAdapter:

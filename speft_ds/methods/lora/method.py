@@ -7,13 +7,14 @@ from contextlib import contextmanager
 from dataclasses import asdict
 from pathlib import Path
 
+import torch
 from torch import nn
 
 from ...config import ConfigError
 from ...runtime import zero3
 from ...runtime.distributed import per_rank
-from ..base import Method, RunContext, write_on_rank_zero
-from .adapter import inject_lora, lora_config, save_lora_adapter
+from ..base import Method, RunContext, write_streamed
+from .adapter import LoraAdapterWriter, inject_lora, lora_config
 
 
 class LoraMethod(Method):
@@ -64,21 +65,31 @@ class LoraMethod(Method):
         return {"event": "trainable", "method": self.name, "trainable": sum(zero3.full_numel(p) for p in params),
                 "bytes_per_rank": [int(r[0]) for r in held]}
 
-    def gathered_factors(self) -> dict:
-        """Every module's whole (A, B), fp32, on every rank (collectives)."""
-        return {module: (zero3.gather_full_fp32(a), zero3.gather_full_fp32(b))
-                for module, (a, b) in self.factors.items()}
-
-    def side_record(self, factors: dict) -> dict:
-        """What our side file says beside PEFT's config."""
+    def side_record(self, nonzeros: int) -> dict:
+        """What our side file says beside PEFT's config (`nonzeros`: the saved factors' non-zero entries)."""
         return {"method": self.name, "trainable": self.dense_count()}
 
     def save_adapter(self, engine, ctx: RunContext, path: Path) -> None:
-        factors = self.gathered_factors()
+        """Gather one module's (A, B) at a time (collectives on every rank) and let rank 0 write them at their
+        place in PEFT's weights file before the next: no rank holds more than one module's factors."""
         config, plan = self.config, ctx.plan
-        side = {**self.side_record(factors), "base_model_name_or_path": config.model,
-                "base_config_hash": plan.base_config_hash,
-                "shapes": {name: list(shape) for name, shape in self.target_shapes.items()},
-                "train_config": asdict(config)}
-        self.peft_config.base_model_name_or_path = config.model
-        write_on_rank_zero(ctx.rank, path, lambda: save_lora_adapter(path, factors, self.peft_config, side))
+        nonzeros = [0]
+
+        def modules():
+            for module, (a, b) in self.factors.items():
+                whole = zero3.gather_full_fp32(a), zero3.gather_full_fp32(b)
+                nonzeros[0] += sum(int(torch.count_nonzero(t)) for t in whole)
+                yield module, *whole
+                del whole  # before the next module's are gathered
+
+        def finish(writer) -> None:
+            side = {**self.side_record(nonzeros[0]), "base_model_name_or_path": config.model,
+                    "base_config_hash": plan.base_config_hash,
+                    "shapes": {name: list(shape) for name, shape in self.target_shapes.items()},
+                    "train_config": asdict(config)}
+            self.peft_config.base_model_name_or_path = config.model
+            writer.finish(self.peft_config, side)
+
+        shapes = {module: (list(zero3.full_shape(a)), list(zero3.full_shape(b)))
+                  for module, (a, b) in self.factors.items()}
+        write_streamed(ctx.rank, path, lambda: LoraAdapterWriter(path, shapes), modules(), finish)

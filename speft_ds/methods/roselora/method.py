@@ -69,8 +69,7 @@ class RoseLoraMethod(LoraMethod):
         return sum(self.config.lora_r * (kept_per_line(rows, final) + kept_per_line(cols, final))
                    for rows, cols in self.target_shapes.values())
 
-    def side_record(self, factors: dict) -> dict:
-        nonzeros = sum(int((a != 0).sum() + (b != 0).sum()) for a, b in factors.values())
+    def side_record(self, nonzeros: int) -> dict:
         c = self.config
         return {"method": self.name, "trainable": self.dense_count(), "nonzeros": nonzeros,
                 "final_budget": self.final_budget(), "rose_sparsity": c.rose_sparsity, "rose_start": c.rose_start,

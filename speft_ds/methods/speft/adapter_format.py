@@ -10,7 +10,6 @@ adapter_config.json, whose "shapes" maps each such NAME to its weight's shape.
 from __future__ import annotations
 
 import json
-import shutil
 from pathlib import Path
 
 import torch
@@ -18,8 +17,7 @@ from safetensors.torch import load_file
 from torch import nn
 
 from ...config import ConfigError
-from ..adapter_files import (CONFIG_NAME, WEIGHTS_NAME, check_base, module_weight_shape, publish_directory,
-                             staging_directory, versions)
+from ..adapter_files import CONFIG_NAME, WEIGHTS_NAME, StreamedAdapter, check_base, module_weight_shape, versions
 from .delta import sparse_delta_layer
 
 
@@ -36,71 +34,24 @@ def inject_sparse_deltas(model: nn.Module, indices: dict[str, torch.Tensor],
     return layers
 
 
-# safetensors writes wider dtypes first, then by name; the adapter's two dtypes in that order
-_SAFETENSORS_DTYPES = {torch.int64: "I64", torch.float32: "F32"}
-_SAFETENSORS_HEADER_ALIGN = 8
-
-
-class AdapterWriter:
-    """An adapter directory written module by module, so no more than one module's indices and values need
-    exist at once: adapter_model.safetensors gets its header (every tensor's name, dtype and shape) first,
-    then each module's bytes at their place as they come, byte for byte what safetensors' save_file writes
-    for the same tensors; adapter_config.json and the rename into place come with `finish`."""
+class AdapterWriter(StreamedAdapter):
+    """A SPEFT adapter directory written module by module (StreamedAdapter): each module's indices and
+    values as they come; adapter_config.json and the rename into place with `finish`."""
 
     def __init__(self, path: str | Path, counts: dict[str, int], shapes: dict[str, list[int]]):
-        self.path, self.counts, self.shapes = Path(path), counts, shapes
-        layout = sorted(((dtype, f"{name}.{part}", count) for name, count in counts.items()
-                         for part, dtype in (("indices", torch.int64), ("values", torch.float32))),
-                        key=lambda item: (list(_SAFETENSORS_DTYPES).index(item[0]), item[1]))
-        header, self.offsets, end = {"__metadata__": {"format": "pt"}}, {}, 0
-        for dtype, key, count in layout:
-            size = count * torch.empty(0, dtype=dtype).element_size()
-            header[key] = {"dtype": _SAFETENSORS_DTYPES[dtype], "shape": [count], "data_offsets": [end, end + size]}
-            self.offsets[key] = (dtype, end, end + size)
-            end += size
-        encoded = json.dumps(header, separators=(",", ":")).encode()
-        encoded += b" " * (-len(encoded) % _SAFETENSORS_HEADER_ALIGN)
-        self.data_start = 8 + len(encoded)
-        self.directory = staging_directory(self.path)
-        try:
-            self.file = open(self.directory / WEIGHTS_NAME, "wb")
-            self.file.write(len(encoded).to_bytes(8, "little") + encoded)
-            self.file.truncate(self.data_start + end)
-        except BaseException:
-            self.abandon()
-            raise
-        self.written: set[str] = set()
+        self.counts, self.shapes = counts, shapes
+        super().__init__(path, {f"{name}.{part}": (dtype, [count]) for name, count in counts.items()
+                                for part, dtype in (("indices", torch.int64), ("values", torch.float32))})
 
     def add(self, name: str, indices: torch.Tensor, values: torch.Tensor) -> None:
-        for part, tensor in (("indices", indices), ("values", values)):
-            dtype, begin, end = self.offsets[f"{name}.{part}"]
-            data = tensor.to(dtype).cpu().contiguous().numpy().tobytes()
-            if len(data) != end - begin:
-                raise ValueError(f"{name}.{part} has {len(data)} bytes where the header planned {end - begin}")
-            self.file.seek(self.data_start + begin)
-            self.file.write(data)
-        self.written.add(name)
+        self.add_tensor(f"{name}.indices", indices)
+        self.add_tensor(f"{name}.values", values)
 
     def finish(self, meta: dict) -> None:
-        """Close the file, write adapter_config.json and put the directory in place of any old one."""
-        try:
-            missing = set(self.counts) - self.written
-            if missing:
-                raise ValueError(f"the adapter was closed without {sorted(missing)[0]}")
-            self.file.close()
-            adapter_config = {"peft_type": "SPEFT", **meta, "k": sum(self.counts.values()),
-                              "shapes": {name: self.shapes[name] for name in self.counts}, "versions": versions()}
-            (self.directory / CONFIG_NAME).write_text(json.dumps(adapter_config, indent=2) + "\n")
-            publish_directory(self.directory, self.path)
-        except BaseException:
-            self.abandon()
-            raise
-
-    def abandon(self) -> None:
-        """Remove the half-written directory; any old adapter at `path` stays."""
-        if getattr(self, "file", None):
-            self.file.close()
-        shutil.rmtree(self.directory, ignore_errors=True)
+        adapter_config = {"peft_type": "SPEFT", **meta, "k": sum(self.counts.values()),
+                          "shapes": {name: self.shapes[name] for name in self.counts}, "versions": versions()}
+        super().finish(lambda directory: (directory / CONFIG_NAME).write_text(json.dumps(adapter_config, indent=2)
+                                                                             + "\n"))
 
 
 def save_adapter(path: str | Path, indices: dict[str, torch.Tensor], values: dict[str, torch.Tensor],

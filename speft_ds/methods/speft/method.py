@@ -16,7 +16,7 @@ from ...runtime import zero3
 from ...runtime.distributed import per_rank, release_freed_memory, sum_over_ranks
 from ...runtime.ds_config import salience_ds_config
 from ...runtime.metrics_log import log_memory
-from ..base import Method, RunContext, write_on_rank_zero
+from ..base import Method, RunContext, write_streamed
 from . import masks
 from .adapter_format import AdapterWriter
 from .partitioned_deltas import inject_partitioned
@@ -266,30 +266,10 @@ class SpeftMethod(Method):
         counts = {n: (zero3.full_numel(self.layers[n].delta_values) if not self.folded.parts.get(n)
                       else self._module_total(n)[0].numel()) for n in names}
         targeted = sum(rows * cols for rows, cols in self.target_shapes.values())
-        writer, failed = None, None
-        if ctx.rank == 0:
-            try:
-                writer = AdapterWriter(path, counts, {n: list(self.target_shapes[n]) for n in names})
-            except Exception as err:  # reported by every rank below, after the collectives
-                failed = err
-        for name in names:
-            indices, values = self._module_total(name)
-            if writer is not None and failed is None:
-                try:
-                    writer.add(name, indices, values)
-                except Exception as err:
-                    failed = err
-            del indices, values
-
-        def finish() -> None:
-            if failed is not None:
-                if writer is not None:
-                    writer.abandon()
-                raise failed
-            k = sum(counts.values())
-            writer.finish({"base_model_name_or_path": config.model, "base_config_hash": plan.base_config_hash,
-                           "metric": config.metric, "selection": config.selection, "density": k / targeted,
-                           "trainable_k": self.delta_count(), "target_modules": config.target_modules or "all-linear",
-                           "salience_summary": self.summary, "train_config": asdict(config)})
-
-        write_on_rank_zero(ctx.rank, path, finish)
+        meta = {"base_model_name_or_path": config.model, "base_config_hash": plan.base_config_hash,
+                "metric": config.metric, "selection": config.selection, "density": sum(counts.values()) / targeted,
+                "trainable_k": self.delta_count(), "target_modules": config.target_modules or "all-linear",
+                "salience_summary": self.summary, "train_config": asdict(config)}
+        write_streamed(ctx.rank, path,
+                       lambda: AdapterWriter(path, counts, {n: list(self.target_shapes[n]) for n in names}),
+                       ((name, *self._module_total(name)) for name in names), lambda writer: writer.finish(meta))
