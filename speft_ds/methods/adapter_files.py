@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import math
 import os
 import shutil
 import tempfile
@@ -22,6 +21,7 @@ from torch import nn
 
 from ..config import ConfigError
 from ..models.bnb_weights import packed_4bit_shape
+from ..runtime.safetensors_stream import SafetensorsWriter
 
 WEIGHTS_NAME = "adapter_model.safetensors"
 CONFIG_NAME = "adapter_config.json"
@@ -57,58 +57,28 @@ def publish_directory(tmp: Path, path: Path) -> None:
         shutil.rmtree(old)
 
 
-# safetensors orders a file's tensors by dtype (wider first for these), then by name
-_SAFETENSORS_DTYPES = {torch.int64: "I64", torch.float32: "F32"}
-_SAFETENSORS_HEADER_ALIGN = 8
-
-
 class StreamedAdapter:
-    """An adapter directory whose adapter_model.safetensors is written one tensor at a time, so no more than
-    one module's tensors need exist at once: the header (every tensor's name, dtype and shape, from
-    `layout`) first, then each tensor's bytes at their place as they come, byte for byte what safetensors'
-    save_file writes for the same tensors. `finish` writes the directory's other files and renames it into
-    place; `abandon` removes it, leaving any old adapter at `path`."""
+    """An adapter directory whose adapter_model.safetensors is written one tensor at a time
+    (SafetensorsWriter), so no more than one module's tensors need exist at once: `add_tensor` each, then
+    `finish` writes the directory's other files and renames it into place; `abandon` removes it, leaving
+    any old adapter at `path`."""
 
     def __init__(self, path: str | Path, layout: dict[str, tuple[torch.dtype, list[int]]]):
         self.path = Path(path)
-        order = sorted(layout, key=lambda key: (list(_SAFETENSORS_DTYPES).index(layout[key][0]), key))
-        header, self.places, end = {"__metadata__": {"format": "pt"}}, {}, 0
-        for key in order:
-            dtype, shape = layout[key]
-            size = math.prod(shape) * torch.empty(0, dtype=dtype).element_size()
-            header[key] = {"dtype": _SAFETENSORS_DTYPES[dtype], "shape": list(shape),
-                           "data_offsets": [end, end + size]}
-            self.places[key] = (dtype, end, end + size)
-            end += size
-        encoded = json.dumps(header, separators=(",", ":")).encode()
-        encoded += b" " * (-len(encoded) % _SAFETENSORS_HEADER_ALIGN)
-        self.data_start = 8 + len(encoded)
         self.directory = staging_directory(self.path)
         try:
-            self.file = open(self.directory / WEIGHTS_NAME, "wb")
-            self.file.write(len(encoded).to_bytes(8, "little") + encoded)
-            self.file.truncate(self.data_start + end)
+            self.weights = SafetensorsWriter(self.directory / WEIGHTS_NAME, layout, {"format": "pt"})
         except BaseException:
             self.abandon()
             raise
-        self.written: set[str] = set()
 
     def add_tensor(self, key: str, tensor: torch.Tensor) -> None:
-        dtype, begin, end = self.places[key]
-        data = tensor.to(dtype).cpu().contiguous().numpy().tobytes()
-        if len(data) != end - begin:
-            raise ValueError(f"{key} has {len(data)} bytes where the header planned {end - begin}")
-        self.file.seek(self.data_start + begin)
-        self.file.write(data)
-        self.written.add(key)
+        self.weights.add(key, tensor)
 
     def finish(self, fill: Callable[[Path], None]) -> None:
         """Close the weights file, `fill` the directory with the other files and put it in place."""
         try:
-            missing = set(self.places) - self.written
-            if missing:
-                raise ValueError(f"the adapter was closed without {sorted(missing)[0]}")
-            self.file.close()
+            self.weights.close()
             fill(self.directory)
             publish_directory(self.directory, self.path)
         except BaseException:
@@ -116,8 +86,8 @@ class StreamedAdapter:
             raise
 
     def abandon(self) -> None:
-        if getattr(self, "file", None):
-            self.file.close()
+        if getattr(self, "weights", None):
+            self.weights.abandon()
         shutil.rmtree(self.directory, ignore_errors=True)
 
 

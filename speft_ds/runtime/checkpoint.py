@@ -24,8 +24,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
-from contextlib import ExitStack
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import torch
@@ -36,6 +35,7 @@ from safetensors.torch import save_file
 
 from ..config import ConfigError, TrainConfig, TrainingError
 from . import zero3
+from .safetensors_stream import SafetensorsWriter
 from .distributed import device
 
 STATE_FILE = "speft_state.safetensors"
@@ -59,29 +59,33 @@ class ResumePoint:
     meta: dict  # and its JSON metadata
     engine: dict  # the optimizer's step, learning rates, loss scale, LR schedule and batch layout
     directory: Path
+    # every rank file, opened (memory-mapped) once: (its handle, key -> [start, stop) in the whole tensor)
+    _files: list[tuple[object, dict]] = field(default_factory=list, init=False, repr=False)
+
+    def rank_file(self, rank: int):
+        """The open file rank `rank` wrote."""
+        if not self._files:
+            ranks = self.engine["layout"]["world_size"]
+            for saved in range(ranks):
+                handle = safe_open(str(_rank_file(self.directory, saved, ranks)), framework="pt")
+                self._files.append((handle, json.loads(handle.metadata()["ranges"])))
+        return self._files[rank][0]
 
     def read_whole(self, key: str) -> torch.Tensor:
         """The whole flat tensor `key`, from every rank's slice of it."""
-        with ExitStack() as stack:
-            return _read_range(self._slices(stack, key), 0, None)
+        return _read_range(self._slices(key), 0, None)
 
     def read_slice(self, key: str, param: torch.nn.Parameter) -> torch.Tensor:
         """This rank's slice of tensor `key`, laid out like `param`'s partition now (padded like its
         ds_tensor), from the saved slices that overlap it."""
         start, stop = zero3.shard_range(param)
-        with ExitStack() as stack:
-            mine = _read_range(self._slices(stack, key), start, stop)
+        mine = _read_range(self._slices(key), start, stop)
         return torch.nn.functional.pad(mine, (0, zero3.shard_numel(param) - (stop - start)))
 
-    def _slices(self, stack: ExitStack, key: str) -> list[tuple[int, int, object]]:
+    def _slices(self, key: str) -> list[tuple[int, int, object]]:
         """(start, stop, lazy slice) of every saved slice of `key`."""
-        found = []
-        ranks = self.engine["layout"]["world_size"]
-        for rank in range(ranks):
-            handle = stack.enter_context(safe_open(str(_rank_file(self.directory, rank, ranks)), framework="pt"))
-            start, stop = json.loads(handle.metadata()["ranges"])[key]
-            found.append((start, stop, handle.get_slice(key)))
-        return found
+        self.rank_file(0)
+        return [(*ranges[key], handle.get_slice(key)) for handle, ranges in self._files]
 
 
 def _read_range(slices: list[tuple[int, int, object]], start: int, stop: int | None) -> torch.Tensor:
@@ -128,7 +132,8 @@ def _fresh_directory(directory: Path) -> None:
 def _write_rank_file(directory: Path, engine, slices: dict[str, tuple[torch.nn.Parameter, torch.Tensor]]) -> None:
     """This rank's slices (without padding) of the trained values, their moments (once the optimizer has
     stepped: a fresh optimizer after a mask update has none) and the method's per-slice state, each with
-    its range in the whole flat tensor, and this rank's RNG states."""
+    its range in the whole flat tensor, and this rank's RNG states; written one tensor at a time, straight
+    from the optimizer's partitions."""
     moments = zero3.adam_step(engine) > 0
     tensors, ranges = {}, {}
     for name, param in _trained(engine):
@@ -136,11 +141,19 @@ def _write_rank_file(directory: Path, engine, slices: dict[str, tuple[torch.nn.P
             tensors[f"{name}/{key}"], ranges[f"{name}/{key}"] = value, zero3.shard_range(param)
     for key, (param, mine) in slices.items():
         start, stop = zero3.shard_range(param)
-        tensors[key], ranges[key] = mine.flatten()[:stop - start].cpu().clone(), (start, stop)
+        tensors[key], ranges[key] = mine.flatten()[:stop - start], (start, stop)
     tensors["rng/torch"] = torch.get_rng_state()
     tensors["rng/accelerator"] = get_accelerator().get_rng_state()
-    save_file(tensors, str(_rank_file(directory, dist.get_rank(), dist.get_world_size())),
-              metadata={"ranges": json.dumps(ranges)})
+    writer = SafetensorsWriter(_rank_file(directory, dist.get_rank(), dist.get_world_size()),
+                               {key: (t.dtype, [t.numel()]) for key, t in tensors.items()},
+                               {"ranges": json.dumps(ranges)})
+    try:
+        for key, tensor in tensors.items():
+            writer.add(key, tensor)
+        writer.close()
+    except BaseException:
+        writer.abandon()  # the partial checkpoint goes as a whole (_fail_together)
+        raise
 
 
 def _engine_state(engine) -> dict:
@@ -301,8 +314,7 @@ def load_engine_state(engine, point: ResumePoint) -> None:
         group["lr"] = lr
     engine.global_steps = point.step
     engine.global_samples = point.step * engine.train_batch_size()
-    ranks = saved["layout"]["world_size"]
-    same = ranks == dist.get_world_size()
-    with safe_open(str(_rank_file(point.directory, dist.get_rank() if same else 0, ranks)), framework="pt") as handle:
-        torch.set_rng_state(handle.get_tensor("rng/torch"))
-        get_accelerator().set_rng_state(handle.get_tensor("rng/accelerator"))
+    same = saved["layout"]["world_size"] == dist.get_world_size()
+    handle = point.rank_file(dist.get_rank() if same else 0)
+    torch.set_rng_state(handle.get_tensor("rng/torch"))
+    get_accelerator().set_rng_state(handle.get_tensor("rng/accelerator"))

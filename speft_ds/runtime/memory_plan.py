@@ -229,12 +229,13 @@ def plan(shape: ModelShape, job: Job) -> dict[str, dict[str, int]]:
     }
     training_host = {"offloaded base shard": base_shard if job.offload_param else 0,
                      "offloaded optimizer states": optimizer if job.offload_optimizer else 0}
-    # Host memory while saving. A checkpoint copies this rank's slices (values, AdamW moments, int32
-    # indices) and safetensors serialises the copies: twice the slices. The adapter gathers one module's
-    # indices (int64) and values at a time, on every rank; at the density's share of the largest weight
-    # (a global top-k may give one weight more).
-    saves_host = {"checkpoint slices, copied + serialised": 2 * values * (4 + 8 + 4),
-                  "adapter: one module gathered": int(job.density * largest_linear) * (8 + 4)}
+    # Host memory while saving, one module at a time (at the density's share of the largest weight; a global
+    # top-k may give one weight more). A checkpoint streams this rank's slices straight from the optimizer's
+    # partitions, one tensor's bytes at a time (copied to the host, then to bytes); the adapter gathers one
+    # module's indices (int64) and values, on every rank.
+    module_k = int(job.density * largest_linear)
+    saves_host = {"checkpoint: one slice at a time": 2 * -(-module_k // n) * 4,
+                  "adapter: one module gathered": module_k * (8 + 4)}
     # transformers cannot load a quantized model inside zero.Init: each rank holds it whole first.
     load = {"whole quantized base" if job.quantize else "base weight shard": base_whole if job.quantize else device_base}
     result = {"load": load, "salience": salience, "salience host": salience_host, "training": training,

@@ -177,19 +177,12 @@ def set_trained_slice(param: torch.nn.Parameter, mine: torch.Tensor) -> None:
 
 def local_trained_state(param: torch.nn.Parameter, moments: bool) -> dict[str, torch.Tensor]:
     """This rank's slice, without padding, of a trained parameter's fp32 master value and (with `moments`)
-    of its AdamW moments: copies of the optimizer's own partitions, nothing gathered."""
+    of its AdamW moments: views of the optimizer's own partitions, nothing gathered or copied."""
     start, stop = shard_range(param)
     state = {"value": safe_get_local_fp32_param(param)}
     if moments:
         state.update({key: safe_get_local_optimizer_state(param, key) for key in ADAM_MOMENTS})
-    return {key: t.detach().flatten()[:stop - start].cpu().clone() for key, t in state.items()}
-
-
-def local_frozen(param: torch.nn.Parameter) -> torch.Tensor:
-    """This rank's slice, without padding, of a partitioned frozen parameter (such as delta indices): a
-    copy, nothing gathered."""
-    start, stop = shard_range(param)
-    return local_shard(param)[:stop - start].cpu().clone()
+    return {key: t.detach().flatten()[:stop - start] for key, t in state.items()}
 
 
 def resident_bytes(param: torch.nn.Parameter) -> int:

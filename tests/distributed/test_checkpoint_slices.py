@@ -30,10 +30,11 @@ def _worker(rank, world_size, argv):
     for name in ("gather_full", "gather_full_fp32", "adam_moments", "gather_from_shards"):
         setattr(zero3, name, counted(getattr(zero3, name)))
 
-    def measured_save(tensors, *args, **kwargs):
-        state = [t for key, t in tensors.items() if not key.startswith("rng/")]
-        largest_written[0] = max([largest_written[0], *(t.nbytes for t in state)])
-        return save_file(tensors, *args, **kwargs)
+    class MeasuredWriter(checkpoint.SafetensorsWriter):
+        def add(self, key, tensor):
+            if not key.startswith("rng/"):
+                largest_written[0] = max(largest_written[0], tensor.nbytes)
+            super().add(key, tensor)
 
     def save_watched(*args, **kwargs):
         saving[0] = True
@@ -42,15 +43,16 @@ def _worker(rank, world_size, argv):
         finally:
             saving[0] = False
 
-    save, save_file = checkpoint.save, checkpoint.save_file
-    checkpoint.save, checkpoint.save_file = save_watched, measured_save
+    save = checkpoint.save
+    checkpoint.save, checkpoint.SafetensorsWriter = save_watched, MeasuredWriter
     config, explicit = parse_config(argv)
     result = run(plan_run(config, explicit))
     layers = result.method.layers
     # one module's slice on this rank: its values (fp32) or its indices, whichever is larger
-    largest_slice = max(max(zero3.local_frozen(layer.delta_indices).nbytes, zero3.shard_numel(layer.delta_values) * 4)
+    largest_slice = max(zero3.shard_numel(layer.delta_values) * max(layer.delta_indices.element_size(), 4)
                         for layer in layers.values())
-    moments = {name: zero3.local_trained_state(layer.delta_values, moments=True) for name, layer in layers.items()}
+    moments = {name: {key: t.clone() for key, t in zero3.local_trained_state(layer.delta_values, moments=True).items()}
+               for name, layer in layers.items()}
     zero3.destroy_engine(result.engine)
     return {"gathers_while_saving": gathers_while_saving[0], "largest_written": largest_written[0],
             "largest_slice": largest_slice, "layer_order": list(layers),
