@@ -7,6 +7,7 @@ import time
 from contextlib import contextmanager
 from dataclasses import asdict
 from pathlib import Path
+from typing import Iterable
 
 import deepspeed
 import torch
@@ -69,7 +70,7 @@ class SpeftMethod(Method):
         self.folded.refold({name: model.get_submodule(name).weight for name in self.folded.parts})
         # one layer's whole index list at a time, read from every rank's slices as its layer is built
         indices = ((name, point.read_whole(f"indices/{name}")) for name in point.meta["layer_order"])
-        self.layers = inject_partitioned(model, ctx.plan.ds_config, indices, impl=self.config.delta_impl)
+        self.layers = self._inject(model, ctx, indices)
         return self.values()
 
     def select_masks(self, engine, ctx: RunContext, calibration_round: int = 0, k: int | None = None,
@@ -119,13 +120,15 @@ class SpeftMethod(Method):
         return {name: getattr(model.get_submodule(name), "base_layer", model.get_submodule(name))
                 for name in self.target_names}
 
-    def _inject(self, model, ctx: RunContext, indices: dict, values: dict | None = None) -> dict:
-        return inject_partitioned(model, ctx.plan.ds_config, indices.items(), values, self.config.delta_impl)
+    def _inject(self, model, ctx: RunContext, indices: Iterable[tuple[str, torch.Tensor]],
+                values: dict | None = None) -> dict:
+        """Delta layers partitioned across ranks for (name, whole indices) pairs, a generator if need be."""
+        return inject_partitioned(model, ctx.plan.ds_config, indices, values, self.config.delta_impl)
 
     def inject_selected(self, model, ctx: RunContext, selected: dict[str, torch.Tensor]) -> dict:
         """Wrap each weight with selected entries in a delta layer partitioned across ranks: a weight's whole
         index list exists only while its layer is created, never every weight's at once."""
-        return inject_partitioned(model, ctx.plan.ds_config, gather_indices(selected), impl=self.config.delta_impl)
+        return self._inject(model, ctx, gather_indices(selected))
 
     def values(self) -> list:
         return [layer.delta_values for layer in self.layers.values()]
@@ -219,7 +222,7 @@ class SpeftMethod(Method):
         kept_state = {name: {key: t[keep[name]] for key, t in kept_state[name].items()} for name in kept}
 
         # Score the model as it now is (W with the dropped entries folded in, plus the kept deltas, frozen).
-        layers = self._inject(model, ctx, kept, {name: s["value"] for name, s in kept_state.items()})
+        layers = self._inject(model, ctx, kept.items(), {name: s["value"] for name, s in kept_state.items()})
         for layer in layers.values():
             layer.delta_values.requires_grad_(False)
         salience_engine = self._salience_engine(model, ctx)
@@ -230,7 +233,7 @@ class SpeftMethod(Method):
         masks.unwrap(model, layers)
 
         indices, state = masks.union(self.target_names, kept, grown, kept_state)
-        self.layers = self._inject(model, ctx, indices, {name: s["value"] for name, s in state.items()})
+        self.layers = self._inject(model, ctx, indices.items(), {name: s["value"] for name, s in state.items()})
         engine = make_engine(self.values(), completed_steps)
         zero3.seed_adam_state(engine, step, {self.layers[name].delta_values: {key: t for key, t in s.items()
                                                                               if key != "value"}
