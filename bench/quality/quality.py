@@ -237,14 +237,22 @@ def long_cells(cells: dict) -> list[Cell]:
 
 def planned(cells: dict, tests: dict) -> list[tuple[str, Cell]]:
     """The jobs not yet run, in order: the base; then budget by budget (the main one first) every method's
-    sweep, then the cells at the chosen rates; then the long cells. Each reported cell is followed by its
-    test scoring."""
+    sweep and the test scoring of its chosen rate's seed-1 cell, so the curve over budgets fills first; then
+    the second seeds and, at the main budget, the other task; then the long cells. Each reported cell is
+    followed by its test scoring."""
+    def first(cell: Cell) -> bool:
+        return cell.seed == SEEDS[0] and cell.task == SWEEP_TASK
+
     reported = [base_cell(task) for _, task in BASE_CELLS]
     jobs = [(kind, cell) for cell in reported for kind in ("cell", "test")]
-    for budget in dict.fromkeys(budget for _, budget in START):
+    budgets = list(dict.fromkeys(budget for _, budget in START))
+    for budget in budgets:
         jobs += [("cell", Cell(method, SWEEP_TASK, budget, lr, 1)) for method, at in START if at == budget
                  for lr in sweep(cells, method, budget)[0]]
-        jobs += [(kind, cell) for cell in at_chosen_rates(cells, budget) for kind in ("cell", "test")]
+        jobs += [("test", cell) for cell in at_chosen_rates(cells, budget) if first(cell)]
+    for budget in budgets:
+        jobs += [(kind, cell) for cell in at_chosen_rates(cells, budget) if not first(cell)
+                 for kind in ("cell", "test")]
     jobs += [(kind, cell) for cell in long_cells(cells) for kind in ("cell", "test")]
     return [(kind, cell) for kind, cell in jobs
             if (kind == "cell" and cell not in cells) or (kind == "test" and cell not in tests)]

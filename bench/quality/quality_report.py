@@ -200,7 +200,9 @@ def write_page(remaining: int) -> None:
               "The plan, "
               "budget by budget: " + "; ".join(f"{b}: " + ", ".join(m for m, at in START if at == b)
                                                for b in dict.fromkeys(b for _, b in START))
-              + f". Then one {LONG_STEPS}-step cell per method at {MAIN_BUDGET}. In all about {planned_total} "
+              + "; each budget's sweeps end with the test scoring of seed 1 at each chosen rate, so the curve "
+              "over budgets fills first. Then the second seeds and the other task at the chosen rates, then "
+              f"one {LONG_STEPS}-step cell per method at {MAIN_BUDGET}. In all about {planned_total} "
               f"cells: 2 base, at least {sweep_cells} in the sweeps, {len(START)} second seeds, {at_main} on "
               f"{OTHER_TASK}, {at_main} long ones; each reported cell then scores the test once.")
     plot(cells, tests)
