@@ -1,7 +1,8 @@
 """Quality on a pretrained model, SmolLM2-135M-Instruct on 2 CPU ranks: SPEFT (gradient salience, global
 top-k) against a random mask of the same size and LoRA at the same trainable count, from far below LoRA's
-floor (r = 1 on every targeted linear) to about 1% of the targeted weights; held-out accuracy with its
-standard error, held-out loss, forgetting of a general English text, and the whole job's cost.
+floor (r = 1 on every targeted linear; below it LoRA at r = 1 on fewer modules) to about 1% of the targeted
+weights; held-out accuracy with its standard error, held-out loss, forgetting of a general English text,
+and the whole job's cost.
 
     python bench/quality/quality.py --run_next 3     # the next 3 jobs of the plan (cells and test scorings), appended
     python bench/quality/quality.py --table          # docs/quality.md and docs/quality.png from bench/results/quality.jsonl
@@ -58,18 +59,24 @@ METHODS = {"base": ("base", []), "speft": ("speft", []), "random": ("speft", ["-
 @dataclass(frozen=True)
 class Budget:
     """A trainable count: LoRA's at rank `lora_r` on every targeted linear (SPEFT and the random mask then
-    train exactly as many entries), or, below LoRA's floor, a fraction of the targeted weights."""
+    train exactly as many entries), or, below LoRA's floor, a fraction `density` of the targeted weights,
+    which LoRA reaches only at r = 1 on fewer modules (`lora_targets`, its --target_modules)."""
     lora_r: int | None = None
     density: float | None = None
+    lora_targets: str | None = None
 
 
-BUDGETS = {"0%": Budget(), "0.01%": Budget(density=1e-4), "0.29%": Budget(lora_r=1), "0.86%": Budget(lora_r=3)}
+# r = 1 on v_proj (576 -> 192) of every other layer up to 26: 14 x 768 = 10,752, 1.3% over 0.01% of the
+# targeted weights (10,617)
+V_PROJ_EVERY_OTHER = r"model\.layers\.(" + "|".join(str(i) for i in range(0, 28, 2)) + r")\.self_attn\.v_proj"
+BUDGETS = {"0%": Budget(), "0.01%": Budget(lora_r=1, density=1e-4, lora_targets=V_PROJ_EVERY_OTHER),
+           "0.29%": Budget(lora_r=1), "0.86%": Budget(lora_r=3)}
 # (method, budget) -> the first grid; sparser updates need larger rates (a random mask most)
 START = {("speft", "0.86%"): (3e-4, 1e-3, 3e-3), ("random", "0.86%"): (1e-3, 3e-3, 1e-2),
          ("lora", "0.86%"): (1e-3, 3e-3, 1e-2), ("channel", "0.86%"): (3e-4, 1e-3, 3e-3),
          ("speft", "0.01%"): (3e-3, 1e-2, 3e-2), ("random", "0.01%"): (1e-2, 3e-2, 1e-1),
          ("speft", "0.29%"): (1e-3, 3e-3, 1e-2), ("random", "0.29%"): (3e-3, 1e-2, 3e-2),
-         ("lora", "0.29%"): (1e-3, 3e-3, 1e-2)}
+         ("lora", "0.29%"): (1e-3, 3e-3, 1e-2), ("lora", "0.01%"): (3e-3, 1e-2, 3e-2)}
 SWEEP_TASK, OTHER_TASK, SEEDS, MAIN_BUDGET = "arith", "choose", (1, 2), "0.86%"
 # the base model as loaded: every cell's accuracy gain and retention loss rise are counted from it
 BASE_CELLS = tuple(("base", task) for task in (SWEEP_TASK, OTHER_TASK))
@@ -99,7 +106,7 @@ def base_cell(task: str) -> Cell:
 
 def trainable(budget: Budget, model: str) -> int:
     targeted, in_plus_out = target_sizes(Path(model))
-    return budget.lora_r * in_plus_out if budget.lora_r else round(budget.density * targeted)
+    return round(budget.density * targeted) if budget.density else budget.lora_r * in_plus_out
 
 
 def _commit() -> dict:
@@ -132,6 +139,7 @@ def run_cell(cell: Cell) -> dict:
     budget = BUDGETS[cell.budget]
     worker, extra = METHODS[cell.method]
     size = ["--lora_r", str(budget.lora_r)] if worker == "lora" else []
+    size += ["--target_modules", budget.lora_targets] if worker == "lora" and budget.lora_targets else []
     size_flags = ["--num_trainable", str(trainable(budget, model))] if worker == "speft" else []
     result = WORK / f"{cell.tag}.json"
     result.unlink(missing_ok=True)
