@@ -147,6 +147,20 @@ def channel_table() -> list[str]:
     return rows
 
 
+def ablation_table() -> list[str]:
+    """bench/quality/quality_channels.py --ablate's records: an adapter without its loud-channel entries."""
+    from bench.quality.quality_channels import ABLATION
+
+    rows = ["| cell | adapter | entries dropped | validation accuracy | retention loss | KL(base ‖ tuned) |",
+            "|---|---|---|---|---|---|"]
+    if ABLATION.is_file():
+        for line in ABLATION.read_text().splitlines():
+            r = json.loads(line)
+            rows.append(f"| {r['tag']} | {r['variant']} | {r['dropped']:,} of {r['k']:,} | "
+                        f"{_with_se(r['accuracy'], r['stderr'])} | {r['retention_loss']:.3f} | {r['kl']:.4f} |")
+    return rows
+
+
 def plot(cells: dict, tests: dict) -> None:
     """Left: test accuracy (mean of the seeds) against trainable count per method. Right: every sweep
     cell's validation accuracy gain against its retention loss rise."""
@@ -215,6 +229,10 @@ def write_page(remaining: int) -> None:
                 "## Where the mask sits: input channels by activation norm on the general text",
                 "(`python bench/quality/quality_channels.py`; an even spread puts 1% and 10% there.)",
                 "\n".join(channel_table()),
+                "Do the entries on the loud channels cause the forgetting? One adapter scored whole, without its "
+                "entries on each layer's top 1% of input channels, and without as many entries drawn at random "
+                "(`python bench/quality/quality_channels.py --ablate TAG`; one process, validation task):",
+                "\n".join(ablation_table()),
                 f"## Long cells ({LONG_STEPS} steps)", "\n".join(long_table(cells, tests)),
                 VERDICT + (kept if marker else "")]
     PAGE.write_text("\n\n".join(section.strip("\n") for section in sections) + "\n")
