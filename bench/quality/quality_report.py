@@ -96,6 +96,15 @@ def other_task_table(cells: dict, tests: dict) -> list[str]:
     return rows
 
 
+def break_even(fixed: float, step: float, lora_fixed: float, lora_step: float) -> str:
+    """The step count where a job of `fixed` seconds plus `step` per step takes as long as LoRA's, and on
+    which side of it the job is the shorter."""
+    if (fixed - lora_fixed) * (step - lora_step) >= 0:
+        return "never: " + ("LoRA's is shorter" if fixed + step > lora_fixed + lora_step else "its job is shorter")
+    even = (fixed - lora_fixed) / (lora_step - step)
+    return f"{even:.0f} (its job is shorter {'beyond' if step < lora_step else 'below'})"
+
+
 def cost_table(cells: dict) -> list[str]:
     """The main budget's chosen seed-1 cells, phase by phase, and the step count where each method's whole
     job takes as long as LoRA's."""
@@ -114,9 +123,7 @@ def cost_table(cells: dict) -> list[str]:
         fixed, step = fixed_and_step(r)
         even = ""
         if lora and method != "lora":
-            lora_fixed, lora_step = fixed_and_step(lora)
-            even = (f"{(fixed - lora_fixed) / (lora_step - step):.0f}" if lora_step > step
-                    else "never (slower per step)" if fixed > lora_fixed else "always")
+            even = break_even(fixed, step, *fixed_and_step(lora))
         rows.append(f"| {method} | " + " | ".join(f"{r['phase_s'][n]:.0f}" for n in names)
                     + f" | {r['wall_s']:.0f} | {step:.2f} | "
                     + ", ".join(f"{p:,.0f}" for p in r["job_peak_rss_mib_per_rank"]) + f" | {even} |")
