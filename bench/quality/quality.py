@@ -48,7 +48,7 @@ RESULTS = Path(os.environ.get("SPEFT_QUALITY_RESULTS", REPO / "bench" / "results
 WORK = Path(os.environ.get("SPEFT_QUALITY_WORK", "/tmp/speft-quality"))
 RETENTION = Path("/usr/share/common-licenses/GPL-3")
 WORLD_SIZE, STEPS, LONG_STEPS, MICRO_BATCH, SEQ_LEN, CALIBRATION = 2, 60, 300, 8, 96, 128
-LADDER = (1e-5, 3e-5, 1e-4, 3e-4, 1e-3, 3e-3, 1e-2, 3e-2, 1e-1, 3e-1)  # half decades
+LADDER = (1e-5, 3e-5, 1e-4, 3e-4, 1e-3, 3e-3, 1e-2, 3e-2, 1e-1, 3e-1, 1.0, 3.0)  # half decades
 # method -> (compare_worker method, extra training flags)
 METHODS = {"base": ("base", []), "speft": ("speft", []), "random": ("speft", ["--metric", "random"]),
            "lora": ("lora", []),

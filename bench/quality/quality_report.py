@@ -7,8 +7,8 @@ from __future__ import annotations
 import json
 import math
 
-from bench.quality.quality import (BUDGETS, LONG_STEPS, MAIN_BUDGET, OTHER_TASK, REPO, START, STEPS, SWEEP_TASK, Cell,
-                                   base_cell, read_results, sweep)
+from bench.quality.quality import (BUDGETS, LONG_STEPS, MAIN_BUDGET, OTHER_TASK, REPO, SEEDS, START, STEPS,
+                                   SWEEP_TASK, Cell, base_cell, read_results, sweep)
 from speft_ds.runtime.run_summary import PHASES
 
 PAGE, FIGURE = REPO / "docs" / "quality.md", REPO / "docs" / "quality.png"
@@ -63,7 +63,7 @@ def _mean_test(tests: list[dict]) -> str:
 
 
 def budget_table(cells: dict, tests: dict) -> list[str]:
-    rows = ["| budget | method | trainable | chosen lr (grid) | test seed 1 | test seed 2 | mean (± s.e.) | "
+    rows = ["| budget | method | trainable | chosen lr (grid) | test seed 1 (± s.e.) | test seed 2 | mean (± s.e.) | "
             "retention loss (rise) | KL(base ‖ tuned) |", "|---|---|---|---|---|---|---|---|---|"]
     base = cells.get(base_cell(SWEEP_TASK))
     if base_cell(SWEEP_TASK) in tests:
@@ -82,7 +82,8 @@ def budget_table(cells: dict, tests: dict) -> list[str]:
             scored = [tests[c] for c in seeds if c in tests]
             first = cells[seeds[0]]
             rows.append(f"| {budget} | {method} | {first.get('trainable', 0):,} | {lr:g} ({span}) | "
-                        + " | ".join(_pct(tests[c]["accuracy"]) if c in tests else "" for c in seeds)
+                        + " | ".join(_with_se(tests[c]["accuracy"], tests[c]["stderr"]) if c in tests else ""
+                                     for c in seeds)
                         + f" | {_mean_test(scored) if len(scored) == 2 else ''} {_retention(first, base)}")
     return rows
 
@@ -169,8 +170,8 @@ def ablation_table() -> list[str]:
 
 
 def plot(cells: dict, tests: dict) -> None:
-    """Left: test accuracy (mean of the seeds) against trainable count per method. Right: every sweep
-    cell's validation accuracy gain against its retention loss rise."""
+    """Left: test accuracy (mean of the seeds scored so far) against trainable count per method. Right:
+    every sweep cell's validation accuracy against its retention loss rise, one marker per budget."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -180,22 +181,27 @@ def plot(cells: dict, tests: dict) -> None:
     if not base or "retention_after" not in base:
         return
     fig, (left, right) = plt.subplots(1, 2, figsize=(11, 4.2))
-    for method in METHOD_ORDER:
+    markers = dict(zip((b for b in BUDGETS if b != "0%"), "v^so"))
+    for color, method in zip(("C0", "C1", "C2", "C3"), METHOD_ORDER):
         points = []
         for budget in BUDGETS:
             lr = sweep(cells, method, budget)[1] if (method, budget) in START else None
-            scored = [tests[c] for c in (Cell(method, SWEEP_TASK, budget, lr, s) for s in (1, 2)) if c in tests]
-            if lr is not None and len(scored) == 2:
+            scored = [tests[c] for c in (Cell(method, SWEEP_TASK, budget, lr, s) for s in SEEDS) if c in tests]
+            if lr is not None and scored:
                 points.append((cells[Cell(method, SWEEP_TASK, budget, lr, 1)]["trainable"],
-                               sum(t["accuracy"] for t in scored) / 2))
+                               sum(t["accuracy"] for t in scored) / len(scored)))
         if points:
-            left.plot(*zip(*sorted(points)), marker="o", label=method)
-        sweep_cells = [r for c, r in cells.items() if c.method == method and c.task == SWEEP_TASK
-                       and c.steps == STEPS and "retention_after" in r]
-        if sweep_cells:
-            right.scatter([r["retention_after"]["loss"] - base["retention_after"]["loss"] for r in sweep_cells],
-                          [r["task_after"]["accuracy"] for r in sweep_cells], label=method)
-    left.set(xscale="log", xlabel="trainable parameters", ylabel=f"test accuracy ({SWEEP_TASK}, mean of 2 seeds)")
+            left.plot(*zip(*sorted(points)), marker="o", color=color, label=method)
+        for budget, marker in markers.items():
+            swept = [r for c, r in cells.items() if c.method == method and c.task == SWEEP_TASK
+                     and c.budget == budget and c.steps == STEPS and "retention_after" in r]
+            if swept:
+                right.scatter([r["retention_after"]["loss"] - base["retention_after"]["loss"] for r in swept],
+                              [r["task_after"]["accuracy"] for r in swept], color=color, marker=marker,
+                              label=f"{method} {budget}")
+    left.set(xscale="log", xlabel="trainable parameters",
+             ylabel=f"test accuracy ({SWEEP_TASK}, mean of the seeds scored)")
+    right.set_xscale("symlog", linthresh=0.1)  # the rises span 0.01 (random masks) to 10 (a collapse)
     right.set(xlabel="rise of the loss on the general text (GPL-3)", ylabel=f"validation accuracy ({SWEEP_TASK})",
               title="learning against forgetting, every rate and budget")
     for axes in (left, right):
