@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import math
+from pathlib import Path
 
 from bench.quality.quality import (BUDGETS, LONG_STEPS, MAIN_BUDGET, OTHER_TASK, REPO, SEEDS, START, STEPS,
                                    SWEEP_TASK, Cell, base_cell, read_results, sweep)
@@ -142,31 +143,28 @@ def long_table(cells: dict, tests: dict) -> list[str]:
     return rows
 
 
+def _records(path: Path) -> list[dict]:
+    return [json.loads(line) for line in path.read_text().splitlines()] if path.is_file() else []
+
+
 def channel_table() -> list[str]:
     """bench/quality/quality_channels.py's records: the share of k on each layer's loudest input channels."""
     from bench.quality.quality_channels import CHANNELS
 
-    rows = ["| budget | method | lr | seed | k on the top 1% of input channels | on the top 10% |", "|---|---|---|---|---|---|"]
-    if CHANNELS.is_file():
-        for line in CHANNELS.read_text().splitlines():
-            r = json.loads(line)
-            rows.append(f"| {r['budget']} | {r['method']} | {r['lr']:g} | {r['seed']} | {_pct(r['top_1%'])} | "
-                        f"{_pct(r['top_10%'])} |")
-    return rows
+    return ["| budget | method | lr | seed | k on the top 1% of input channels | on the top 10% |",
+            "|---|---|---|---|---|---|"] + [
+        f"| {r['budget']} | {r['method']} | {r['lr']:g} | {r['seed']} | {_pct(r['top_1%'])} | {_pct(r['top_10%'])} |"
+        for r in _records(CHANNELS)]
 
 
 def ablation_table() -> list[str]:
     """bench/quality/quality_channels.py --ablate's records: an adapter without its loud-channel entries."""
     from bench.quality.quality_channels import ABLATION
 
-    rows = ["| cell | adapter | entries dropped | validation accuracy | retention loss | KL(base ‖ tuned) |",
-            "|---|---|---|---|---|---|"]
-    if ABLATION.is_file():
-        for line in ABLATION.read_text().splitlines():
-            r = json.loads(line)
-            rows.append(f"| {r['tag']} | {r['variant']} | {r['dropped']:,} of {r['k']:,} | "
-                        f"{_with_se(r['accuracy'], r['stderr'])} | {r['retention_loss']:.3f} | {r['kl']:.4f} |")
-    return rows
+    return ["| cell | adapter | entries dropped | validation accuracy | retention loss | KL(base ‖ tuned) |",
+            "|---|---|---|---|---|---|"] + [
+        f"| {r['tag']} | {r['variant']} | {r['dropped']:,} of {r['k']:,} | {_with_se(r['accuracy'], r['stderr'])} | "
+        f"{r['retention_loss']:.3f} | {r['kl']:.4f} |" for r in _records(ABLATION)]
 
 
 def plot(cells: dict, tests: dict) -> None:
