@@ -116,9 +116,14 @@ def _commit() -> dict:
     return {"commit": head, "tree_changed": bool(changed)}
 
 
-def _append(record: dict) -> None:
-    RESULTS.parent.mkdir(parents=True, exist_ok=True)
-    with RESULTS.open("a") as fh:
+def read_records(path: Path) -> list[dict]:
+    """A .jsonl results file's records (none where it does not exist yet)."""
+    return [json.loads(line) for line in path.read_text().splitlines()] if path.is_file() else []
+
+
+def append_record(record: dict, path: Path = RESULTS) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with path.open("a") as fh:
         fh.write(json.dumps(record) + "\n")
 
 
@@ -160,7 +165,7 @@ def run_cell(cell: Cell) -> dict:
         record.update(json.loads(result.read_text()), method=cell.method)  # the worker's "method" is its kind
     else:
         record.update(failed=(proc.stdout + proc.stderr).strip().splitlines()[-3:])
-    _append(record)
+    append_record(record)
     return record
 
 
@@ -171,7 +176,7 @@ def run_test(cell: Cell) -> dict:
     if cell.method != "base" and not adapter.is_dir():
         if "failed" in run_cell(cell):
             record = {"test_of": asdict(cell), **_commit(), "failed": True, "accuracy": 0.0, "stderr": 0.0}
-            _append(record)
+            append_record(record)
             return record
     from speft_ds.models.gguf import resolve_model
 
@@ -184,20 +189,18 @@ def run_test(cell: Cell) -> dict:
     scored = json.loads(output.read_text())
     record = {"test_of": asdict(cell), **_commit(), "accuracy": scored["accuracy"], "stderr": scored["stderr"],
               "examples": scored["examples"]}
-    _append(record)
+    append_record(record)
     return record
 
 
 def read_results() -> tuple[dict[Cell, dict], dict[Cell, dict]]:
     """(cell -> its latest record, cell -> its test score)."""
     cells, tests = {}, {}
-    if RESULTS.is_file():
-        for line in RESULTS.read_text().splitlines():
-            record = json.loads(line)
-            if "test_of" in record:
-                tests[Cell(**record["test_of"])] = record
-            else:
-                cells[cell_of(record)] = record
+    for record in read_records(RESULTS):
+        if "test_of" in record:
+            tests[Cell(**record["test_of"])] = record
+        else:
+            cells[cell_of(record)] = record
     return cells, tests
 
 

@@ -18,7 +18,6 @@ bench/quality/quality_report.py tables.
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 from contextlib import contextmanager
 from pathlib import Path
@@ -28,7 +27,8 @@ import torch
 REPO = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(REPO))
 
-from bench.quality.quality import MICRO_BATCH, RETENTION, SEQ_LEN, SWEEP_TASK, WORK, read_results  # noqa: E402
+from bench.quality.quality import (MICRO_BATCH, RETENTION, SEQ_LEN, SWEEP_TASK, WORK, append_record,  # noqa: E402
+                                   read_records, read_results)
 from bench.quality.quality_tasks import write_task  # noqa: E402
 from speft_ds.methods.speft.adapter_format import read_adapter  # noqa: E402
 from speft_ds.methods.speft.delta_impls import add_delta_  # noqa: E402
@@ -115,12 +115,11 @@ def ablate(model, tokenizer, rows: list[dict], norms: dict, tag: str) -> None:
             accuracy = evaluate_task(model, tokenizer, task, show_progress=False)
             retention = score_retention(model, rows, MICRO_BATCH, pad_token_id(tokenizer), torch.device("cpu"),
                                         lambda: weights_swapped(model, base))
-        record = {"tag": tag, "variant": variant, "k": sum(i.numel() for i in indices.values()),
+        record = {"tag": tag, "variant": variant, "k": sum(sizes),
                   "dropped": 0 if drop is None else dropped, "accuracy": accuracy.accuracy,
                   "stderr": accuracy.stderr, "retention_loss": retention["loss"], "kl": retention["kl"]}
         print(record, flush=True)
-        with ABLATION.open("a") as fh:
-            fh.write(json.dumps(record) + "\n")
+        append_record(record, ABLATION)
 
 
 def main() -> int:
@@ -135,7 +134,7 @@ def main() -> int:
                                                         "entries, and without as many random ones.")
     args = parser.parse_args()
     cells, _ = read_results()
-    done = {json.loads(line)["tag"] for line in CHANNELS.read_text().splitlines()} if CHANNELS.is_file() else set()
+    done = {record["tag"] for record in read_records(CHANNELS)}
     todo = [cell for cell in cells if cell.method in ("speft", "channel", "random") and cell.tag not in done
             and (WORK / cell.tag / "adapter").is_dir()]
     if not todo and not args.ablate:
@@ -153,8 +152,7 @@ def main() -> int:
         record = {"tag": cell.tag, "method": cell.method, "budget": cell.budget, "lr": cell.lr, "seed": cell.seed,
                   **shares_on_loud_channels(indices, adapter_config["shapes"], norms)}
         print(record, flush=True)
-        with CHANNELS.open("a") as fh:
-            fh.write(json.dumps(record) + "\n")
+        append_record(record, CHANNELS)
     if args.ablate:
         ablate(model, tokenizer, rows, norms, args.ablate)
     return 0

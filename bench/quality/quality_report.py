@@ -4,12 +4,10 @@ job's cost, and forgetting. The verdict at the page's end is written by hand and
 
 from __future__ import annotations
 
-import json
 import math
-from pathlib import Path
 
 from bench.quality.quality import (BUDGETS, LONG_STEPS, MAIN_BUDGET, OTHER_TASK, REPO, SEEDS, START, STEPS,
-                                   SWEEP_TASK, Cell, base_cell, read_results, sweep)
+                                   SWEEP_TASK, Cell, base_cell, read_records, read_results, sweep)
 from speft_ds.runtime.run_summary import PHASES
 
 PAGE, FIGURE = REPO / "docs" / "quality.md", REPO / "docs" / "quality.png"
@@ -143,10 +141,6 @@ def long_table(cells: dict, tests: dict) -> list[str]:
     return rows
 
 
-def _records(path: Path) -> list[dict]:
-    return [json.loads(line) for line in path.read_text().splitlines()] if path.is_file() else []
-
-
 def channel_table() -> list[str]:
     """bench/quality/quality_channels.py's records: the share of k on each layer's loudest input channels."""
     from bench.quality.quality_channels import CHANNELS
@@ -154,7 +148,7 @@ def channel_table() -> list[str]:
     return ["| budget | method | lr | seed | k on the top 1% of input channels | on the top 10% |",
             "|---|---|---|---|---|---|"] + [
         f"| {r['budget']} | {r['method']} | {r['lr']:g} | {r['seed']} | {_pct(r['top_1%'])} | {_pct(r['top_10%'])} |"
-        for r in _records(CHANNELS)]
+        for r in read_records(CHANNELS)]
 
 
 def ablation_table() -> list[str]:
@@ -164,7 +158,7 @@ def ablation_table() -> list[str]:
     return ["| cell | adapter | entries dropped | validation accuracy | retention loss | KL(base ‖ tuned) |",
             "|---|---|---|---|---|---|"] + [
         f"| {r['tag']} | {r['variant']} | {r['dropped']:,} of {r['k']:,} | {_with_se(r['accuracy'], r['stderr'])} | "
-        f"{r['retention_loss']:.3f} | {r['kl']:.4f} |" for r in _records(ABLATION)]
+        f"{r['retention_loss']:.3f} | {r['kl']:.4f} |" for r in read_records(ABLATION)]
 
 
 def plot(cells: dict, tests: dict) -> None:
