@@ -41,7 +41,7 @@ sys.path.insert(0, str(REPO))
 
 from bench.common.jobs import target_sizes  # noqa: E402
 from bench.quality.quality_tasks import write_task  # noqa: E402
-from speft_ds.config import DEFAULT_MODEL  # noqa: E402
+from speft_ds.config import DEFAULT_LEARNING_RATES, DEFAULT_MODEL  # noqa: E402
 from speft_ds.runtime.distributed import free_port  # noqa: E402
 
 RESULTS = Path(os.environ.get("SPEFT_QUALITY_RESULTS", REPO / "bench" / "results" / "quality.jsonl"))
@@ -246,11 +246,18 @@ def long_cells(cells: dict) -> list[Cell]:
             if budget == MAIN_BUDGET and (lr := sweep(cells, method, budget)[1]) is not None]
 
 
+def default_checks(cells: dict) -> list[Cell]:
+    """A default rate moves only where validation on both tasks favours the new one: where a method's rate
+    chosen at the main budget is not its default, the other task runs at the default too (validation only)."""
+    return [Cell(method, OTHER_TASK, MAIN_BUDGET, DEFAULT_LEARNING_RATES[method], 1) for method in ("speft", "lora")
+            if sweep(cells, method, MAIN_BUDGET)[1] not in (None, DEFAULT_LEARNING_RATES[method])]
+
+
 def planned(cells: dict, tests: dict) -> list[tuple[str, Cell]]:
     """The jobs not yet run, in order: the base; then budget by budget (the main one first) every method's
     sweep and the test scoring of its chosen rate's seed-1 cell, so the curve over budgets fills first; then
-    the second seeds and, at the main budget, the other task; then the long cells. Each reported cell is
-    followed by its test scoring."""
+    the second seeds and, at the main budget, the other task (and its default-rate checks); then the long
+    cells. Each reported cell is followed by its test scoring."""
     def first(cell: Cell) -> bool:
         return cell.seed == SEEDS[0] and cell.task == SWEEP_TASK
 
@@ -264,6 +271,7 @@ def planned(cells: dict, tests: dict) -> list[tuple[str, Cell]]:
     for budget in budgets:
         jobs += [(kind, cell) for cell in at_chosen_rates(cells, budget) if not first(cell)
                  for kind in ("cell", "test")]
+    jobs += [("cell", cell) for cell in default_checks(cells)]
     jobs += [(kind, cell) for cell in long_cells(cells) for kind in ("cell", "test")]
     return [(kind, cell) for kind, cell in jobs
             if (kind == "cell" and cell not in cells) or (kind == "test" and cell not in tests)]
