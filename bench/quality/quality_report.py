@@ -180,7 +180,7 @@ def plot(cells: dict, tests: dict) -> None:
     base = cells.get(base_cell(SWEEP_TASK))
     if not base or "retention_after" not in base:
         return
-    fig, (left, right) = plt.subplots(1, 2, figsize=(11, 4.2))
+    fig, (left, right) = plt.subplots(1, 2, figsize=(12.5, 4.2))
     markers = dict(zip((b for b in BUDGETS if b != "0%"), "v^so"))
     for color, method in zip(("C0", "C1", "C2", "C3"), METHOD_ORDER):
         points = []
@@ -206,8 +206,10 @@ def plot(cells: dict, tests: dict) -> None:
               title="learning against forgetting, every rate and budget")
     for axes in (left, right):
         axes.grid(alpha=0.3)
-        if axes.get_legend_handles_labels()[0]:
-            axes.legend()
+    if left.get_legend_handles_labels()[0]:
+        left.legend()
+    if right.get_legend_handles_labels()[0]:  # beside the axes: inside it hides the cells
+        right.legend(loc="center left", bbox_to_anchor=(1.01, 0.5), fontsize="small")
     fig.tight_layout()
     fig.savefig(FIGURE, dpi=110)
 
