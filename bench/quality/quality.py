@@ -249,8 +249,8 @@ def long_cells(cells: dict) -> list[Cell]:
 def default_checks(cells: dict) -> list[Cell]:
     """A default rate moves only where validation on both tasks favours the new one: where a method's rate
     chosen at the main budget is not its default, the other task runs at the default too (validation only)."""
-    return [Cell(method, OTHER_TASK, MAIN_BUDGET, DEFAULT_LEARNING_RATES[method], 1) for method in ("speft", "lora")
-            if sweep(cells, method, MAIN_BUDGET)[1] not in (None, DEFAULT_LEARNING_RATES[method])]
+    return [Cell(method, OTHER_TASK, MAIN_BUDGET, default, 1) for method, default in DEFAULT_LEARNING_RATES.items()
+            if (method, MAIN_BUDGET) in START and sweep(cells, method, MAIN_BUDGET)[1] not in (None, default)]
 
 
 def planned(cells: dict, tests: dict) -> list[tuple[str, Cell]]:

@@ -77,13 +77,13 @@ def budget_table(cells: dict, tests: dict) -> list[str]:
             if lr is None:
                 rows.append(f"| {budget} | {method} | | not yet chosen ({span}) | | | | | |")
                 continue
-            seeds = [Cell(method, SWEEP_TASK, budget, lr, seed) for seed in (1, 2)]
+            seeds = [Cell(method, SWEEP_TASK, budget, lr, seed) for seed in SEEDS]
             scored = [tests[c] for c in seeds if c in tests]
             first = cells[seeds[0]]
             rows.append(f"| {budget} | {method} | {first.get('trainable', 0):,} | {lr:g} ({span}) | "
                         + " | ".join(_with_se(tests[c]["accuracy"], tests[c]["stderr"]) if c in tests else ""
                                      for c in seeds)
-                        + f" | {_mean_test(scored) if len(scored) == 2 else ''} {_retention(first, base)}")
+                        + f" | {_mean_test(scored) if len(scored) == len(SEEDS) else ''} {_retention(first, base)}")
     return rows
 
 
@@ -223,7 +223,7 @@ def write_page(remaining: int) -> None:
     about, commands, protocol, retention = quality.__doc__.split("\n\n")[:4]
     _, marker, kept = PAGE.read_text().partition(VERDICT) if PAGE.is_file() else ("", "", "")
     sweep_cells, at_main = sum(len(grid) for grid in START.values()), sum(b == MAIN_BUDGET for _, b in START)
-    planned_total = 2 + sweep_cells + len(START) + 2 * at_main
+    planned_total = 2 + sweep_cells + len(START) + 2 * at_main + len(quality.default_checks(cells))
     status = (f"Cells run: {len(cells)}; test scorings: {len(tests)}; planned jobs not yet run: {remaining} "
               "(`python bench/quality/quality.py --run_next N`; a cell takes 5 to 15 minutes on 2 CPU cores). "
               "The plan, "
