@@ -114,6 +114,11 @@ class TrainConfig:
     selection: str = _field("global", "One top-k over all targeted weights (global), the same fraction per weight "
                                       "(local), or one top-k over scores divided by each weight's mean |score| "
                                       "(normalized).", choices=("global", "local", "normalized"))
+    input_channel_cap: Optional[float] = _field(
+        None, "Let each input channel (a column of a targeted weight) take at most this many times its even "
+              "share of the selection, ceil(CAP x density x rows) entries, >= 1: a gradient score grows with its "
+              "input's magnitude, so an uncapped mask crowds onto the loudest channels (docs/quality.md). "
+              "Default: no cap.")
     density: float = _field(0.01, "Fraction of targeted weight elements to train, in (0, 1].")
     num_trainable: Optional[int] = _field(None, "Exact number of trainable elements (overrides --density).")
     target_modules: Optional[str] = _field(
@@ -192,8 +197,16 @@ class TrainConfig:
             raise ConfigError("--rose_start and --rose_end must satisfy 0 <= start < end <= 1 (fractions of the "
                               f"steps) and --rose_beta lie in [0, 1); got {self.rose_start}, {self.rose_end}, "
                               f"{self.rose_beta}")
+        if self.input_channel_cap is not None and self.input_channel_cap < 1:
+            raise ConfigError(f"--input_channel_cap {self.input_channel_cap} leaves fewer selectable entries than "
+                              "the selection takes: pass a multiple of a channel's even share >= 1, such as 2")
+        if self.input_channel_cap is not None and self.mask_update_steps:
+            raise ConfigError("--input_channel_cap caps the static mask; mask updates regrow entries without it: "
+                              "drop --mask_update_steps or --input_channel_cap")
         if self.peft != "speft" and self.mask_update_steps:
             raise ConfigError(f"--mask_update_steps updates SPEFT's mask; --peft {self.peft} has none: drop it")
+        if self.peft != "speft" and self.input_channel_cap is not None:
+            raise ConfigError(f"--input_channel_cap shapes SPEFT's mask; --peft {self.peft} has none: drop it")
         if not 0.0 < self.regrow_fraction <= 1.0:
             raise ConfigError(f"--regrow_fraction {self.regrow_fraction} is outside (0, 1]: pass a fraction such "
                               "as 0.1")

@@ -57,6 +57,18 @@ def reference_top_k(scores: list[torch.Tensor], k: int) -> tuple[list[set], floa
     return chosen, float(flat[order[-1]])
 
 
+def reference_capped_top_k(scores: list[torch.Tensor], caps: list[int], k: int) -> tuple[list[set], float]:
+    """reference_top_k after a cap per column: of each [rows, columns] weight, only the `cap` highest entries
+    of each column (score descending, then row ascending) stay selectable; the rest score -inf."""
+    capped = []
+    for weight, cap in zip(scores, caps):
+        keep = torch.zeros(weight.shape, dtype=torch.bool)
+        for column in range(weight.shape[1]):
+            keep[torch.sort(-weight[:, column], stable=True).indices[:cap], column] = True
+        capped.append(torch.where(keep, weight, float("-inf")).flatten())
+    return reference_top_k(capped, k)
+
+
 def decoder_linears(model: nn.Module) -> list[str]:
     return [n for n, m in model.named_modules() if isinstance(m, nn.Linear) and n != "lm_head"]
 

@@ -52,8 +52,10 @@ LADDER = (1e-5, 3e-5, 1e-4, 3e-4, 1e-3, 3e-3, 1e-2, 3e-2, 1e-1, 3e-1, 1.0, 3.0) 
 # method -> (compare_worker method, extra training flags)
 METHODS = {"base": ("base", []), "speft": ("speft", []), "random": ("speft", ["--metric", "random"]),
            "lora": ("lora", []),
-           # the forgetting remedy: each gradient score over its input channel's activation norm
-           "channel": ("speft", ["--metric", "gradient_over_input"])}
+           # the forgetting remedies: each gradient score over its input channel's activation norm; at most
+           # twice a column's even share of k on any input channel (fixed in advance, not tuned)
+           "channel": ("speft", ["--metric", "gradient_over_input"]),
+           "cap": ("speft", ["--input_channel_cap", "2"])}
 
 
 @dataclass(frozen=True)
@@ -77,6 +79,10 @@ START = {("speft", "0.86%"): (3e-4, 1e-3, 3e-3), ("random", "0.86%"): (1e-3, 3e-
          ("speft", "0.01%"): (3e-3, 1e-2, 3e-2), ("random", "0.01%"): (1e-2, 3e-2, 1e-1),
          ("speft", "0.29%"): (1e-3, 3e-3, 1e-2), ("random", "0.29%"): (3e-3, 1e-2, 3e-2),
          ("lora", "0.29%"): (1e-3, 3e-3, 1e-2), ("lora", "0.01%"): (3e-3, 1e-2, 3e-2)}
+# Sweeps added after the plan above was running (the cap per input channel, once built): each runs last,
+# its seed-1 test scoring after it, with no second seed, other task or long cell.
+LATE = {("cap", "0.86%"): (1e-3, 3e-3, 1e-2)}
+SWEEPS = {**START, **LATE}
 SWEEP_TASK, OTHER_TASK, SEEDS, MAIN_BUDGET = "arith", "choose", (1, 2), "0.86%"
 # the base model as loaded: every cell's accuracy gain and retention loss rise are counted from it
 BASE_CELLS = tuple(("base", task) for task in (SWEEP_TASK, OTHER_TASK))
@@ -213,7 +219,7 @@ def validation_score(record: dict) -> tuple[float, float]:
 
 def sweep(cells: dict, method: str, budget: str) -> tuple[list[float], float | None]:
     """(the rates the seed-1 sweep needs, the chosen rate once the best of them is interior)."""
-    grid = sorted(START[(method, budget)])
+    grid = sorted(SWEEPS[(method, budget)])
     while True:
         done = [cells.get(Cell(method, SWEEP_TASK, budget, lr, 1)) for lr in grid]
         if any(r is None for r in done):
@@ -257,7 +263,7 @@ def planned(cells: dict, tests: dict) -> list[tuple[str, Cell]]:
     """The jobs not yet run, in order: the base; then budget by budget (the main one first) every method's
     sweep and the test scoring of its chosen rate's seed-1 cell, so the curve over budgets fills first; then
     the second seeds and, at the main budget, the other task (and its default-rate checks); then the long
-    cells. Each reported cell is followed by its test scoring."""
+    cells; then the late sweeps, each with its seed-1 test. Each reported cell is followed by its test scoring."""
     def first(cell: Cell) -> bool:
         return cell.seed == SEEDS[0] and cell.task == SWEEP_TASK
 
@@ -273,6 +279,10 @@ def planned(cells: dict, tests: dict) -> list[tuple[str, Cell]]:
                  for kind in ("cell", "test")]
     jobs += [("cell", cell) for cell in default_checks(cells)]
     jobs += [(kind, cell) for cell in long_cells(cells) for kind in ("cell", "test")]
+    for method, budget in LATE:
+        grid, chosen = sweep(cells, method, budget)
+        jobs += [("cell", Cell(method, SWEEP_TASK, budget, lr, 1)) for lr in grid]
+        jobs += [("test", Cell(method, SWEEP_TASK, budget, chosen, 1))] if chosen is not None else []
     return [(kind, cell) for kind, cell in jobs
             if (kind == "cell" and cell not in cells) or (kind == "test" and cell not in tests)]
 

@@ -135,7 +135,7 @@ def main() -> int:
     args = parser.parse_args()
     cells, _ = read_results()
     done = {record["tag"] for record in read_records(CHANNELS)}
-    todo = [cell for cell in cells if cell.method in ("speft", "channel", "random") and cell.tag not in done
+    todo = [cell for cell in cells if cell.method in ("speft", "channel", "cap", "random") and cell.tag not in done
             and (WORK / cell.tag / "adapter").is_dir()]
     if not todo and not args.ablate:
         print("no SPEFT adapter here without its record")

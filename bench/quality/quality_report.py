@@ -6,13 +6,13 @@ from __future__ import annotations
 
 import math
 
-from bench.quality.quality import (BUDGETS, LONG_STEPS, MAIN_BUDGET, OTHER_TASK, REPO, SEEDS, START, STEPS,
-                                   SWEEP_TASK, Cell, base_cell, read_records, read_results, sweep)
+from bench.quality.quality import (BUDGETS, LATE, LONG_STEPS, MAIN_BUDGET, OTHER_TASK, REPO, SEEDS, START, STEPS,
+                                   SWEEP_TASK, SWEEPS, Cell, base_cell, read_records, read_results, sweep)
 from speft_ds.runtime.run_summary import PHASES
 
 PAGE, FIGURE = REPO / "docs" / "quality.md", REPO / "docs" / "quality.png"
 VERDICT = "<!-- verdict: written by hand, kept by bench/quality/quality.py --table -->"
-METHOD_ORDER = ("speft", "channel", "random", "lora")
+METHOD_ORDER = ("speft", "channel", "cap", "random", "lora")
 
 
 def _pct(value: float) -> str:
@@ -37,7 +37,7 @@ def sweep_table(cells: dict) -> list[str]:
     rows = ["| budget | method | trainable | lr | validation accuracy | held-out loss | retention loss (rise) | "
             "KL(base ‖ tuned) | job s |", "|---|---|---|---|---|---|---|---|---|"]
     base = cells.get(base_cell(SWEEP_TASK))
-    for (method, budget) in START:
+    for (method, budget) in SWEEPS:
         grid, chosen = sweep(cells, method, budget)
         for lr in grid:
             r = cells.get(Cell(method, SWEEP_TASK, budget, lr, 1))
@@ -70,7 +70,7 @@ def budget_table(cells: dict, tests: dict) -> list[str]:
                     f"{base['retention_after']['loss']:.3f} | 0 |")
     for budget in BUDGETS:
         for method in METHOD_ORDER:
-            if (method, budget) not in START:
+            if (method, budget) not in SWEEPS:
                 continue
             grid, lr = sweep(cells, method, budget)
             span = f"{min(grid):g}-{max(grid):g}"
@@ -116,7 +116,7 @@ def break_even(fixed: float, step: float, lora_fixed: float, lora_step: float) -
 def cost_table(cells: dict) -> list[str]:
     """The main budget's chosen seed-1 cells, phase by phase, and the step count where each method's whole
     job takes as long as LoRA's."""
-    chosen = {m: cells.get(Cell(m, SWEEP_TASK, MAIN_BUDGET, lr, 1)) for m, b in START
+    chosen = {m: cells.get(Cell(m, SWEEP_TASK, MAIN_BUDGET, lr, 1)) for m, b in SWEEPS
               if b == MAIN_BUDGET and (lr := sweep(cells, m, b)[1]) is not None}
     chosen = {m: r for m, r in chosen.items() if r and "phase_s" in r}
     names = [name for name, _ in PHASES]
@@ -182,10 +182,10 @@ def plot(cells: dict, tests: dict) -> None:
         return
     fig, (left, right) = plt.subplots(1, 2, figsize=(12.5, 4.2))
     markers = dict(zip((b for b in BUDGETS if b != "0%"), "v^so"))
-    for color, method in zip(("C0", "C1", "C2", "C3"), METHOD_ORDER):
+    for color, method in zip(("C0", "C1", "C4", "C2", "C3"), METHOD_ORDER):
         points = []
         for budget in BUDGETS:
-            lr = sweep(cells, method, budget)[1] if (method, budget) in START else None
+            lr = sweep(cells, method, budget)[1] if (method, budget) in SWEEPS else None
             scored = [tests[c] for c in (Cell(method, SWEEP_TASK, budget, lr, s) for s in SEEDS) if c in tests]
             if lr is not None and scored:
                 points.append((cells[Cell(method, SWEEP_TASK, budget, lr, 1)]["trainable"],
@@ -223,7 +223,8 @@ def write_page(remaining: int) -> None:
     about, commands, protocol, retention = quality.__doc__.split("\n\n")[:4]
     _, marker, kept = PAGE.read_text().partition(VERDICT) if PAGE.is_file() else ("", "", "")
     sweep_cells, at_main = sum(len(grid) for grid in START.values()), sum(b == MAIN_BUDGET for _, b in START)
-    planned_total = 2 + sweep_cells + len(START) + 2 * at_main + len(quality.default_checks(cells))
+    late_cells = sum(len(grid) for grid in LATE.values())
+    planned_total = 2 + sweep_cells + len(START) + 2 * at_main + len(quality.default_checks(cells)) + late_cells
     status = (f"Cells run: {len(cells)}; test scorings: {len(tests)}; planned jobs not yet run: {remaining} "
               "(`python bench/quality/quality.py --run_next N`; a cell takes 5 to 15 minutes on 2 CPU cores). "
               "The plan, "
@@ -234,7 +235,9 @@ def write_page(remaining: int) -> None:
               "a method's default rate where the chosen one differs, validation only), then "
               f"one {LONG_STEPS}-step cell per method at {MAIN_BUDGET}. In all about {planned_total} "
               f"cells: 2 base, at least {sweep_cells} in the sweeps, {len(START)} second seeds, {at_main} on "
-              f"{OTHER_TASK}, {at_main} long ones; each reported cell then scores the test once.")
+              f"{OTHER_TASK}, {at_main} long ones, at least {late_cells} in the late sweeps ("
+              + ", ".join(f"{m} at {b}" for m, b in LATE) + ": seed 1 only, run last); each reported cell then "
+              "scores the test once.")
     plot(cells, tests)
     sections = ["# Quality on a pretrained model", about, commands, protocol, retention, status,
                 "## Test accuracy by budget", "\n".join(budget_table(cells, tests)),

@@ -18,9 +18,11 @@ from transformers import AutoModelForCausalLM
 from speft_ds.runtime.zero3 import destroy_engine
 from tests.distributed.harness import run_ranks
 from tests.models import write_tiny_llama
-from tests.references import MICRO_BATCH, dense_gradient, random_examples, reference_top_k, zero3_config
+from tests.references import (MICRO_BATCH, dense_gradient, random_examples, reference_capped_top_k, reference_top_k,
+                              zero3_config)
 
 DENSITY = 0.05
+CAP_RATIO = 1.5  # --input_channel_cap: each column keeps ceil(1.5 x its even share) selectable
 
 
 # Every collective of torch.distributed that moves tensors.
@@ -33,6 +35,7 @@ EDGE_TARGETS = "embed_tokens,lm_head,q_proj"  # named targets beyond the default
 def _salience_and_selection(model_dir: str, examples: list[dict], rank: int, world_size: int):
     from speft_ds.config import TrainConfig
     from speft_ds.data.batches import rank_batches
+    from speft_ds.methods.speft.channel_cap import column_caps
     from speft_ds.methods.speft.salience import ShardScores, compute_salience
     from speft_ds.methods.speft.selection import (gather_indices, num_to_select, select_from_groups, select_global,
                                                   select_local)
@@ -51,6 +54,7 @@ def _salience_and_selection(model_dir: str, examples: list[dict], rank: int, wor
     base_state_after = any(p.requires_grad or p.grad is not None for p in model.parameters())
 
     k = num_to_select(DENSITY, None, sum(s.numel for s in scores.values()))
+    shapes = {n: tuple(m.weight.ds_shape) for n, m in targets.items()}
     with counting_collectives() as sent:
         selected = select_global(scores, k)
     edge_scores = compute_salience(model, find_targets(model, EDGE_TARGETS), batches, "gradient", show_progress=False)
@@ -62,6 +66,10 @@ def _salience_and_selection(model_dir: str, examples: list[dict], rank: int, wor
         "partition": {n: (m.weight.numel(), m.weight.ds_numel, m.weight.ds_tensor.numel()) for n, m in targets.items()},
         "global": dict(gather_indices(selected)),
         "local": dict(gather_indices(select_local(scores, DENSITY))),
+        "capped": dict(gather_indices(select_from_groups(
+            iter([{n: ShardScores(s.start, s.scores.clone(), s.numel, 0) for n, s in scores.items()}]), list(scores),
+            k=k, column_caps=column_caps(shapes, k / sum(s.numel for s in scores.values()), CAP_RATIO))[0])),
+        "shapes": shapes,
         "normalized": dict(gather_indices(select_from_groups(
             iter([{n: ShardScores(s.start, s.scores.clone(), s.numel, 0) for n, s in scores.items()}]), list(scores),
             k=k, normalize=True)[0])),
@@ -196,6 +204,26 @@ def test_normalized_selection_matches_reference(setup, reference):
         assert sum(t.numel() for t in got.values()) == k
         for i, name in enumerate(names):
             _assert_same_but_near_ties(set(got[name].tolist()), want[i], normalized[i], kth)
+
+
+@pytest.mark.parametrize("world", ["two", "one"])
+def test_capped_selection_on_zero3_shards_matches_reference(setup, world):
+    """The cap per input channel, on the ranks' real ZeRO-3 shards, against the dense reference on the very
+    scores the ranks held (their shards joined): exact, with no float near-ties to allow for."""
+    ranks = setup[world]
+    shapes, k = ranks[0]["shapes"], ranks[0]["k"]
+    names = list(shapes)
+    whole = [torch.cat([r["scores"][n][1] for r in ranks]).view(shapes[n]) for n in names]
+    fraction = k / sum(w.numel() for w in whole)
+    caps = [math.ceil(CAP_RATIO * fraction * rows) for rows, _ in shapes.values()]
+    want, _ = reference_capped_top_k(whole, caps, k)
+    plain, _ = reference_top_k([w.flatten() for w in whole], k)
+    assert want != plain  # the cap moved entries
+    for rank_result in ranks:
+        got = rank_result["capped"]
+        assert sum(t.numel() for t in got.values()) == k
+        for i, name in enumerate(names):
+            assert got[name].tolist() == sorted(want[i]), name
 
 
 def test_local_selection_matches_reference(setup, reference):

@@ -7,8 +7,9 @@ import torch
 
 from speft_ds.config import ConfigError
 from speft_ds.methods.speft.salience import ShardScores
-from speft_ds.methods.speft.selection import (RunningTopK, check_k, normalize_per_weight, num_to_select, score_keys,
+from speft_ds.methods.speft.selection import (RunningTopK, check_k, normalize_per_weight, num_to_select,
                                               select_from_groups, select_global, select_local)
+from speft_ds.methods.speft.selection_keys import score_keys
 
 NAMES = ["a.q_proj", "a.v_proj", "b.down_proj", "b.up_proj"]
 

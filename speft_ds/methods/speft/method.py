@@ -20,6 +20,7 @@ from ...runtime.metrics_log import log_memory
 from ..base import Method, RunContext, write_streamed
 from . import masks
 from .adapter_format import AdapterWriter
+from .channel_cap import column_caps
 from .partitioned_deltas import inject_partitioned
 from .salience import score_groups
 from .salience_budget import SaliencePlan, plan_salience
@@ -38,8 +39,8 @@ class SpeftMethod(Method):
     # --- before training
     def plan(self, model_config, skeleton, target_shapes, ds_config, world_size, bf16, accelerator) -> None:
         self.target_shapes = target_shapes
-        self.k = num_to_select(self.config.density, self.config.num_trainable,
-                               sum(rows * cols for rows, cols in target_shapes.values()))
+        self.targeted = sum(rows * cols for rows, cols in target_shapes.values())
+        self.k = num_to_select(self.config.density, self.config.num_trainable, self.targeted)
         self.salience: SaliencePlan = plan_salience(self.config, model_config, skeleton, target_shapes, self.k,
                                                     ds_config, world_size, bf16, accelerator)
 
@@ -91,15 +92,19 @@ class SpeftMethod(Method):
         groups = score_groups(model, self._targets(model), self.salience.groups, batches, config.metric,
                               seed=config.seed, show_progress=ctx.rank == 0, offload=self.salience.offload,
                               release=engine.empty_partition_cache)
+        caps = None
+        if config.input_channel_cap is not None:
+            caps = column_caps(self.target_shapes, config.density if local else self.k / self.targeted,
+                               config.input_channel_cap)
         selected, summary, selecting = select_from_groups(groups, self.target_names, k=None if local else k or self.k,
                                                           density=config.density, excluded=excluded,
-                                                          normalize=normalize)
+                                                          normalize=normalize, column_caps=caps)
         ctx.log.write({"event": "salience", "metric": config.metric, "examples": len(calibration),
                        "chunks": len(self.salience.groups), "offload": self.salience.offload,
                        "wall_time_s": time.perf_counter() - started - selecting})
         count = int(sum_over_ranks(sum(t.numel() for t in selected.values())))
         ctx.log.write({"event": "selection", "selection": "local" if local else "normalized" if normalize else "global",
-                       "k": count, "wall_time_s": selecting})
+                       "input_channel_cap": config.input_channel_cap, "k": count, "wall_time_s": selecting})
         return selected, summary
 
     def report_salience_memory(self, ctx: RunContext, after: dict) -> None:
@@ -268,9 +273,8 @@ class SpeftMethod(Method):
         # a module's count after folding needs its indices (the union); without mask updates it is the layer's k
         counts = {n: (zero3.full_numel(self.layers[n].delta_values) if not self.folded.parts.get(n)
                       else self._module_total(n)[0].numel()) for n in names}
-        targeted = sum(rows * cols for rows, cols in self.target_shapes.values())
         meta = {"base_model_name_or_path": config.model, "base_config_hash": plan.base_config_hash,
-                "metric": config.metric, "selection": config.selection, "density": sum(counts.values()) / targeted,
+                "metric": config.metric, "selection": config.selection, "density": sum(counts.values()) / self.targeted,
                 "trainable_k": self.delta_count(), "target_modules": config.target_modules or "all-linear",
                 "salience_summary": self.summary, "train_config": asdict(config)}
         write_streamed(ctx.rank, path,

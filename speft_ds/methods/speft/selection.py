@@ -18,9 +18,10 @@ import torch.distributed as dist
 
 from ...config import ConfigError
 from ...runtime.distributed import device as comm_device
+from .channel_cap import cap_input_channels
 from .salience import ShardScores
+from .selection_keys import AllReduce, score_keys
 
-AllReduce = Callable[[torch.Tensor], object]
 _FLAT_INDEX_BITS = 40  # weights of up to 2^40 elements
 _POSITION_BITS = 64 - 8  # module index in the top 16 bits; a multiple of 8 keeps rounds whole
 
@@ -31,16 +32,6 @@ def _all_reduce(tensor: torch.Tensor, op=dist.ReduceOp.SUM) -> None:
         moved = tensor.to(comm_device())
         dist.all_reduce(moved, op=op)
         tensor.copy_(moved)
-
-
-def score_keys(scores: torch.Tensor) -> torch.Tensor:
-    """Map fp32 scores to int32 keys that compare (as signed integers) in the scores' order; -0.0 and 0.0
-    share a key. Positive floats' bits already order as integers; negative ones need their magnitude bits
-    flipped."""
-    bits = (scores.float() + 0.0).view(torch.int32)
-    flip = bits >> 31  # all ones for negative scores
-    flip &= 0x7FFFFFFF
-    return flip.bitwise_xor_(bits)
 
 
 def _smallest_key(key_shards: list[torch.Tensor], k: int, bits: int, all_reduce: AllReduce,
@@ -92,9 +83,9 @@ def _global_sum(value: int, all_reduce: AllReduce) -> int:
     return int(total)
 
 
-def _check_finite_order(sources: list[_Candidates], all_reduce: AllReduce) -> None:
+def _check_no_nan(scores: Iterable[torch.Tensor], all_reduce: AllReduce) -> None:
     # every rank raises together, none waits in a collective the others left
-    if _global_sum(int(any(torch.isnan(s.scores).any() for s in sources)), all_reduce):
+    if _global_sum(int(any(torch.isnan(s).any() for s in scores)), all_reduce):
         raise ConfigError("salience scores contain NaN: check the model and calibration data")
 
 
@@ -151,7 +142,7 @@ class RunningTopK:
 
     def add(self, shards: dict[str, ShardScores]) -> None:
         sources = [_shard_candidates(self.positions[name], s) for name, s in shards.items()]
-        _check_finite_order(sources, self.all_reduce)
+        _check_no_nan((s.scores for s in sources), self.all_reduce)
         self.seen += _global_sum(sum(s.scores.numel() for s in sources), self.all_reduce)
         device = sources[0].scores.device  # the kept entries start empty on the host
         kept_keys = self.keys.to(device)
@@ -220,19 +211,25 @@ def normalize_per_weight(scores: dict[str, ShardScores], all_reduce: AllReduce =
 
 def select_from_groups(groups: Iterable[dict[str, ShardScores]], names: list[str], k: int | None = None,
                        density: float | None = None, excluded: dict[str, torch.Tensor] | None = None,
-                       normalize: bool = False) -> tuple[dict[str, torch.Tensor], dict, float]:
+                       normalize: bool = False, column_caps: dict[str, tuple[int, int]] | None = None
+                       ) -> tuple[dict[str, torch.Tensor], dict, float]:
     """The global top-k (or, given `density` instead, each weight's own top fraction) over scores that
     arrive one group of weights at a time (`names`: every weight, in model order), never holding more
     than one group's scores. `excluded` entries cannot be selected; with `normalize` each weight's scores
-    are first divided by their mean magnitude (normalize_per_weight). Returns this rank's selected flat
-    indices per weight, the score summary, and the seconds spent selecting (beside producing scores)."""
+    are first divided by their mean magnitude (normalize_per_weight); with `column_caps` (name -> (cap,
+    columns)) only the cap highest entries of each of a weight's columns can be (channel_cap). Returns
+    this rank's selected flat indices per weight, the score summary, and the seconds spent selecting
+    (beside producing scores)."""
     top, summary, selected, seconds = RunningTopK(k, names) if k else None, ScoreSummary(), {}, 0.0
     for scores in groups:
         started = time.perf_counter()
         if normalize:
             normalize_per_weight(scores)
+        _check_no_nan((s.scores for s in scores.values()), _all_reduce)
         exclude(scores, excluded or {})
         summary.add(scores)
+        if column_caps:  # after the summary, which describes the scores themselves
+            cap_input_channels(scores, column_caps, _all_reduce)
         if top:
             top.add(scores)
         else:
