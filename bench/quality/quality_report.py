@@ -139,13 +139,19 @@ def cost_table(cells: dict) -> list[str]:
 
 
 def long_table(cells: dict, tests: dict) -> list[str]:
-    rows = [f"| method | lr | test at {STEPS} steps (seed 1) | test at {LONG_STEPS} steps | retention loss "
-            f"at {LONG_STEPS} |", "|---|---|---|---|---|"]
-    for cell in (c for c in tests if c.steps == LONG_STEPS):
-        short = tests.get(Cell(cell.method, cell.task, cell.budget, cell.lr, cell.seed))
-        after = cells[cell].get("retention_after") or {}
-        rows.append(f"| {cell.method} | {cell.lr:g} | {_pct(short['accuracy']) if short else ''} | "
-                    f"{_pct(tests[cell]['accuracy'])} | {after.get('loss', float('nan')):.3f} |")
+    """Each long cell beside its method's short cell at the same rate and seed: does a gap change with length?"""
+    rows = [f"| method | lr | steps | validation accuracy | test accuracy | held-out loss | retention loss (rise) | "
+            "KL(base ‖ tuned) |", "|---|---|---|---|---|---|---|---|"]
+    base = cells.get(base_cell(SWEEP_TASK))
+    for long in (c for c in cells if c.steps == LONG_STEPS):
+        for cell in (Cell(long.method, long.task, long.budget, long.lr, long.seed), long):
+            record, test = cells.get(cell), tests.get(cell)
+            if record is None or "failed" in record:
+                continue
+            rows.append(f"| {cell.method} | {cell.lr:g} | {cell.steps} | "
+                        f"{_with_se(record['task_after']['accuracy'], record['task_after']['stderr'])} | "
+                        f"{_with_se(test['accuracy'], test['stderr']) if test else ''} | {record['eval_loss']:.4f} "
+                        f"{_retention(record, base)}")
     return rows
 
 
