@@ -27,8 +27,8 @@ import torch
 REPO = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(REPO))
 
-from bench.quality.quality import (MICRO_BATCH, RETENTION, SEQ_LEN, SWEEP_TASK, WORK, append_record,  # noqa: E402
-                                   read_records, read_results)
+from bench.quality.quality import (MICRO_BATCH, RETENTION, SEQ_LEN, STEPS, SWEEP_TASK, WORK,  # noqa: E402
+                                   append_record, read_records, read_results)
 from bench.quality.quality_tasks import write_task  # noqa: E402
 from speft_ds.methods.speft.adapter_format import read_adapter  # noqa: E402
 from speft_ds.methods.speft.delta_impls import add_delta_  # noqa: E402
@@ -135,8 +135,9 @@ def main() -> int:
     args = parser.parse_args()
     cells, _ = read_results()
     done = {record["tag"] for record in read_records(CHANNELS)}
+    # A long cell's mask is its short cell's (same seed, same calibration), so only the short cells are measured.
     todo = [cell for cell in cells if cell.method in ("speft", "channel", "cap", "random") and cell.tag not in done
-            and (WORK / cell.tag / "adapter").is_dir()]
+            and cell.steps == STEPS and (WORK / cell.tag / "adapter").is_dir()]
     if not todo and not args.ablate:
         print("no SPEFT adapter here without its record")
         return 0
