@@ -33,6 +33,12 @@ def _retention(record: dict, base: dict | None) -> str:
     return f"| {after['loss']:.3f}{rise} | {kl} |"
 
 
+def _validation_columns(record: dict, base: dict | None) -> str:
+    """A cell's validation accuracy, held-out loss, retention loss (rise) and KL, as table columns."""
+    return (f"{_with_se(record['task_after']['accuracy'], record['task_after']['stderr'])} | "
+            f"{record['eval_loss']:.4f} {_retention(record, base)}")
+
+
 def sweep_table(cells: dict) -> list[str]:
     rows = ["| budget | method | trainable | lr | validation accuracy | held-out loss | retention loss (rise) | "
             "KL(base ‖ tuned) | job s |", "|---|---|---|---|---|---|---|---|---|"]
@@ -47,9 +53,8 @@ def sweep_table(cells: dict) -> list[str]:
             if "failed" in r:
                 rows.append(f"| {budget} | {method} | | {lr:g}{mark} | failed: {r['failed'][-1][:60]} | | | | |")
                 continue
-            rows.append(f"| {budget} | {method} | {r['trainable']:,} | {lr:g}{mark} | "
-                        f"{_with_se(r['task_after']['accuracy'], r['task_after']['stderr'])} | {r['eval_loss']:.4f} "
-                        f"{_retention(r, base)} {r['job_s']:.0f} |")
+            rows.append(f"| {budget} | {method} | {r['trainable']:,} | {lr:g}{mark} | {_validation_columns(r, base)} "
+                        f"{r['job_s']:.0f} |")
     return rows
 
 
@@ -140,18 +145,16 @@ def cost_table(cells: dict) -> list[str]:
 
 def long_table(cells: dict, tests: dict) -> list[str]:
     """Each long cell beside its method's short cell at the same rate and seed: does a gap change with length?"""
-    rows = [f"| method | lr | steps | validation accuracy | test accuracy | held-out loss | retention loss (rise) | "
-            "KL(base ‖ tuned) |", "|---|---|---|---|---|---|---|---|"]
+    rows = ["| method | lr | steps | validation accuracy | held-out loss | retention loss (rise) | KL(base ‖ tuned) | "
+            "test accuracy |", "|---|---|---|---|---|---|---|---|"]
     base = cells.get(base_cell(SWEEP_TASK))
     for long in (c for c in cells if c.steps == LONG_STEPS):
         for cell in (Cell(long.method, long.task, long.budget, long.lr, long.seed), long):
             record, test = cells.get(cell), tests.get(cell)
             if record is None or "failed" in record:
                 continue
-            rows.append(f"| {cell.method} | {cell.lr:g} | {cell.steps} | "
-                        f"{_with_se(record['task_after']['accuracy'], record['task_after']['stderr'])} | "
-                        f"{_with_se(test['accuracy'], test['stderr']) if test else ''} | {record['eval_loss']:.4f} "
-                        f"{_retention(record, base)}")
+            rows.append(f"| {cell.method} | {cell.lr:g} | {cell.steps} | {_validation_columns(record, base)} "
+                        f"{_with_se(test['accuracy'], test['stderr']) if test else ''} |")
     return rows
 
 
