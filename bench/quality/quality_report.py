@@ -242,9 +242,9 @@ def write_page(remaining: int) -> None:
               + "; each budget's sweeps end with the test scoring of seed 1 at each chosen rate, so the curve "
               "over budgets fills first. Then the second seeds and the other task at the chosen rates (and at "
               "a method's default rate where the chosen one differs, validation only), then "
-              f"one {LONG_STEPS}-step cell per method at {MAIN_BUDGET}. In all about {planned_total} "
-              f"cells: 2 base, at least {sweep_cells} in the sweeps, {len(START)} second seeds, {at_main} on "
-              f"{OTHER_TASK}, {at_main} long ones, at least {late_cells} in the late sweeps ("
+              f"one {LONG_STEPS}-step cell per method at {MAIN_BUDGET}. In all at least {planned_total} "
+              f"cells, more where a grid extends: 2 base, at least {sweep_cells} in the sweeps, {len(START)} "
+              f"second seeds, {at_main} on {OTHER_TASK}, {at_main} long ones, at least {late_cells} in the late sweeps ("
               + ", ".join(f"{m} at {b}" for m, b in LATE) + ": seed 1 only, run last); each reported cell then "
               "scores the test once.")
     plot(cells, tests)
