@@ -5,6 +5,7 @@ job's cost, and forgetting. The verdict at the page's end is written by hand and
 from __future__ import annotations
 
 import math
+from dataclasses import replace
 
 from bench.quality.quality import (BUDGETS, LATE, LONG_STEPS, MAIN_BUDGET, OTHER_TASK, REPO, SEEDS, START, STEPS,
                                    SWEEP_TASK, SWEEPS, Cell, base_cell, read_records, read_results, sweep)
@@ -145,11 +146,11 @@ def cost_table(cells: dict) -> list[str]:
 
 def long_table(cells: dict, tests: dict) -> list[str]:
     """Each long cell beside its method's short cell at the same rate and seed: does a gap change with length?"""
-    rows = ["| method | lr | steps | validation accuracy | held-out loss | retention loss (rise) | KL(base ‖ tuned) | "
-            "test accuracy |", "|---|---|---|---|---|---|---|---|"]
+    rows = ["| method | lr | steps | validation accuracy | held-out loss | retention loss (rise) | "
+            "KL(base ‖ tuned) | test accuracy |", "|---|---|---|---|---|---|---|---|"]
     base = cells.get(base_cell(SWEEP_TASK))
     for long in (c for c in cells if c.steps == LONG_STEPS):
-        for cell in (Cell(long.method, long.task, long.budget, long.lr, long.seed), long):
+        for cell in (replace(long, steps=STEPS), long):
             record, test = cells.get(cell), tests.get(cell)
             if record is None or "failed" in record:
                 continue
@@ -244,7 +245,8 @@ def write_page(remaining: int) -> None:
               "a method's default rate where the chosen one differs, validation only), then "
               f"one {LONG_STEPS}-step cell per method at {MAIN_BUDGET}. In all at least {planned_total} "
               f"cells, more where a grid extends: 2 base, at least {sweep_cells} in the sweeps, {len(START)} "
-              f"second seeds, {at_main} on {OTHER_TASK}, {at_main} long ones, at least {late_cells} in the late sweeps ("
+              f"second seeds, {at_main} on {OTHER_TASK}, {at_main} long ones, at least {late_cells} in the late "
+              "sweeps ("
               + ", ".join(f"{m} at {b}" for m, b in LATE) + ": seed 1 only, run last); each reported cell then "
               "scores the test once.")
     plot(cells, tests)
