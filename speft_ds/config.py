@@ -26,13 +26,13 @@ EMBEDDED_TASK = PACKAGE_DIR / "assets" / "arithmetic_test.jsonl"
 SHIPPED_DS_CONFIG = PACKAGE_DIR / "ds_configs" / "z3.json"
 
 # The metrics methods/speft/salience.py registers; named here so flags are checked without importing DeepSpeed.
-METRIC_NAMES = ("random", "magnitude", "gradient", "gradient_over_input", "snip", "force", "taylor", "fisher", "synflow",
-                "grasp")
+METRIC_NAMES = ("random", "magnitude", "gradient", "gradient_over_input", "gradient_snr", "gradient_over_fisher", "snip",
+                "force", "taylor", "fisher", "synflow", "grasp")
 # Those that never read the weights' values, so they score a quantized base (whose shards are packed codes).
-WEIGHT_FREE_METRICS = ("random", "gradient", "gradient_over_input", "fisher")
+WEIGHT_FREE_METRICS = ("random", "gradient", "gradient_over_input", "gradient_snr", "gradient_over_fisher", "fisher")
 
 # Each method's default peak rate (--learning_rate), from the quality table on a pretrained model
-# (docs/quality.md): a default moves only where that table favours the new rate on both of its tasks.
+# (docs/quality_v2.md): a default moves only where that table favours the new rate on both of its tasks.
 DEFAULT_LEARNING_RATES = {"speft": 1e-3, "lora": 3e-3, "roselora": 1e-3}
 
 LOCAL_DATA_SUFFIXES = {".jsonl": "json", ".json": "json", ".parquet": "parquet", ".csv": "csv"}
@@ -109,7 +109,14 @@ class TrainConfig:
     rose_beta: float = _field(0.8, "roselora: smoothing of the sensitivity |w x grad| over steps (EMA weight of "
                                    "the past).")
     # --- salience and selection (speft)
-    metric: str = _field("gradient", "Salience metric (the paper's best: gradient).", choices=METRIC_NAMES)
+    metric: str = _field("gradient", "Salience metric (the paper's best: gradient). gradient_snr: |sum of the "
+                                     "calibration examples' gradients| / sqrt(sum of their squares), free of the "
+                                     "input's scale; gradient_over_fisher: |gradient| / sqrt(the diagonal Fisher on "
+                                     "--fisher_text), low where a general text is sensitive.", choices=METRIC_NAMES)
+    fisher_text: Optional[str] = _field(None, "--metric gradient_over_fisher: a general text (plain, or .jsonl with a "
+                                              "text field per line; up to --calibration_examples rows of --seq_len "
+                                              "tokens) whose diagonal Fisher divides the task gradient. Never the "
+                                              "--retention_text that measures forgetting.")
     calibration_examples: int = _field(128, "Training examples drawn (with --seed) for the salience pass.")
     selection: str = _field("global", "One top-k over all targeted weights (global), the same fraction per weight "
                                       "(local), or one top-k over scores divided by each weight's mean |score| "
@@ -117,8 +124,15 @@ class TrainConfig:
     input_channel_cap: Optional[float] = _field(
         None, "Let each input channel (a column of a targeted weight) take at most this many times its even "
               "share of the selection, ceil(CAP x density x rows) entries, >= 1: a gradient score grows with its "
-              "input's magnitude, so an uncapped mask crowds onto the loudest channels (docs/quality.md). "
+              "input's magnitude, so an uncapped mask crowds onto the loudest channels (docs/quality_v2.md). "
               "Default: no cap.")
+    random_fraction: float = _field(0.0, "Place this fraction of the selection uniformly at random (per weight, in "
+                                         "proportion to its size, deterministic in --seed) and the rest by "
+                                         "--metric, in [0, 1).")
+    delta_scaling: str = _field("none", "input_channel: train each delta entry on input channel j as s_j x theta, "
+                                        "s_j = median ||x|| / ||x_j|| over the calibration tokens, so that an Adam "
+                                        "step changes the output about as much on every channel; the scales are "
+                                        "folded into the saved values.", choices=("none", "input_channel"))
     density: float = _field(0.01, "Fraction of targeted weight elements to train, in (0, 1].")
     num_trainable: Optional[int] = _field(None, "Exact number of trainable elements (overrides --density).")
     target_modules: Optional[str] = _field(
@@ -146,7 +160,7 @@ class TrainConfig:
     gradient_accumulation_steps: int = _field(1, "Micro-steps per optimizer step.")
     learning_rate: Optional[float] = _field(None, "Peak learning rate of the trainable parameters (delta values, "
                                                   "LoRA factors); default per --peft: speft and roselora 1e-3, lora "
-                                                  "3e-3 (docs/quality.md: what they rest on).")
+                                                  "3e-3 (docs/quality_v2.md: what they rest on).")
     weight_decay: float = _field(0.0, "AdamW weight decay on the trainable parameters.")
     max_grad_norm: float = _field(1.0, "Gradient clipping norm (0 disables).")
     warmup_steps: int = _field(0, "Linear warm-up steps.")
@@ -181,8 +195,6 @@ class TrainConfig:
         if self.num_trainable is not None and self.num_trainable < 1:
             raise ConfigError(f"--num_trainable {self.num_trainable} selects nothing: pass a count >= 1 "
                               "or use --density")
-        if self.num_trainable is not None and self.selection == "local":
-            raise ConfigError("--num_trainable picks an exact global count; with --selection local use --density")
         for name in ("calibration_examples", "micro_batch_size", "gradient_accumulation_steps",
                      "seq_len", "logging_steps", "ddp_timeout"):
             if getattr(self, name) < 1:
@@ -207,6 +219,7 @@ class TrainConfig:
             raise ConfigError(f"--mask_update_steps updates SPEFT's mask; --peft {self.peft} has none: drop it")
         if self.peft != "speft" and self.input_channel_cap is not None:
             raise ConfigError(f"--input_channel_cap shapes SPEFT's mask; --peft {self.peft} has none: drop it")
+        self._check_mask_options()
         if not 0.0 < self.regrow_fraction <= 1.0:
             raise ConfigError(f"--regrow_fraction {self.regrow_fraction} is outside (0, 1]: pass a fraction such "
                               "as 0.1")
@@ -259,6 +272,28 @@ class TrainConfig:
         if looks_like_local_file(self.dataset) and not Path(self.dataset).is_file():
             raise ConfigError(f"--dataset {self.dataset} does not exist: pass a .jsonl/.json/.parquet/.csv file")
 
+    def _check_mask_options(self) -> None:
+        """--random_fraction, --delta_scaling and --fisher_text: SPEFT's static mask only, each with what it needs."""
+        if not 0.0 <= self.random_fraction < 1.0:
+            raise ConfigError(f"--random_fraction {self.random_fraction} is outside [0, 1): pass the share of the "
+                              "selection to place at random, such as 0.5 (for a wholly random mask: --metric random)")
+        shaping = [f"--{name}" for name, off in (("random_fraction", 0.0), ("delta_scaling", "none"))
+                   if getattr(self, name) != off]
+        if shaping and self.peft != "speft":
+            raise ConfigError(f"{shaping[0]} shapes SPEFT's deltas; --peft {self.peft} has none: drop it")
+        if shaping and self.mask_update_steps:
+            raise ConfigError(f"{shaping[0]} shapes the static mask; mask updates regrow entries without it: drop "
+                              f"--mask_update_steps or {shaping[0]}")
+        if (self.metric == "gradient_over_fisher") != (self.fisher_text is not None):
+            raise ConfigError("--metric gradient_over_fisher divides by the Fisher on --fisher_text, and only it reads "
+                              "that file: pass both or neither")
+        if self.fisher_text is not None:
+            if not Path(self.fisher_text).is_file():
+                raise ConfigError(f"--fisher_text {self.fisher_text} does not exist: pass a plain-text or .jsonl file")
+            if self.retention_text is not None and _same_file(self.fisher_text, self.retention_text):
+                raise ConfigError(f"--fisher_text {self.fisher_text} is the --retention_text that measures "
+                                  "forgetting, which a mask chosen on it would flatter: pass another general text")
+
     @property
     def fixed_salience_chunks(self) -> int | None:
         """--salience_chunks as a number, or None for auto."""
@@ -303,6 +338,13 @@ def _check_local_model(model: str) -> None:
     elif not any(Path(model).glob("*.safetensors")):
         raise ConfigError(f"--model {model} has no .safetensors weights: convert the checkpoint with "
                           "save_pretrained(safe_serialization=True)")
+
+
+def _same_file(a: str, b: str) -> bool:
+    """The same path, or files with the same bytes (a copy)."""
+    if not Path(b).is_file():
+        return False
+    return Path(a).resolve() == Path(b).resolve() or Path(a).read_bytes() == Path(b).read_bytes()
 
 
 def looks_like_local_file(dataset: str) -> bool:

@@ -88,6 +88,23 @@ def dense_fisher(model: nn.Module, examples: list[dict], names: list[str]) -> di
     return {n: t / len(examples) for n, t in total.items()}
 
 
+def dense_example_moments(model: nn.Module, examples: list[dict],
+                          names: list[str]) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
+    """(sum_i g_i, sum_i g_i^2), g_i = d loss_i / dW with loss_i the mean token loss of example i."""
+    model.requires_grad_(False)
+    weights = {n: model.get_submodule(n).weight.requires_grad_(True) for n in names}
+    sums = {n: torch.zeros(w.numel(), dtype=torch.float64) for n, w in weights.items()}
+    squares = {n: torch.zeros(w.numel(), dtype=torch.float64) for n, w in weights.items()}
+    for e in examples:
+        logits = model(torch.tensor([e["input_ids"]])).logits[0]
+        loss = F.cross_entropy(logits[:-1], torch.tensor(e["labels"][1:]), ignore_index=-100)
+        for n, g in zip(weights, torch.autograd.grad(loss, list(weights.values()))):
+            sums[n] += g.flatten().double()
+            squares[n] += g.flatten().double().square()
+    model.requires_grad_(False)
+    return {n: t.float() for n, t in sums.items()}, {n: t.float() for n, t in squares.items()}
+
+
 def dense_synflow(model: nn.Module, names: list[str]) -> dict[str, torch.Tensor]:
     """|W * g'| with every parameter made non-negative, F.silu replaced by the identity (as the paper's
     code patches torch.nn.functional) and one all-ones input embedding; g' = d sum(logits) / dW."""

@@ -29,6 +29,8 @@ def bad_files(tmp_path):
     (tmp_path / "stage2.json").write_text(json.dumps(stage2))
     (tmp_path / "fields.jsonl").write_text('{"question": "1 + 1?", "answer": "2"}\n' * 4)
     (tmp_path / "list.json").write_text("[]")
+    (tmp_path / "general.txt").write_text("Some general English text.\n")
+    (tmp_path / "general_copy.txt").write_text("Some general English text.\n")
     (tmp_path / "one.jsonl").write_text('{"prompt": "1 + 1?", "response": "2"}\n')
     good = '{"prompt": "1 + 1?", "response": "2"}\n'
     (tmp_path / "broken_line.jsonl").write_text(good * 2 + '{"prompt": "2 + 2?", "response": 4\n' + good)
@@ -69,7 +71,14 @@ CASES = {
     "zero_stage_2": (["--ds_config", "{tmp}/stage2.json"], "stage 2"),
     "ds_config_not_an_object": (["--ds_config", "{tmp}/list.json"], "not a DeepSpeed config"),
     "model_without_safetensors": (["--model", "{tmp}/bin_model"], "no .safetensors"),
-    "local_selection_with_exact_count": (["--selection", "local", "--num_trainable", "10"], "--density"),
+    "random_fraction_of_one": (["--random_fraction", "1"], "--random_fraction 1.0 is outside [0, 1)"),
+    "random_fraction_with_lora": (["--peft", "lora", "--random_fraction", "0.5"], "--random_fraction shapes"),
+    "delta_scaling_with_mask_updates": (["--delta_scaling", "input_channel", "--mask_update_steps", "10"],
+                                        "mask updates regrow"),
+    "fisher_metric_without_its_text": (["--metric", "gradient_over_fisher"], "pass both or neither"),
+    "fisher_text_without_its_metric": (["--fisher_text", "{tmp}/general.txt"], "pass both or neither"),
+    "fisher_text_is_the_retention_text": (["--metric", "gradient_over_fisher", "--fisher_text", "{tmp}/general.txt",
+                                           "--retention_text", "{tmp}/general_copy.txt"], "is the --retention_text"),
     "lr_scheduler_with_ds_scheduler": (["--ds_config", "{tmp}/with_scheduler.json", "--lr_scheduler", "linear"],
                                        "scheduler"),
     "unknown_quantization": (["--quantize", "int3"], "--quantize"),

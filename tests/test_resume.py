@@ -32,6 +32,9 @@ MICRO_BATCH, ACCUMULATION = 2, 2
 SPEFT_FLAGS = ("--mask_update_steps", "4", "--mask_update", "drop_regrow", "--regrow_fraction", "0.25")
 # RoseLoRA prunes from step 3 on: a kill after the step-2 checkpoint resumes into the schedule
 LORA_FLAGS = ("--lora_r", "4", "--rose_start", "0.25", "--rose_end", "0.75", "--rose_sparsity", "0.75")
+# The runs by name: the method and its flags ("speft-scaled": a static mask trained as scales x values).
+RUNS = {"speft": ("speft", SPEFT_FLAGS), "speft-scaled": ("speft", ("--delta_scaling", "input_channel")),
+        "lora": ("lora", LORA_FLAGS), "roselora": ("roselora", LORA_FLAGS)}
 
 
 @pytest.fixture(scope="module")
@@ -50,8 +53,8 @@ def _command(model_dir: Path, dataset: Path, out: Path, *extra: str, peft: str =
             "--max_steps", str(STEPS), "--save_steps", str(SAVE_EVERY), "--micro_batch_size", str(MICRO_BATCH),
             "--gradient_accumulation_steps", str(accumulation),
             "--learning_rate", "1e-2", "--warmup_steps", "2", "--calibration_examples", "16", "--density", "0.05",
-            "--seq_len", "48", "--logging_steps", "1", "--val_size", "0.1", "--peft", peft,
-            *(SPEFT_FLAGS if peft == "speft" else LORA_FLAGS), *extra]
+            "--seq_len", "48", "--logging_steps", "1", "--val_size", "0.1", "--peft", RUNS[peft][0],
+            *RUNS[peft][1], *extra]
 
 
 def _env():
@@ -215,6 +218,18 @@ def test_roselora_resumed_on_one_rank_ends_like_the_uninterrupted_run(inputs, st
     straight = straight_runs("roselora")
     out = _copy_checkpoint(straight, root / "roselora-on-1-rank", SAVE_EVERY)
     _assert_derived(_resume(model_dir, dataset, out, peft="roselora", ranks=1), 2, ACCUMULATION, 1)
+    _assert_close_adapter(straight, out, "resumed on 1 rank")
+
+
+def test_channel_scaled_deltas_resumed_on_one_rank_end_like_the_uninterrupted_run(inputs, straight_runs):
+    """--delta_scaling input_channel: the per-channel scales come back from the checkpoint (no salience pass
+    on resume), so the values train on as they would have."""
+    root, model_dir, dataset = inputs
+    straight = straight_runs("speft-scaled")
+    out = _copy_checkpoint(straight, root / "scaled-on-1-rank", SAVE_EVERY)
+    _resume(model_dir, dataset, out, peft="speft-scaled", ranks=1)
+    events = [json.loads(line).get("event") for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert events.count("salience") == 1  # the first run's: the resume scored nothing again
     _assert_close_adapter(straight, out, "resumed on 1 rank")
 
 

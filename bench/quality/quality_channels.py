@@ -12,7 +12,7 @@ control), each on the validation task and the retention text (loss, KL(base || t
 
 One process, the plain HF model (no ZeRO-3): the norms are one forward pass over the text. Appends one record
 per adapter to bench/results/quality_channels.jsonl (per ablation to quality_ablation.jsonl), which
-bench/quality/quality_report.py tables.
+bench/quality/report.py tables.
 """
 
 from __future__ import annotations
@@ -27,8 +27,8 @@ import torch
 REPO = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(REPO))
 
-from bench.quality.quality import (MICRO_BATCH, RETENTION, SEQ_LEN, STEPS, SWEEP_TASK, WORK,  # noqa: E402
-                                   append_record, read_records, read_results)
+from bench.quality.plan import MICRO_BATCH, RETENTION, SEQ_LEN, SWEEP_TASK  # noqa: E402
+from bench.quality.records import STEPS, WORK, append_record, read_records, read_results  # noqa: E402
 from bench.quality.quality_tasks import write_task  # noqa: E402
 from speft_ds.methods.speft.adapter_format import read_adapter  # noqa: E402
 from speft_ds.methods.speft.delta_impls import add_delta_  # noqa: E402
@@ -133,7 +133,7 @@ def main() -> int:
     parser.add_argument("--ablate", metavar="TAG", help="A cell's tag: score its adapter without its loud-channel "
                                                         "entries, and without as many random ones.")
     args = parser.parse_args()
-    cells, _ = read_results()
+    cells = read_results()[0]
     done = {record["tag"] for record in read_records(CHANNELS)}
     # A long cell's mask is its short cell's (same seed, same calibration), so only the short cells are measured.
     todo = [cell for cell in cells if cell.method in ("speft", "channel", "cap", "random") and cell.tag not in done

@@ -26,13 +26,14 @@ from .batches import model_inputs, prompt_ids, rank_batches
 from .losses import IGNORE_INDEX, causal_lm_loss_sum
 
 
-def read_documents(path: str | Path) -> list[str]:
-    """The documents of a retention file: the whole text of a plain file, or each line's `text` of a .jsonl."""
+def read_documents(path: str | Path, flag: str = "--retention_text") -> list[str]:
+    """The documents of a text file (`flag` names it in errors): the whole text of a plain file, or each
+    line's `text` of a .jsonl."""
     path = Path(path)
     try:
         text = path.read_text()
     except (OSError, UnicodeDecodeError) as err:
-        raise ConfigError(f"--retention_text {path} is not a readable text file ({err}): fix or replace it") from None
+        raise ConfigError(f"{flag} {path} is not a readable text file ({err}): fix or replace it") from None
     if path.suffix.lower() != ".jsonl":
         documents = [text]
     else:
@@ -43,22 +44,27 @@ def read_documents(path: str | Path) -> list[str]:
             try:
                 record = json.loads(line)
             except json.JSONDecodeError as err:
-                raise ConfigError(f"--retention_text {path}, line {number}: not JSON ({err.msg}): fix that "
+                raise ConfigError(f"{flag} {path}, line {number}: not JSON ({err.msg}): fix that "
                                   "line") from None
             if not isinstance(record, dict) or not isinstance(record.get("text"), str):
-                raise ConfigError(f"--retention_text {path}, line {number}: no string field `text`: give each "
+                raise ConfigError(f"{flag} {path}, line {number}: no string field `text`: give each "
                                   "line {\"text\": ...}")
             documents.append(record["text"])
     if not any(d.strip() for d in documents):
-        raise ConfigError(f"--retention_text {path} holds no text: pass a file with some")
+        raise ConfigError(f"{flag} {path} holds no text: pass a file with some")
     return documents
 
 
 def retention_rows(path: str | Path, tokenizer, seq_len: int) -> list[dict]:
+    """--retention_text cut into rows (text_rows)."""
+    return text_rows(read_documents(path), tokenizer, seq_len)
+
+
+def text_rows(documents: list[str], tokenizer, seq_len: int) -> list[dict]:
     """Each document's tokens (BOS first) cut into rows of at most seq_len tokens; a last piece of one token,
     which predicts nothing, is dropped."""
     rows = []
-    for document in read_documents(path):
+    for document in documents:
         ids = prompt_ids(tokenizer, document)
         for start in range(0, len(ids), seq_len):
             piece = ids[start:start + seq_len]

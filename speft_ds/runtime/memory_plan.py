@@ -85,8 +85,8 @@ class ModelShape:
 
 # fp32 statistics sets a metric keeps per targeted element while it accumulates (grasp holds g while it
 # forms g(W + eps g) and g(W - eps g)); metrics with none still hold one set of scores per group.
-ACCUMULATOR_SETS = {"random": 0, "magnitude": 0, "gradient": 1, "gradient_over_input": 1, "snip": 1, "force": 1,
-                    "taylor": 1, "fisher": 1, "synflow": 1, "grasp": 3}
+ACCUMULATOR_SETS = {"random": 0, "magnitude": 0, "gradient": 1, "gradient_over_input": 1, "gradient_snr": 2,
+                    "gradient_over_fisher": 2, "snip": 1, "force": 1, "taylor": 1, "fisher": 1, "synflow": 1, "grasp": 3}
 # Bytes per selected entry kept between groups: its fp32 score and its int64 position key.
 _CANDIDATE_BYTES = 12
 
@@ -100,6 +100,7 @@ class Job:
     bf16: bool = True
     quantize: str | None = None
     gradient_checkpointing: bool = False
+    delta_scaling: bool = False  # --delta_scaling input_channel: a per-entry scale beside each value
     offload_param: bool = False
     offload_optimizer: bool = False
     prefetch_elements: int | None = None  # stage3_prefetch_bucket_size; None: "auto"
@@ -221,6 +222,7 @@ def plan(shape: ModelShape, job: Job) -> dict[str, dict[str, int]]:
         "gathered layer + prefetch": gathered,
         "delta values + grads": values * c * 2,
         "indices (int32, partitioned)": values * 4,
+        "per-entry scales (fp32, partitioned)": values * 4 if job.delta_scaling else 0,
         # The delta layer builds W + D for one matmul; --delta_impl dense (the accelerator default) also
         # forms that layer's dense dW for the value gradients.
         "one layer's W + D and dW (transient)": largest_linear * c * 2,

@@ -13,15 +13,17 @@ from speft_ds.methods.speft.salience import METRICS
 from speft_ds.runtime.zero3 import destroy_engine
 from tests.distributed.harness import run_ranks
 from tests.models import write_tiny_llama
-from tests.references import (MICRO_BATCH, decoder_linears, dense_fisher, dense_gradient, dense_hessian_gradient,
-                              dense_synflow, random_examples, zero3_config)
+from tests.references import (MICRO_BATCH, decoder_linears, dense_example_moments, dense_fisher, dense_gradient,
+                              dense_hessian_gradient, dense_synflow, random_examples, zero3_config)
 
 SEED = 5
 # The bound this project states for grasp's finite-difference Hessian-gradient product (norm-wise, fp32).
 GRASP_BOUND = 1e-3
+# The ratios' floor under the denominator, relative to the weight's largest (as the flag's help states).
+RATIO_EPS = 1e-8
 
 
-def _worker(rank, world_size, model_dir, examples):
+def _worker(rank, world_size, model_dir, examples, general_examples):
     from speft_ds.config import TrainConfig
     from speft_ds.data.batches import rank_batches
     from speft_ds.methods.speft.salience import compute_salience
@@ -33,10 +35,13 @@ def _worker(rank, world_size, model_dir, examples):
     engine = deepspeed.initialize(model=model, config=config)[0]
     targets = find_targets(model, None)
     batches = rank_batches(examples, list(range(len(examples))), rank, world_size, MICRO_BATCH, pad_id=0)
+    general = rank_batches(general_examples, list(range(len(general_examples))), rank, world_size, MICRO_BATCH,
+                           pad_id=0)
     shards = {"before": [m.weight.ds_tensor.clone() for m in targets.values()]}
     result = {}
     for metric in (*METRICS, "gradient"):  # gradient again: the weights must be restored bit-exactly
-        scores = compute_salience(model, targets, batches, metric, seed=SEED, show_progress=False)
+        scores = compute_salience(model, targets, batches, metric, seed=SEED, show_progress=False,
+                                  general_batches=general)
         result.setdefault(metric, {n: (s.start, s.scores) for n, s in scores.items()})
         result[f"{metric}/last"] = {n: (s.start, s.scores) for n, s in scores.items()}
     # Compared as bits: the padding of a partition is uninitialised memory and may hold NaN patterns.
@@ -53,8 +58,11 @@ def setup(tmp_path_factory):
     model_dir = write_tiny_llama(root / "llama")
     model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
     examples = random_examples(model.config.vocab_size)
-    two = run_ranks(_worker, 2, str(model_dir), examples, out_dir=root / "two")
-    one = run_ranks(_worker, 1, str(model_dir), examples, out_dir=root / "one")
+    # a "general text": other tokens, every one of them predicted
+    general = [{"input_ids": e["input_ids"], "labels": e["input_ids"]}
+               for e in random_examples(model.config.vocab_size, n=7, seed=2)]
+    two = run_ranks(_worker, 2, str(model_dir), examples, general, out_dir=root / "two")
+    one = run_ranks(_worker, 1, str(model_dir), examples, general, out_dir=root / "one")
     names = decoder_linears(model)
     weights = {n: model.get_submodule(n).weight.detach().flatten() for n in names}
     grad = dense_gradient(model, examples, names)
@@ -68,6 +76,11 @@ def setup(tmp_path_factory):
         "taylor": {n: (weights[n] * g) ** 2 for n, g in grad.items()},
         "fisher": dense_fisher(model, examples, names),
     }
+    sums, squares = dense_example_moments(model, examples, names)
+    reference["gradient_snr"] = {n: sums[n].abs() / (squares[n] + RATIO_EPS * squares[n].max()).sqrt() for n in names}
+    general_fisher = dense_fisher(model, general, names)
+    reference["gradient_over_fisher"] = {
+        n: g.abs() / (general_fisher[n] + RATIO_EPS * general_fisher[n].max()).sqrt() for n, g in grad.items()}
     # SynFlow's all-ones input is a worst case for fp32 (RMSNorm's backward cancels almost everything):
     # two fp32 evaluations differ far more than 1e-5, so the reference is fp64.
     synflow32 = dense_synflow(model, names)
@@ -105,7 +118,8 @@ def _whole(rank_results: list, metric: str, name: str) -> torch.Tensor:
 
 
 # Each checked against its dense reference here; synflow, grasp and random have tests of their own below.
-REFERENCE_CHECKED = ("magnitude", "gradient", "gradient_over_input", "snip", "force", "taylor", "fisher")
+REFERENCE_CHECKED = ("magnitude", "gradient", "gradient_over_input", "gradient_snr", "gradient_over_fisher", "snip",
+                     "force", "taylor", "fisher")
 
 
 def test_every_registered_metric_is_checked_here():

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import math
 from contextlib import contextmanager
+from fractions import Fraction
 
 import deepspeed
 import pytest
@@ -22,6 +23,8 @@ from tests.references import (MICRO_BATCH, dense_gradient, random_examples, refe
                               zero3_config)
 
 DENSITY = 0.05
+RANDOM_FRACTION = 0.5  # --random_fraction
+SEED = 3
 CAP_RATIO = 1.5  # --input_channel_cap: each column keeps ceil(1.5 x its even share) selectable
 
 
@@ -37,8 +40,9 @@ def _salience_and_selection(model_dir: str, examples: list[dict], rank: int, wor
     from speft_ds.data.batches import rank_batches
     from speft_ds.methods.speft.channel_cap import column_caps
     from speft_ds.methods.speft.salience import ShardScores, compute_salience
+    from speft_ds.methods.speft.random_share import joined, random_picks, random_quotas
     from speft_ds.methods.speft.selection import (gather_indices, num_to_select, select_from_groups, select_global,
-                                                  select_local)
+                                                  select_local, split_budget)
     from speft_ds.models.loading import find_targets, load_model
 
     model, hf_ds_config = load_model(TrainConfig(model=model_dir), zero3_config(world_size), torch.float32)
@@ -57,6 +61,12 @@ def _salience_and_selection(model_dir: str, examples: list[dict], rank: int, wor
     shapes = {n: tuple(m.weight.ds_shape) for n, m in targets.items()}
     with counting_collectives() as sent:
         selected = select_global(scores, k)
+    quotas = dict(zip(scores, split_budget(k, [s.numel for s in scores.values()])))
+    shares = random_quotas(quotas, RANDOM_FRACTION)
+    picks = random_picks(targets, shares, SEED)
+    rest = select_from_groups(iter([{n: ShardScores(s.start, s.scores.clone(), s.numel, 0) for n, s in scores.items()}]),
+                              list(scores), k=k - sum(shares.values()), excluded=picks)[0]
+    random_scores = compute_salience(model, targets, batches, "random", seed=SEED, show_progress=False)
     edge_scores = compute_salience(model, find_targets(model, EDGE_TARGETS), batches, "gradient", show_progress=False)
     result = {
         "edge_scores": {n: (s.start, s.scores.clone()) for n, s in edge_scores.items()},
@@ -65,7 +75,9 @@ def _salience_and_selection(model_dir: str, examples: list[dict], rank: int, wor
         "scores": {n: (s.start, s.scores.clone(), s.numel, s.accumulator_numel) for n, s in scores.items()},
         "partition": {n: (m.weight.numel(), m.weight.ds_numel, m.weight.ds_tensor.numel()) for n, m in targets.items()},
         "global": dict(gather_indices(selected)),
-        "local": dict(gather_indices(select_local(scores, DENSITY))),
+        "local": dict(gather_indices(select_local(scores, quotas))),
+        "mixed": dict(gather_indices(joined(picks, rest))),
+        "random_scores": {n: (s.start, s.scores.clone()) for n, s in random_scores.items()},
         "capped": dict(gather_indices(select_from_groups(
             iter([{n: ShardScores(s.start, s.scores.clone(), s.numel, 0) for n, s in scores.items()}]), list(scores),
             k=k, column_caps=column_caps(shapes, k / sum(s.numel for s in scores.values()), CAP_RATIO))[0])),
@@ -226,14 +238,48 @@ def test_capped_selection_on_zero3_shards_matches_reference(setup, world):
             assert got[name].tolist() == sorted(want[i]), name
 
 
-def test_local_selection_matches_reference(setup, reference):
-    for name, ref in reference.items():
-        k = max(1, round(DENSITY * ref.numel()))
-        (want,), kth = reference_top_k([ref], k)
+def largest_remainder(total: int, sizes: list[int]) -> list[int]:
+    """The reference split: floor shares, then one more to the largest remainders (the earlier on a tie)."""
+    exact = [Fraction(total * size, sum(sizes)) for size in sizes]
+    parts = [math.floor(x) for x in exact]
+    for i in sorted(range(len(sizes)), key=lambda i: (parts[i] - exact[i], i))[:total - sum(parts)]:
+        parts[i] += 1
+    return parts
+
+
+def test_local_selection_splits_k_exactly_and_matches_reference(setup, reference):
+    k = setup["two"][0]["k"]
+    quotas = largest_remainder(k, [ref.numel() for ref in reference.values()])
+    assert sum(quotas) == k and len(set(quotas)) > 1  # weights of different sizes get different shares
+    for (name, ref), quota in zip(reference.items(), quotas):
+        (want,), kth = reference_top_k([ref], quota)
         for world in ("two", "one"):
             got = setup[world][0]["local"][name]
-            assert got.numel() == k
+            assert got.numel() == quota
             _assert_same_but_near_ties(set(got.tolist()), want, ref, kth)
+
+
+def test_random_share_then_scores_match_reference(setup, reference):
+    """--random_fraction 0.5: each weight's share of round(0.5 k) (split in proportion to its quota of k) is
+    its top entries by `--metric random`'s scores; the rest is the global top of the gradient over every
+    entry not already taken. The same on 1 and 2 ranks."""
+    names, k = list(reference), setup["two"][0]["k"]
+    quotas = largest_remainder(k, [reference[n].numel() for n in names])
+    shares = largest_remainder(round(RANDOM_FRACTION * k), quotas)
+    random_scores = {n: torch.cat([r["random_scores"][n][1] for r in setup["two"]]) for n in names}
+    picked = [reference_top_k([random_scores[n]], share)[0][0] for n, share in zip(names, shares)]
+    rest = [torch.tensor([float("-inf") if i in taken else v for i, v in enumerate(reference[n].tolist())])
+            for n, taken in zip(names, picked)]
+    want, kth = reference_top_k(rest, k - sum(shares))
+    for world in ("two", "one"):
+        got = setup[world][0]["mixed"]
+        assert sum(t.numel() for t in got.values()) == k
+        for i, name in enumerate(names):
+            indices = set(got[name].tolist())
+            assert picked[i] <= indices, name
+            _assert_same_but_near_ties(indices - picked[i], want[i], reference[name], kth)
+    for name in names:
+        assert torch.equal(random_scores[name], torch.cat([r["random_scores"][name][1] for r in setup["one"]]))
 
 
 def test_selection_communication_does_not_grow_with_depth(setup):

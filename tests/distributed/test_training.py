@@ -24,7 +24,7 @@ from speft_ds.models.loading import load_tokenizer
 from speft_ds.runtime.zero3 import destroy_engine
 from tests.distributed.harness import run_ranks
 from tests.models import write_dataset, write_tiny_llama
-from tests.references import mean_token_loss, plain_micro_batches, plain_split
+from tests.references import mean_token_loss, plain_micro_batches, plain_permutation, plain_split
 
 REPO = Path(__file__).resolve().parents[2]
 WORLD = 2
@@ -64,9 +64,15 @@ def _worker(rank, world_size, argv, probe_ids):
     return result
 
 
-# The default run; named targets beyond the decoder linears; the dense delta product (the default on GPUs).
+# The default run; named targets beyond the decoder linears; the dense delta product (the default on GPUs);
+# a mask split per weight, half random, the rest by the task gradient over a general text's Fisher; deltas
+# trained as a per-input-channel scale times the parameter.
+MIXED_K = 600
 VARIANTS = {"decoder-linears": [], "edge-targets": ["--target_modules", "embed_tokens,lm_head,q_proj"],
-            "dense-delta": ["--delta_impl", "dense"]}
+            "dense-delta": ["--delta_impl", "dense"],
+            "mixed-mask": ["--selection", "local", "--num_trainable", str(MIXED_K), "--random_fraction", "0.5",
+                           "--metric", "gradient_over_fisher", "--fisher_text", "{root}/general.txt"],
+            "channel-scaled": ["--delta_scaling", "input_channel"]}
 
 
 @pytest.fixture(scope="module", params=list(VARIANTS))
@@ -88,7 +94,8 @@ def trained(request, tmp_path_factory):
             "--gradient_accumulation_steps", str(GRAD_ACC), "--learning_rate", str(LR), "--lr_scheduler", "constant",
             "--max_grad_norm", str(MAX_NORM), "--calibration_examples", "16", "--density", "0.05",
             "--seq_len", "48", "--logging_steps", "1", "--val_size", "0.1"]
-    argv += VARIANTS[request.param]
+    (root / "general.txt").write_text("The quick brown fox jumps over the lazy dog. " * 20)
+    argv += [arg.format(root=root) for arg in VARIANTS[request.param]]
     probe_ids = torch.tensor([[1, 20, 31, 42, 53, 64, 75, 86]])
     results = run_ranks(_worker, WORLD, argv, probe_ids, out_dir=root / "ranks")
     config = TrainConfig(model=str(model_dir), dataset=str(dataset), seq_len=48, val_size=0.1)
@@ -137,30 +144,55 @@ def test_each_rank_keeps_only_its_share_of_the_indices(trained):
               f"whole int64 lists would be {8 * k})")
 
 
-def dense_reference_training(config: TrainConfig, indices: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+def reference_channel_scales(model, train_set, config: TrainConfig, names: list[str]) -> dict[str, torch.Tensor]:
+    """--delta_scaling input_channel's s_j = median_j ||x_j|| / ||x_j|| (at most 100), ||x_j|| the norm of input
+    channel j over every token of the 16 calibration examples (the first 16 of the seeded permutation), each
+    run alone."""
+    sums = {n: torch.zeros(model.get_submodule(n).in_features, dtype=torch.float64) for n in names}
+
+    def add_squares(name: str):
+        def hook(module, inputs):
+            sums[name] += inputs[0][0].double().square().sum(0)
+        return hook
+
+    handles = [model.get_submodule(n).register_forward_pre_hook(add_squares(n)) for n in names]
+    with torch.no_grad():
+        for i in plain_permutation(len(train_set), config.seed)[:16]:
+            model(torch.tensor([train_set[i]["input_ids"]]))
+    for handle in handles:
+        handle.remove()
+    norms = {n: t.sqrt() for n, t in sums.items()}
+    return {n: (norm.median() / norm.clamp_min(norm.median() / 100)).float() for n, norm in norms.items()}
+
+
+def dense_reference_training(config: TrainConfig, indices: dict[str, torch.Tensor],
+                             channel_scaled: bool = False) -> dict[str, torch.Tensor]:
     """Train dense deltas D (gradient masked to `indices`) in one process, the way 2 data-parallel ranks do:
     per step, the mean over ranks and accumulation steps of each micro-batch's mean token loss. The batches
-    are its own (tests.references), not those of speft_ds.data.batches."""
+    are its own (tests.references), not those of speft_ds.data.batches. With `channel_scaled` the trained
+    parameter is theta and D = s_j x theta on input channel j."""
     model = AutoModelForCausalLM.from_pretrained(config.model, dtype=torch.float32).requires_grad_(False)
     train_set = plain_split(tokenize_dataset(load_raw_dataset(config), load_tokenizer(config), config),
                             config.val_size, config.seed)
     weights = {n: model.get_submodule(n).weight for n in indices}
-    deltas = {n: torch.zeros_like(w, requires_grad=True) for n, w in weights.items()}
+    scales = (reference_channel_scales(model, train_set, config, list(indices)) if channel_scaled
+              else {n: torch.ones(w.shape[1]) for n, w in weights.items()})
+    thetas = {n: torch.zeros_like(w, requires_grad=True) for n, w in weights.items()}
     masks = {n: torch.zeros(w.numel()).index_fill_(0, indices[n], 1.0).view_as(w) for n, w in weights.items()}
-    optimizer = torch.optim.AdamW(list(deltas.values()), lr=LR, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.0)
+    optimizer = torch.optim.AdamW(list(thetas.values()), lr=LR, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.0)
     batches = plain_micro_batches(len(train_set), config.seed, WORLD, MICRO_BATCH)
     for step in range(STEPS):
         for micro in range(step * GRAD_ACC, (step + 1) * GRAD_ACC):
             for rank_examples in batches[micro]:
-                loss = mean_token_loss(model, {n: weights[n] + deltas[n] for n in deltas},
+                loss = mean_token_loss(model, {n: weights[n] + scales[n] * thetas[n] for n in thetas},
                                        [train_set[i] for i in rank_examples])
                 (loss / (WORLD * GRAD_ACC)).backward()
-        for n, d in deltas.items():
-            d.grad *= masks[n]
-        torch.nn.utils.clip_grad_norm_(list(deltas.values()), MAX_NORM)
+        for n, theta in thetas.items():
+            theta.grad *= masks[n]
+        torch.nn.utils.clip_grad_norm_(list(thetas.values()), MAX_NORM)
         optimizer.step()
         optimizer.zero_grad()
-    return {n: weights[n] + deltas[n].detach() for n in deltas}
+    return {n: weights[n] + scales[n] * thetas[n].detach() for n in thetas}
 
 
 def test_trained_weights_match_dense_reference(trained):
@@ -168,12 +200,25 @@ def test_trained_weights_match_dense_reference(trained):
     assert all(v.abs().max() > 0 for v in values.values()), "values never moved from zero"
     for r in trained["results"]:  # auto is the sparse product on CPU
         assert r["delta_impls"] == (["dense"] if trained["variant"] == "dense-delta" else ["auto"])
-    reference = dense_reference_training(trained["config"], indices)
+    reference = dense_reference_training(trained["config"], indices, trained["variant"] == "channel-scaled")
     base = AutoModelForCausalLM.from_pretrained(trained["config"].model, dtype=torch.float32)
     for name, ref_weight in reference.items():
         weight = base.get_submodule(name).weight.detach().clone()
         weight.view(-1)[indices[name]] += values[name]
         torch.testing.assert_close(weight, ref_weight, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("trained", ["mixed-mask"], indirect=True)
+def test_a_mixed_mask_takes_each_weights_exact_share(trained):
+    """--selection local --num_trainable: each weight's count is its largest-remainder share of k."""
+    indices, _ = _adapter_tensors(trained["adapter"])
+    shapes = json.loads((trained["adapter"] / "adapter_config.json").read_text())["shapes"]
+    sizes = [rows * cols for rows, cols in shapes.values()]
+    exact = [MIXED_K * size / sum(sizes) for size in sizes]
+    floors = [math.floor(x) for x in exact]
+    for i in sorted(range(len(sizes)), key=lambda i: (floors[i] - exact[i], i))[:MIXED_K - sum(floors)]:
+        floors[i] += 1
+    assert [indices[name].numel() for name in shapes] == floors
 
 
 def test_adapter_written_under_zero3_reproduces_trained_logits(trained):
@@ -264,4 +309,4 @@ def test_generate_answers_with_the_unmerged_adapter(trained):
             if ids[0, -1] == tokenizer.eos_token_id:
                 break
     want = tokenizer.decode(ids[0, prompt_length:], skip_special_tokens=True)
-    assert proc.stdout.rstrip("\n") == want
+    assert proc.stdout.removesuffix("\n") == want  # print adds one newline; the answer may end with its own

@@ -24,7 +24,7 @@ def test_defaults_parse():
 
 @pytest.mark.parametrize("peft, expected", [("speft", 1e-3), ("roselora", 1e-3), ("lora", 3e-3)])
 def test_learning_rate_defaults_per_method(peft, expected):
-    """Each method's rate where none is given (docs/quality.md); a given rate wins for every method."""
+    """Each method's rate where none is given (docs/quality_v2.md); a given rate wins for every method."""
     assert parse_config(["--peft", peft])[0].learning_rate == expected
     assert parse_config(["--peft", peft, "--learning_rate", "2e-4"])[0].learning_rate == 2e-4
 

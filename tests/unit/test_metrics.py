@@ -18,17 +18,22 @@ def test_weight_free_metrics_score_without_the_weight(stats):
     for name in WEIGHT_FREE_METRICS:
         with_weight = METRICS[name].score(stats)
         without = METRICS[name].score(ShardStats(stats.name, stats.start, stats.size, None, stats.seed,
-                                                 grad=stats.grad, grad_sq=stats.grad_sq, input_norm=stats.input_norm))
+                                                 grad=stats.grad, grad_sq=stats.grad_sq, input_norm=stats.input_norm,
+                                                 example_grad_sum=stats.example_grad_sum,
+                                                 example_grad_sq_sum=stats.example_grad_sq_sum,
+                                                 general_grad_sq=stats.general_grad_sq))
         torch.testing.assert_close(without, with_weight, rtol=0, atol=0, msg=name)
 
 
 @pytest.fixture
 def stats():
     g = torch.Generator().manual_seed(3)
-    w, grad, grad_sq, syn, hg = (torch.randn(50, generator=g) for _ in range(5))
+    w, grad, grad_sq, syn, hg, sums, squares, general = (torch.randn(50, generator=g) for _ in range(8))
+    squares[3] = 0.0  # an entry with no gradient at all: the floor under the denominator keeps it finite
     # a weight of 8 input channels: the shard's elements 10..59 start at channel 2 of row 1
     return ShardStats("model.layers.0.mlp.up_proj", 10, 50, w, seed=7, grad=grad, grad_sq=grad_sq.abs(),
-                      synflow_grad=syn.abs(), hessian_grad=hg, input_norm=torch.arange(1.0, 9.0))
+                      synflow_grad=syn.abs(), hessian_grad=hg, input_norm=torch.arange(1.0, 9.0),
+                      example_grad_sum=sums, example_grad_sq_sum=squares.square(), general_grad_sq=general.square())
 
 
 def test_formulas(stats):
@@ -38,6 +43,10 @@ def test_formulas(stats):
         "taylor": (w * g) ** 2, "fisher": stats.grad_sq, "synflow": (w.abs() * stats.synflow_grad).abs(),
         "grasp": -(stats.hessian_grad * w),
         "gradient_over_input": g.abs() / torch.tensor([float(1 + (10 + i) % 8) for i in range(50)]),
+        # each ratio's denominator floored at 1e-8 of its largest entry (one process: this shard's)
+        "gradient_snr": stats.example_grad_sum.abs() / (stats.example_grad_sq_sum
+                                                         + 1e-8 * stats.example_grad_sq_sum.max()).sqrt(),
+        "gradient_over_fisher": g.abs() / (stats.general_grad_sq + 1e-8 * stats.general_grad_sq.max()).sqrt(),
     }
     for name, want in expected.items():
         torch.testing.assert_close(METRICS[name].score(stats), want, msg=name)

@@ -8,7 +8,7 @@ import torch
 from speft_ds.config import ConfigError
 from speft_ds.methods.speft.salience import ShardScores
 from speft_ds.methods.speft.selection import (RunningTopK, check_k, normalize_per_weight, num_to_select,
-                                              select_from_groups, select_global, select_local)
+                                              select_from_groups, select_global, select_local, split_budget)
 from speft_ds.methods.speft.selection_keys import score_keys
 
 NAMES = ["a.q_proj", "a.v_proj", "b.down_proj", "b.up_proj"]
@@ -125,17 +125,18 @@ def test_select_global_rejects_bad_k_and_nan():
         select_global({"m": whole(bad)}, 2)
 
 
-@pytest.mark.parametrize("density", [1e-4, 0.013, 0.1, 0.37, 0.5, 1.0])
+@pytest.mark.parametrize("fraction", [1e-4, 0.013, 0.1, 0.37, 0.5, 1.0])
 @pytest.mark.parametrize("kind", ["random", "ties", "signed_ties"])
-def test_select_local_matches_per_module_reference(density, kind):
-    """select_local takes k_w = max(1, round(density * numel_w)) inside each module, each by the reference."""
+def test_select_local_matches_per_module_reference(fraction, kind):
+    """select_local takes each module's own quota of entries, each by the reference; a quota of 0 none."""
     gen = torch.Generator().manual_seed(17)
     scores = random_module_scores(gen, kind)
-    got = select_local({n: whole(s) for n, s in scores.items()}, density)
+    quotas = {name: round(fraction * s.numel()) for name, s in scores.items()}
+    got = select_local({n: whole(s) for n, s in scores.items()}, quotas)
     assert list(got) == list(scores)
     for name, s in scores.items():
-        k_w = max(1, round(density * s.numel()))
-        expected = reference_top_k({name: s}, k_w)[name]
+        k_w = quotas[name]
+        expected = reference_top_k({name: s}, k_w)[name] if k_w else torch.zeros(0, dtype=torch.int64)
         assert got[name].dtype == torch.int64
         assert torch.equal(got[name], expected), name
         assert got[name].numel() == k_w
@@ -222,7 +223,7 @@ def test_select_from_groups_gives_the_global_or_local_selection_and_summary_of_o
     scores = random_module_scores(gen, "signed_ties")
     groups = [{n: whole(scores[n].clone()) for n in NAMES[:1]}, {n: whole(scores[n].clone()) for n in NAMES[1:]}]
     one = [{n: whole(scores[n].clone()) for n in NAMES}]
-    for kwargs in (dict(k=40), dict(density=0.1)):
+    for kwargs in (dict(k=40), dict(quotas={n: 3 + i for i, n in enumerate(NAMES)})):
         grouped, grouped_summary, _ = select_from_groups(iter(groups), NAMES, **kwargs)
         single, single_summary, _ = select_from_groups(iter(one), NAMES, **kwargs)
         assert grouped.keys() == single.keys() and all(torch.equal(grouped[n], single[n]) for n in NAMES)
@@ -232,6 +233,17 @@ def test_select_from_groups_gives_the_global_or_local_selection_and_summary_of_o
     assert_same_selection(select_from_groups(iter(groups), NAMES, k=40)[0], expected, 40)
     assert select_from_groups(iter(groups), NAMES, k=40)[1]["lowest_selected"] == min(
         scores[n][expected[n]].min().item() for n in NAMES if expected[n].numel())
+
+
+@pytest.mark.parametrize("total,sizes,expected", [
+    (10, [1, 1, 1], [4, 3, 3]),             # equal remainders: the earlier weight first
+    (7, [100, 300, 600], [1, 2, 4]),         # 0.7, 2.1, 4.2: the largest remainder (0.7) gets the extra one
+    (1, [5, 5], [1, 0]),                     # fewer than the weights: some get none
+    (5, [1, 2, 3, 4], [1, 1, 1, 2]),        # 0.5, 1, 1.5, 2: the two halves tie, the earlier one wins
+])
+def test_split_budget_is_exact_by_largest_remainder(total, sizes, expected):
+    assert split_budget(total, sizes) == expected
+    assert sum(expected) == total
 
 
 def test_excluded_entries_are_never_selected():

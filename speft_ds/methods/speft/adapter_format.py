@@ -22,13 +22,16 @@ from .delta import sparse_delta_layer
 
 
 def inject_sparse_deltas(model: nn.Module, indices: dict[str, torch.Tensor],
-                         values: dict[str, torch.Tensor] | None = None, impl: str = "auto") -> dict[str, nn.Module]:
-    """Replace each named linear or embedding layer by its sparse-delta layer; returns the new layers."""
+                         values: dict[str, torch.Tensor] | None = None, impl: str = "auto",
+                         scales: dict[str, torch.Tensor] | None = None) -> dict[str, nn.Module]:
+    """Replace each named linear or embedding layer by its sparse-delta layer (with `scales`, per entry, where
+    given); returns the new layers."""
     layers = {}
     for name, idx in indices.items():
         parent_name, _, child_name = name.rpartition(".")
         parent = model.get_submodule(parent_name)
-        layer = sparse_delta_layer(getattr(parent, child_name), idx, None if values is None else values[name], impl)
+        layer = sparse_delta_layer(getattr(parent, child_name), idx, None if values is None else values[name], impl,
+                                   None if scales is None else scales[name])
         setattr(parent, child_name, layer)
         layers[name] = layer
     return layers

@@ -1,7 +1,7 @@
 """A cap on how many selected entries one input channel (a column of a targeted weight) may hold.
 
 Why: a gradient score |dY^T X| grows with its input's magnitude, so a plain global top-k crowds onto the
-few loudest input channels (docs/quality.md measures it), and an update on such a channel reaches every
+few loudest input channels (docs/quality_v2.md measures it), and an update on such a channel reaches every
 token. With a cap, only the `cap` highest-scoring entries of each column stay selectable: the rest get a
 score of -inf before the top-k, exactly and deterministically over any number of ranks.
 

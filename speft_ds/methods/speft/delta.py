@@ -54,10 +54,13 @@ class _SparseDeltaLayer(nn.Module):
 
     The indices are a frozen parameter rather than a buffer so that, created under zero.Init, they are
     partitioned beside the values and gathered with them around each forward and backward: a rank keeps
-    about 1/N of them (int32 where they fit) instead of every layer's whole list."""
+    about 1/N of them (int32 where they fit) instead of every layer's whole list.
+
+    With `scales` (frozen, partitioned the same way) the delta is scales x values: the trained parameter is
+    then a reparametrisation whose Adam steps move each entry by about lr x its scale."""
 
     def __init__(self, base_layer: nn.Module, indices: torch.Tensor, values: torch.Tensor | None,
-                 shape: tuple[int, int]):
+                 shape: tuple[int, int], scales: torch.Tensor | None = None):
         super().__init__()
         self.base_layer = base_layer.requires_grad_(False)
         self.shape = shape
@@ -65,8 +68,13 @@ class _SparseDeltaLayer(nn.Module):
         if values is None:
             values = torch.zeros(indices.numel(), dtype=torch.float32)
         self.delta_values = nn.Parameter(values.detach().clone())
+        self.delta_scales = None if scales is None else nn.Parameter(scales.to(torch.float32), requires_grad=False)
         # False: the layer computes as its base does (the base model's outputs, for --retention_text's KL)
         self.delta_enabled = True
+
+    def delta(self) -> torch.Tensor:
+        """The delta's entries at delta_indices (values, times their scales where there are any)."""
+        return self.delta_values if self.delta_scales is None else self.delta_values * self.delta_scales
 
     @property
     def weight(self) -> nn.Parameter:
@@ -74,7 +82,7 @@ class _SparseDeltaLayer(nn.Module):
         return self.base_layer.weight
 
     def get_delta_weight(self) -> torch.Tensor:
-        return dense_delta(self.delta_values.detach(), self.delta_indices, self.shape)
+        return dense_delta(self.delta().detach(), self.delta_indices, self.shape)
 
     @torch.no_grad()
     def merge(self) -> nn.Module:
@@ -82,7 +90,7 @@ class _SparseDeltaLayer(nn.Module):
         if is_quantized(self.base_layer.weight):
             raise ConfigError("cannot merge into quantized weights in place (that would re-quantize them): write a "
                               "dequantized merged model with launch/merge.py")
-        add_delta_(self.base_layer.weight, self.delta_indices, self.delta_values.detach())
+        add_delta_(self.base_layer.weight, self.delta_indices, self.delta().detach())
         return self.base_layer
 
 
@@ -90,8 +98,8 @@ class SparseDeltaLinear(_SparseDeltaLayer):
     """`impl` chooses how the delta's product is computed (delta_impls.py: auto, dense, sparse)."""
 
     def __init__(self, base_layer: nn.Module, indices: torch.Tensor, values: torch.Tensor | None = None,
-                 impl: str = "auto"):
-        super().__init__(base_layer, indices, values, (base_layer.out_features, base_layer.in_features))
+                 impl: str = "auto", scales: torch.Tensor | None = None):
+        super().__init__(base_layer, indices, values, (base_layer.out_features, base_layer.in_features), scales)
         self.impl = impl
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -101,8 +109,8 @@ class SparseDeltaLinear(_SparseDeltaLayer):
         # A quantized weight cannot take the delta in its own dtype; a frozen delta (scored as part of the
         # base by drop_regrow's salience pass) keeps the base layer's own call, where the salience hooks sit.
         if is_quantized(weight) or not self.delta_values.requires_grad:
-            return self.base_layer(x) + delta_product(x, self.delta_values, self.delta_indices, self.shape, self.impl)
-        return merged_linear(x, weight, self.base_layer.bias, self.delta_values, self.delta_indices, self.impl)
+            return self.base_layer(x) + delta_product(x, self.delta(), self.delta_indices, self.shape, self.impl)
+        return merged_linear(x, weight, self.base_layer.bias, self.delta(), self.delta_indices, self.impl)
 
 
 class SparseDeltaEmbedding(_SparseDeltaLayer):
@@ -117,9 +125,12 @@ class SparseDeltaEmbedding(_SparseDeltaLayer):
 
 
 def sparse_delta_layer(base_layer: nn.Module, indices: torch.Tensor, values: torch.Tensor | None = None,
-                       impl: str = "auto") -> _SparseDeltaLayer:
+                       impl: str = "auto", scales: torch.Tensor | None = None) -> _SparseDeltaLayer:
     """Wrap a linear or embedding layer in its sparse-delta layer (`impl`: how a linear's delta product is
-    computed; an embedding's lookup has one way)."""
+    computed; an embedding's lookup has one way; `scales`: a linear's per-entry reparametrisation)."""
     if isinstance(base_layer, nn.Embedding):
+        if scales is not None:
+            raise ConfigError("--delta_scaling input_channel scales a linear layer's input channels; an embedding "
+                              "has none: drop the embedding from --target_modules")
         return SparseDeltaEmbedding(base_layer, indices, values)
-    return SparseDeltaLinear(base_layer, indices, values, impl)
+    return SparseDeltaLinear(base_layer, indices, values, impl, scales)

@@ -13,6 +13,7 @@ import deepspeed
 import torch
 
 from ...data.batches import calibration_indices, pad_token_id, rank_batches
+from ...data.retention import read_documents, text_rows
 from ...runtime import zero3
 from ...runtime.distributed import per_rank, release_freed_memory, sum_over_ranks
 from ...runtime.ds_config import salience_ds_config
@@ -21,10 +22,16 @@ from ..base import Method, RunContext, write_streamed
 from . import masks
 from .adapter_format import AdapterWriter
 from .channel_cap import column_caps
+from .channel_scaling import channel_scales, entry_scales
 from .partitioned_deltas import inject_partitioned
 from .salience import score_groups
+from .shard_grads import input_channel_norms
 from .salience_budget import SaliencePlan, plan_salience
-from .selection import gather_indices, num_to_select, select_from_groups
+from .random_share import joined, random_picks, random_quotas
+from .selection import gather_indices, num_to_select, select_from_groups, split_budget
+
+
+_SCALES = "channel_scales/"  # checkpoint state keys of --delta_scaling's per-channel scales
 
 
 class SpeftMethod(Method):
@@ -35,6 +42,7 @@ class SpeftMethod(Method):
         self.layers: dict = {}
         self.folded = masks.FoldedDeltas()
         self.summary: dict = {}
+        self.channel_scales: dict[str, torch.Tensor] | None = None  # --delta_scaling input_channel's s_j
 
     # --- before training
     def plan(self, model_config, skeleton, target_shapes, ds_config, world_size, bf16, accelerator) -> None:
@@ -43,6 +51,8 @@ class SpeftMethod(Method):
         self.k = num_to_select(self.config.density, self.config.num_trainable, self.targeted)
         self.salience: SaliencePlan = plan_salience(self.config, model_config, skeleton, target_shapes, self.k,
                                                     ds_config, world_size, bf16, accelerator)
+        fisher_text = self.config.fisher_text
+        self.general_documents = read_documents(fisher_text, "--fisher_text") if fisher_text else None
 
     def describe(self) -> str:
         return self.salience.describe()
@@ -56,6 +66,9 @@ class SpeftMethod(Method):
         # No optimizer: this engine only gathers the partitioned weights around each layer's forward and backward.
         engine = deepspeed.initialize(model=model, config=salience_ds_config(ctx.plan.ds_config))[0]
         self.selected, self.summary = self.select_masks(engine, ctx)
+        if self.config.delta_scaling == "input_channel":
+            norms = input_channel_norms(engine.module, self._targets(engine.module), self._calibration_batches(ctx))
+            self.channel_scales = channel_scales(norms)
         zero3.destroy_engine(engine)
         release_freed_memory()
         self.report_salience_memory(ctx, log_memory(ctx.log, "salience"))  # and selection
@@ -66,6 +79,8 @@ class SpeftMethod(Method):
         return self.values()
 
     def restore(self, model, ctx: RunContext, point) -> list:
+        scales = {key.removeprefix(_SCALES): t for key, t in point.state.items() if key.startswith(_SCALES)}
+        self.channel_scales = scales or None
         self.folded = masks.FoldedDeltas.from_state(point.state)
         self.summary = point.meta["score_summary"]
         self.folded.refold({name: model.get_submodule(name).weight for name in self.folded.parts})
@@ -80,32 +95,59 @@ class SpeftMethod(Method):
         weights at a time as the salience plan says, each group merged into the selection before the next is
         scored. Returns the flat indices selected in this rank's shard of each weight, and a summary of the
         scores. `k` and `excluded` (entries that cannot be selected) serve drop_regrow, whose top-k is global."""
-        config, plan = self.config, ctx.plan
-        calibration = calibration_indices(len(plan.train_set), config.calibration_examples,
-                                          config.seed + calibration_round)
-        batches = rank_batches(plan.train_set, calibration, ctx.rank, ctx.world_size, config.micro_batch_size,
-                               pad_token_id(plan.tokenizer))
+        config = self.config
+        batches = self._calibration_batches(ctx, calibration_round)
         local = config.selection == "local" and excluded is None
         normalize = config.selection == "normalized"
         started = time.perf_counter()
         model = engine.module
-        groups = score_groups(model, self._targets(model), self.salience.groups, batches, config.metric,
+        targets = self._targets(model)
+        k = k or self.k
+        quotas = dict(zip(self.target_names, split_budget(k, [rows * cols for rows, cols in self.target_shapes.values()])))
+        picks = {}
+        if config.random_fraction and excluded is None:
+            shares = random_quotas(quotas, config.random_fraction)
+            picks = excluded = random_picks(targets, shares, config.seed)
+            quotas = {name: quota - shares[name] for name, quota in quotas.items()}
+            k -= sum(shares.values())
+        groups = score_groups(model, targets, self.salience.groups, batches, config.metric,
                               seed=config.seed, show_progress=ctx.rank == 0, offload=self.salience.offload,
-                              release=engine.empty_partition_cache)
+                              release=engine.empty_partition_cache, general_batches=self._general_batches(ctx))
         caps = None
         if config.input_channel_cap is not None:
-            caps = column_caps(self.target_shapes, config.density if local else self.k / self.targeted,
-                               config.input_channel_cap)
-        selected, summary, selecting = select_from_groups(groups, self.target_names, k=None if local else k or self.k,
-                                                          density=config.density, excluded=excluded,
+            caps = column_caps(self.target_shapes, self.k / self.targeted, config.input_channel_cap)
+        selected, summary, selecting = select_from_groups(groups, self.target_names, k=None if local else k,
+                                                          quotas=quotas if local else None, excluded=excluded,
                                                           normalize=normalize, column_caps=caps)
-        ctx.log.write({"event": "salience", "metric": config.metric, "examples": len(calibration),
+        selected = joined(picks, selected)
+        ctx.log.write({"event": "salience", "metric": config.metric, "examples": self._calibration_count(ctx),
                        "chunks": len(self.salience.groups), "offload": self.salience.offload,
                        "wall_time_s": time.perf_counter() - started - selecting})
         count = int(sum_over_ranks(sum(t.numel() for t in selected.values())))
         ctx.log.write({"event": "selection", "selection": "local" if local else "normalized" if normalize else "global",
-                       "input_channel_cap": config.input_channel_cap, "k": count, "wall_time_s": selecting})
+                       "input_channel_cap": config.input_channel_cap, "random_fraction": config.random_fraction,
+                       "k": count, "wall_time_s": selecting})
         return selected, summary
+
+    def _calibration_count(self, ctx: RunContext) -> int:
+        return min(self.config.calibration_examples, len(ctx.plan.train_set))
+
+    def _calibration_batches(self, ctx: RunContext, calibration_round: int = 0) -> list[dict]:
+        """This rank's micro-batches of calibration subset number `calibration_round` (0: the first mask's)."""
+        config, plan = self.config, ctx.plan
+        calibration = calibration_indices(len(plan.train_set), config.calibration_examples,
+                                          config.seed + calibration_round)
+        return rank_batches(plan.train_set, calibration, ctx.rank, ctx.world_size, config.micro_batch_size,
+                            pad_token_id(plan.tokenizer))
+
+    def _general_batches(self, ctx: RunContext) -> list[dict] | None:
+        """This rank's micro-batches of --fisher_text (up to --calibration_examples rows of it), or None."""
+        if self.general_documents is None:
+            return None
+        config = self.config
+        rows = text_rows(self.general_documents, ctx.plan.tokenizer, config.seq_len)
+        return rank_batches(rows, calibration_indices(len(rows), config.calibration_examples, config.seed),
+                            ctx.rank, ctx.world_size, config.micro_batch_size, pad_token_id(ctx.plan.tokenizer))
 
     def report_salience_memory(self, ctx: RunContext, after: dict) -> None:
         """The salience phase's measured peak per rank next to the plan: the accelerator's peak allocation, or
@@ -128,7 +170,9 @@ class SpeftMethod(Method):
     def _inject(self, model, ctx: RunContext, indices: Iterable[tuple[str, torch.Tensor]],
                 values: dict | None = None) -> dict:
         """Delta layers partitioned across ranks for (name, whole indices) pairs, a generator if need be."""
-        return inject_partitioned(model, ctx.plan.ds_config, indices, values, self.config.delta_impl)
+        scales = self.channel_scales
+        scales_of = None if scales is None else lambda name, idx: entry_scales(scales[name], idx)
+        return inject_partitioned(model, ctx.plan.ds_config, indices, values, self.config.delta_impl, scales_of)
 
     def inject_selected(self, model, ctx: RunContext, selected: dict[str, torch.Tensor]) -> dict:
         """Wrap each weight with selected entries in a delta layer partitioned across ranks: a weight's whole
@@ -248,7 +292,8 @@ class SpeftMethod(Method):
     # --- checkpoints and the adapter
     def checkpoint_state(self, engine) -> tuple[dict, dict]:
         # safetensors returns keys sorted; the engine's parameter order is this one
-        return self.folded.state(), {"score_summary": self.summary, "layer_order": list(self.layers)}
+        scales = {f"{_SCALES}{name}": t for name, t in (self.channel_scales or {}).items()}
+        return {**self.folded.state(), **scales}, {"score_summary": self.summary, "layer_order": list(self.layers)}
 
     def checkpoint_slices(self) -> dict:
         return {f"indices/{name}": (layer.delta_indices, zero3.local_shard(layer.delta_indices))
@@ -258,8 +303,12 @@ class SpeftMethod(Method):
         """One module's whole indices and values relative to the original base (what mask updates folded in,
         plus its current deltas): a collective where the module has a delta layer."""
         layer = self.layers.get(name)
-        current = ({name: zero3.gather_full(layer.delta_indices).long()},
-                   {name: zero3.gather_full_fp32(layer.delta_values)}) if layer is not None else ({}, {})
+        current = ({}, {})
+        if layer is not None:
+            values = zero3.gather_full_fp32(layer.delta_values)
+            if layer.delta_scales is not None:  # the saved values are the delta's own: scales folded in
+                values = values * zero3.gather_full(layer.delta_scales).to(values)
+            current = ({name: zero3.gather_full(layer.delta_indices).long()}, {name: values})
         indices, values = self.folded.total([name], *current)
         return indices[name], values[name]
 

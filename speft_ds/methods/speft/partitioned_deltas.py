@@ -3,7 +3,7 @@ and registered so that ZeRO-3 gathers the base weight a delta layer reads itself
 
 from __future__ import annotations
 
-from typing import Iterable
+from typing import Callable, Iterable
 
 import torch
 from torch import nn
@@ -14,16 +14,18 @@ from .adapter_format import inject_sparse_deltas, read_adapter
 
 
 def inject_partitioned(model: nn.Module, ds_config: dict, indices: Iterable[tuple[str, torch.Tensor]],
-                       values: dict[str, torch.Tensor] | None = None, impl: str = "auto") -> dict[str, nn.Module]:
-    """Wrap each named weight in a delta layer whose values and indices are partitioned as they are created.
-    `indices` may be a generator: each weight's whole index list need exist only while its layer is built.
-    Weights with no index get no layer (ZeRO-3 cannot partition an empty parameter)."""
+                       values: dict[str, torch.Tensor] | None = None, impl: str = "auto",
+                       scales_of: Callable[[str, torch.Tensor], torch.Tensor] | None = None) -> dict[str, nn.Module]:
+    """Wrap each named weight in a delta layer whose values and indices (and, with `scales_of(name, indices)`,
+    per-entry scales) are partitioned as they are created. `indices` may be a generator: each weight's whole
+    index list need exist only while its layer is built. Weights with no index get no layer (ZeRO-3 cannot
+    partition an empty parameter)."""
     layers = {}
     with zero3.partitioned_init(ds_config):
         for name, idx in indices:
             if idx.numel():
                 layers.update(inject_sparse_deltas(model, {name: idx}, None if values is None else {name: values[name]},
-                                                   impl))
+                                                   impl, None if scales_of is None else {name: scales_of(name, idx)}))
     # A delta layer multiplies by W + D itself instead of calling its base layer.
     for layer in layers.values():
         for param in layer.base_layer.parameters():

@@ -11,6 +11,7 @@ from dataclasses import dataclass
 from typing import Callable, Iterator
 
 import torch
+import torch.distributed as dist
 from torch import nn
 
 from ...config import ConfigError
@@ -29,6 +30,9 @@ class ShardStats:
     seed: int
     grad: torch.Tensor | None = None           # g, the calibration-loss gradient
     grad_sq: torch.Tensor | None = None        # mean over examples of the per-example gradient squared
+    example_grad_sum: torch.Tensor | None = None  # sum over examples of g_i, each example's mean-loss gradient
+    example_grad_sq_sum: torch.Tensor | None = None  # sum over examples of g_i^2
+    general_grad_sq: torch.Tensor | None = None  # grad_sq on the general text (--fisher_text)
     synflow_grad: torch.Tensor | None = None   # SynFlow's gradient (non-negative weights, linearised model)
     hessian_grad: torch.Tensor | None = None   # H g
     input_norm: torch.Tensor | None = None     # per input channel of the whole weight: ||x_j|| over the tokens
@@ -90,6 +94,38 @@ def gradient_over_input_score(s: ShardStats) -> torch.Tensor:
     return s.grad.abs() / norms.clamp_min(torch.finfo(torch.float32).tiny)
 
 
+# A ratio's floor under its denominator, relative to the weight's largest denominator: entries whose
+# gradients are near zero (rounding, dead channels) must not rank high by dividing a crumb by a crumb.
+RATIO_EPS = 1e-8
+
+
+def _largest(t: torch.Tensor) -> torch.Tensor:
+    """The largest entry of a weight over every rank's shard (a collective: every rank scores the same weights
+    in the same order)."""
+    peak = (t.max() if t.numel() else torch.zeros((), device=t.device)).to(comm_device(), torch.float32)
+    if dist.is_initialized():
+        dist.all_reduce(peak, op=dist.ReduceOp.MAX)
+    return peak.to(t.device)
+
+
+@register_metric("gradient_snr", needs=("example_moments",), reads_weight=False)
+def gradient_snr_score(s: ShardStats) -> torch.Tensor:
+    # |sum_i g_i| / sqrt(sum_i g_i^2): every g_i of an entry carries its input's ||x_j|| as a factor, which
+    # divides out, so the score ranks how consistently an entry's gradient points one way, which is also
+    # how far Adam will move it, not how loud its input channel is.
+    squares = s.example_grad_sq_sum
+    return s.example_grad_sum.abs() / (squares + RATIO_EPS * _largest(squares)).sqrt().clamp_min(
+        torch.finfo(torch.float32).tiny)
+
+
+@register_metric("gradient_over_fisher", needs=("grad", "general_grad_sq"), reads_weight=False)
+def gradient_over_fisher_score(s: ShardStats) -> torch.Tensor:
+    # The task's pull on an entry over how much a general text's loss depends on it (its diagonal Fisher):
+    # entries the general text is sensitive to, such as those on massive-activation channels, rank low.
+    fisher = s.general_grad_sq
+    return s.grad.abs() / (fisher + RATIO_EPS * _largest(fisher)).sqrt().clamp_min(torch.finfo(torch.float32).tiny)
+
+
 @register_metric("snip", needs=("grad",))
 def snip_score(s: ShardStats) -> torch.Tensor:
     return (s.weight * s.grad).abs()
@@ -136,13 +172,22 @@ class ShardScores:
 
 
 def _statistics(needs: tuple[str, ...], model: nn.Module, targets: dict[str, nn.Module], batches: list[dict],
-                show_progress: bool, offload: bool, desc: str) -> dict[str, dict[str, torch.Tensor]]:
+                general_batches: list[dict] | None, show_progress: bool, offload: bool,
+                desc: str) -> dict[str, dict[str, torch.Tensor]]:
     stats = {}
     if "grad" in needs:
         stats["grad"] = shard_grads.gradient(model, targets, batches, show_progress, offload=offload, desc=desc)
     if "grad_sq" in needs:
         stats["grad_sq"] = shard_grads.mean_squared_example_gradient(model, targets, batches, show_progress,
                                                                      offload=offload, desc=desc)
+    if "example_moments" in needs:
+        stats["example_grad_sum"], stats["example_grad_sq_sum"] = shard_grads.example_gradient_moments(
+            model, targets, batches, show_progress, offload=offload, desc=desc)
+    if "general_grad_sq" in needs:
+        if not general_batches:
+            raise ConfigError("this --metric reads a general text's gradients: pass --fisher_text")
+        stats["general_grad_sq"] = shard_grads.mean_squared_example_gradient(
+            model, targets, general_batches, show_progress, offload=offload, desc=f"{desc} (general text)")
     if "synflow_grad" in needs:
         stats["synflow_grad"] = shard_grads.synflow_gradient(model, targets, offload=offload)
     if "hessian_grad" in needs:
@@ -153,17 +198,18 @@ def _statistics(needs: tuple[str, ...], model: nn.Module, targets: dict[str, nn.
 
 def compute_salience(model: nn.Module, targets: dict[str, nn.Module], batches: list[dict],
                      metric: str = "gradient", seed: int = 0, show_progress: bool = True, offload: bool = False,
-                     desc: str = "salience") -> dict[str, ShardScores]:
+                     desc: str = "salience", general_batches: list[dict] | None = None) -> dict[str, ShardScores]:
     """Score every targeted weight on this rank's shard.
 
-    `batches` are this rank's calibration micro-batches (every rank must pass the same number). With
-    `offload` the statistics and scores live in host memory. Each weight's statistics are freed as soon
-    as it is scored, so the peak is one set of statistics plus one weight's scores.
+    `batches` are this rank's calibration micro-batches (every rank must pass the same number), and
+    `general_batches` its micro-batches of the general text for metrics that read one. With `offload` the
+    statistics and scores live in host memory. Each weight's statistics are freed as soon as it is scored,
+    so the peak is one set of statistics plus one weight's scores.
     """
     chosen = get_metric(metric)
     if chosen.needs and shard_grads.calibration_tokens(batches) == 0:
         raise ConfigError("the calibration examples have no loss tokens: check --response_field / --seq_len")
-    stats = _statistics(chosen.needs, model, targets, batches, show_progress, offload, desc)
+    stats = _statistics(chosen.needs, model, targets, batches, general_batches, show_progress, offload, desc)
     norms = (shard_grads.input_channel_norms(model, targets, batches, show_progress, desc)
              if "input_norm" in chosen.needs else {})
     where = torch.device("cpu") if offload else comm_device()
@@ -183,7 +229,8 @@ def compute_salience(model: nn.Module, targets: dict[str, nn.Module], batches: l
 
 def score_groups(model: nn.Module, targets: dict[str, nn.Module], groups: list[list[str]], batches: list[dict],
                  metric: str = "gradient", seed: int = 0, show_progress: bool = True, offload: bool = False,
-                 release: Callable[[], None] = lambda: None) -> Iterator[dict[str, ShardScores]]:
+                 release: Callable[[], None] = lambda: None,
+                 general_batches: list[dict] | None = None) -> Iterator[dict[str, ShardScores]]:
     """compute_salience for one group of targets at a time (one pass over the calibration set each): only
     one group's statistics exist at once, and each pass's backward stops below its group's lowest block.
 
@@ -195,7 +242,7 @@ def score_groups(model: nn.Module, targets: dict[str, nn.Module], groups: list[l
     for i, names in enumerate(groups):
         desc = "salience" if len(groups) == 1 else f"salience {i + 1}/{len(groups)}"
         scores = compute_salience(model, {name: targets[name] for name in names}, batches, metric, seed,
-                                  show_progress, offload, desc)
+                                  show_progress, offload, desc, general_batches)
         release()
         yield scores
         # The consumer has merged this group: without this the next group's pass would run beside its scores.

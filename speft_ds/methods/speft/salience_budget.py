@@ -63,6 +63,7 @@ def plan_salience(config: TrainConfig, model_config, skeleton, target_shapes: di
     job = Job(world_size=world_size, density=k / sum(sizes), seq_len=config.seq_len,
               micro_batch=config.micro_batch_size, bf16=bf16, quantize=config.quantize,
               gradient_checkpointing=config.gradient_checkpointing, metric=config.metric,
+              delta_scaling=config.delta_scaling != "none",
               targets=tuple(zip(sizes, layers)), **zero_settings(ds_config["zero_optimization"]))
     budget = config.max_memory_gib * GIB if config.max_memory_gib else (
         free_host_bytes_per_rank() if on_cpu else accelerator.total_memory())

@@ -183,11 +183,22 @@ def select_global(scores: dict[str, ShardScores], k: int,
     return top.selected()
 
 
-def select_local(scores: dict[str, ShardScores], density: float,
+def split_budget(total: int, weights: list[int]) -> list[int]:
+    """`total` split in proportion to `weights` by largest remainder (ties: the earlier weight), so the parts
+    add up to `total` exactly."""
+    whole = sum(weights)
+    parts = [total * w // whole for w in weights]
+    by_remainder = sorted(range(len(weights)), key=lambda i: (-(total * weights[i] % whole), i))
+    for i in by_remainder[:total - sum(parts)]:
+        parts[i] += 1
+    return parts
+
+
+def select_local(scores: dict[str, ShardScores], quotas: dict[str, int],
                  all_reduce: AllReduce = _all_reduce) -> dict[str, torch.Tensor]:
-    """The same fraction inside each weight: k_w = max(1, round(density * numel_w))."""
-    return {name: select_global({name: s}, max(1, round(density * s.numel)), all_reduce)[name]
-            for name, s in scores.items()}
+    """Each weight's own top `quotas[name]` (none where its quota is 0)."""
+    return {name: select_global({name: s}, quotas[name], all_reduce)[name] if quotas[name]
+            else torch.zeros(0, dtype=torch.int64, device=s.scores.device) for name, s in scores.items()}
 
 
 def exclude(scores: dict[str, ShardScores], indices: dict[str, torch.Tensor]) -> None:
@@ -210,17 +221,17 @@ def normalize_per_weight(scores: dict[str, ShardScores], all_reduce: AllReduce =
 
 
 def select_from_groups(groups: Iterable[dict[str, ShardScores]], names: list[str], k: int | None = None,
-                       density: float | None = None, excluded: dict[str, torch.Tensor] | None = None,
+                       quotas: dict[str, int] | None = None, excluded: dict[str, torch.Tensor] | None = None,
                        normalize: bool = False, column_caps: dict[str, tuple[int, int]] | None = None
                        ) -> tuple[dict[str, torch.Tensor], dict, float]:
-    """The global top-k (or, given `density` instead, each weight's own top fraction) over scores that
+    """The global top-k (or, given `quotas` instead, each weight's own top quotas[name]) over scores that
     arrive one group of weights at a time (`names`: every weight, in model order), never holding more
     than one group's scores. `excluded` entries cannot be selected; with `normalize` each weight's scores
     are first divided by their mean magnitude (normalize_per_weight); with `column_caps` (name -> (cap,
     columns)) only the cap highest entries of each of a weight's columns can be (channel_cap). Returns
     this rank's selected flat indices per weight, the score summary, and the seconds spent selecting
     (beside producing scores)."""
-    top, summary, selected, seconds = RunningTopK(k, names) if k else None, ScoreSummary(), {}, 0.0
+    top, summary, selected, seconds = RunningTopK(k, names) if quotas is None else None, ScoreSummary(), {}, 0.0
     for scores in groups:
         started = time.perf_counter()
         if normalize:
@@ -233,7 +244,7 @@ def select_from_groups(groups: Iterable[dict[str, ShardScores]], names: list[str
         if top:
             top.add(scores)
         else:
-            chosen = select_local(scores, density)
+            chosen = select_local(scores, quotas)
             for name, indices in chosen.items():
                 summary.add_selected(scores[name].scores[indices - scores[name].start])
             selected.update(chosen)

@@ -30,19 +30,20 @@ LossFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]  # (logits, labels
 
 
 class _ShardAccumulator:
-    """Hooks adding each targeted layer's dW slice (or, per example, dW squared) into accumulators (fp32:
-    the smallest dtype that keeps the selection, bench/quality/accumulator_dtype.py), on the accelerator or,
-    with `offload`, in (pinned) host memory.
+    """Hooks adding each targeted layer's weight-gradient statistics into accumulators (fp32: the smallest
+    dtype that keeps the selection, bench/quality/accumulator_dtype.py), on the accelerator or, with
+    `offload`, in (pinned) host memory. `statistics` names what is accumulated per weight: "sum", the
+    batch's dW; "example_squares", the sum over its examples of each example's dW squared.
 
-    A layer's reduce-scatter runs while the backward computes the layer before it; at most one is in
-    flight, so no more than two layers' dW exist at a time."""
+    A layer's reduce-scatters run while the backward computes the layer before it; at most one layer's are
+    in flight, so no more than two layers' statistics exist at a time."""
 
-    def __init__(self, targets: dict[str, nn.Module], per_example_squares: bool, dtype: torch.dtype, offload: bool):
+    def __init__(self, targets: dict[str, nn.Module], statistics: tuple[str, ...], dtype: torch.dtype, offload: bool):
         self.targets = targets
-        self.per_example_squares = per_example_squares
-        self.accumulators = {name: _zeros(zero3.shard_numel(m.weight), dtype, offload) for name, m in targets.items()}
+        self.accumulators = {stat: {name: _zeros(zero3.shard_numel(m.weight), dtype, offload)
+                                    for name, m in targets.items()} for stat in statistics}
         self._handles = [m.register_forward_hook(self._forward_hook(name)) for name, m in targets.items()]
-        self._in_flight: Callable[[], None] | None = None
+        self._in_flight: list[Callable[[], None]] = []
 
     def _forward_hook(self, name: str):
         def hook(module, inputs, output):
@@ -56,17 +57,19 @@ class _ShardAccumulator:
         grad_fn, shape = weight_grad_fn(module), tuple(zero3.full_shape(module.weight))
         x = x.float() if x.is_floating_point() else x
         grad_out = grad_out.float()
-        if self.per_example_squares:
-            grad_w = sum(grad_fn(x[i], grad_out[i], shape).square() for i in range(x.shape[0]))
-        else:
-            grad_w = grad_fn(x, grad_out, shape)
+        formed = {}
+        if "sum" in self.accumulators:
+            formed["sum"] = grad_fn(x, grad_out, shape)
+        if "example_squares" in self.accumulators:
+            formed["example_squares"] = sum(grad_fn(x[i], grad_out[i], shape).square() for i in range(x.shape[0]))
         self.finish_in_flight()
-        self._in_flight = zero3.start_reduce_scatter_add(self.accumulators[name], grad_w.view(-1), module.weight)
+        self._in_flight = [zero3.start_reduce_scatter_add(self.accumulators[stat][name], grad_w.view(-1), module.weight)
+                           for stat, grad_w in formed.items()]
 
     def finish_in_flight(self) -> None:
-        if self._in_flight is not None:
-            self._in_flight()
-            self._in_flight = None
+        for finish in self._in_flight:
+            finish()
+        self._in_flight = []
 
     def remove(self) -> None:
         for handle in self._handles:
@@ -128,13 +131,13 @@ def _gradients_from_lowest_target(model: nn.Module, targets: dict[str, nn.Module
 
 
 @contextlib.contextmanager
-def _accumulating(model: nn.Module, targets: dict[str, nn.Module], per_example_squares: bool = False,
+def _accumulating(model: nn.Module, targets: dict[str, nn.Module], statistics: tuple[str, ...] = ("sum",),
                   dtype: torch.dtype = torch.float32, offload: bool = False):
     was_training = model.training
     model.eval()  # no dropout: the statistics are of the model as it is
     # Entered before the accumulator's hooks exist, so an embedding target's output already asks for gradients.
     with _gradients_from_lowest_target(model, targets):
-        accumulator = _ShardAccumulator(targets, per_example_squares, dtype, offload)
+        accumulator = _ShardAccumulator(targets, statistics, dtype, offload)
         try:
             yield accumulator.accumulators
             accumulator.finish_in_flight()
@@ -210,20 +213,30 @@ def gradient(model: nn.Module, targets: dict[str, nn.Module], batches: list[dict
     calibration set is cut into micro-batches and ranks. `dtype`: the accumulators'; `offload`: keep them
     in host memory."""
     total_tokens = calibration_tokens(batches)
-    with _accumulating(model, targets, dtype=dtype, offload=offload) as accumulators:
+    with _accumulating(model, targets, ("sum",), dtype=dtype, offload=offload) as accumulators:
         _backward_over(model, batches, lambda logits, labels: causal_lm_loss_sum(logits, labels)[0] / total_tokens,
                        desc, show_progress)
-    return accumulators
+    return accumulators["sum"]
 
 
 def mean_squared_example_gradient(model: nn.Module, targets: dict[str, nn.Module], batches: list[dict],
                                   show_progress: bool = False, offload: bool = False,
                                   desc: str = "salience") -> dict[str, torch.Tensor]:
     """(1/N) sum_i (d loss_i / dW)^2, loss_i the mean token loss of example i (the empirical Fisher)."""
-    with _accumulating(model, targets, per_example_squares=True, offload=offload) as accumulators:
+    with _accumulating(model, targets, ("example_squares",), offload=offload) as accumulators:
         _backward_over(model, batches, per_example_mean_loss_sum, f"{desc} (fisher)", show_progress)
     n = calibration_examples(batches)
-    return {name: acc.div_(max(n, 1)) for name, acc in accumulators.items()}
+    return {name: acc.div_(max(n, 1)) for name, acc in accumulators["example_squares"].items()}
+
+
+def example_gradient_moments(model: nn.Module, targets: dict[str, nn.Module], batches: list[dict],
+                             show_progress: bool = False, offload: bool = False,
+                             desc: str = "salience") -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
+    """(sum_i g_i, sum_i g_i^2), g_i = d loss_i / dW with loss_i the mean token loss of example i, in one
+    backward pass: per example, so that neither depends on how the examples are cut into batches and ranks."""
+    with _accumulating(model, targets, ("sum", "example_squares"), offload=offload) as accumulators:
+        _backward_over(model, batches, per_example_mean_loss_sum, f"{desc} (per example)", show_progress)
+    return accumulators["sum"], accumulators["example_squares"]
 
 
 _ACTIVATION_MODULES = ("torch.nn.modules.activation", "transformers.activations")
@@ -238,7 +251,7 @@ def synflow_gradient(model: nn.Module, targets: dict[str, nn.Module], offload: b
                       if type(m).__module__ in _ACTIVATION_MODULES]
     world = dist.get_world_size() if dist.is_initialized() else 1
     try:
-        with zero3.preserved_shards(params), _accumulating(model, targets, offload=offload) as accumulators:
+        with zero3.preserved_shards(params), _accumulating(model, targets, ("sum",), offload=offload) as accumulators:
             with torch.no_grad():
                 for param in params:
                     zero3.local_shard(param).abs_()
@@ -250,7 +263,7 @@ def synflow_gradient(model: nn.Module, targets: dict[str, nn.Module], offload: b
     finally:
         for hook in identity_hooks:
             hook.remove()
-    return accumulators
+    return accumulators["sum"]
 
 
 def _global_norm(shards: list[torch.Tensor]) -> float:
