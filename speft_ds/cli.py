@@ -8,6 +8,7 @@ import gc
 import sys
 import typing
 from dataclasses import MISSING, asdict, fields
+from datetime import datetime, timezone
 from pathlib import Path
 from typing import Callable, Sequence
 
@@ -128,6 +129,22 @@ def write_run_config(config: TrainConfig, path: Path) -> None:
     del settings["local_rank"]  # the launcher's, for each rank anew
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(yaml.safe_dump(settings, sort_keys=False))
+
+
+def record_resume(config: TrainConfig, path: Path, tag: str, world_size: int) -> None:
+    """Under the first run's settings in `path` (kept: `--config path` still reruns that run), one comment line
+    for this resume: when, from which checkpoint, on how many ranks, and the settings that differ."""
+    import yaml
+
+    if not path.is_file():  # a first run's file is gone: this run's settings stand in for it
+        write_run_config(config, path)
+    first = yaml.safe_load(path.read_text()) or {}
+    now = {key: value for key, value in asdict(config).items() if key not in ("local_rank", "resume")}
+    differ = [f"{key} {first.get(key)!r} -> {value!r}" for key, value in now.items() if first.get(key) != value]
+    when = datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M:%S UTC")
+    with path.open("a") as fh:
+        fh.write(f"# resumed {when} from checkpoints/{tag} on {world_size} rank{'s' * (world_size > 1)}"
+                 + (f"; settings that differ: {', '.join(differ)}" if differ else "") + "\n")
 
 
 def is_reporting_rank() -> bool:

@@ -19,7 +19,7 @@ from tqdm import tqdm
 from transformers import get_scheduler
 
 from . import methods
-from .cli import write_run_config
+from .cli import record_resume, write_run_config
 from .config import ConfigError, TrainConfig, TrainingError, tracker_names
 from .data.batches import (collate, load_raw_dataset, model_inputs, pack, pad_token_id, rank_batches, tokenize_dataset,
                            train_eval_split, train_micro_batches)
@@ -30,12 +30,13 @@ from .methods.adapter_files import base_config_hash
 from .methods.base import Method, RunContext
 from .models.gguf import resolve_model
 from .models.loading import check_backends, find_targets, load_model, load_model_config, load_tokenizer, skeleton_model
-from .runtime import checkpoint, zero3
+from .runtime import checkpoint, resume_checks, zero3
 from .runtime.distributed import (block_memory, device, init_distributed, leave_process_group, naming_lost_ranks,
                                   release_freed_memory, sum_over_ranks)
 from .runtime.ds_config import fill_auto, read_ds_config, reconcile, resolve_bf16
 from .runtime.launch_env import world_size_from_env
 from .runtime.metrics_log import MetricsLog, log_memory
+from .runtime.shared_storage import check_shared_output_dir
 from .runtime.run_summary import summary
 from .runtime.trackers import Trackers
 
@@ -58,7 +59,8 @@ class Plan:
     train_set: object
     eval_set: object
     retention_rows: list | None  # --retention_text cut into rows
-    resume_note: str | None  # what a resume changed of the batch layout, for rank 0 to print
+    resume_notes: list[str]  # what a resume took from the checkpoint or changed, for rank 0 to print
+    run_settings: dict | None  # what a resume of this run must keep (saved in every checkpoint)
 
 
 @dataclass
@@ -80,8 +82,9 @@ def _check_output_dir(config: TrainConfig) -> None:
 
 
 def plan_run(config: TrainConfig, explicit: set[str]) -> Plan:
-    """Check the whole job (configs, model shape, targets, data, task) without loading weights or forming a
-    group. A .gguf model is converted into a directory first (once), which the run then loads."""
+    """Check the whole job (configs, model shape, targets, data, task, the checkpoint to resume) without
+    loading weights or forming a group (where a group exists, a resume's hash check splits the files among
+    the ranks). A .gguf model is converted into a directory first (once), which the run then loads."""
     ds_config = read_ds_config(config.ds_config)
     eval_task = load_task(config.eval_task_file) if config.eval_task_file else None
     config = replace(config, model=resolve_model(config.model))
@@ -90,7 +93,10 @@ def plan_run(config: TrainConfig, explicit: set[str]) -> Plan:
     targets = find_targets(skeleton, config.target_modules)
     target_shapes = {name: tuple(m.weight.shape) for name, m in targets.items()}
     _check_output_dir(config)
-    resume_from = checkpoint.find(config.output_dir, config.resume, config.peft) if config.resume else None
+    resume_from, resume_notes = None, []
+    if config.resume:
+        root, tag, note = checkpoint.find(config.output_dir, config.resume, config.peft)
+        resume_from, resume_notes = (root, tag), [note] if note else []
 
     accelerator = get_accelerator()
     check_backends(config, accelerator.device_name())
@@ -98,11 +104,11 @@ def plan_run(config: TrainConfig, explicit: set[str]) -> Plan:
     config, bf16 = reconcile(ds_config, config, explicit, bf16)
     world_size = world_size_from_env()
     method_class = methods.get(config.peft)
-    resume_note = None
     if resume_from:
-        config, ds_config, resume_note = checkpoint.keep_checkpoint_batches(
-            config, ds_config, checkpoint.batch_layout(*resume_from), world_size,
-            method_class.randomness_per_micro_batch(config) + checkpoint.model_dropout(model_config))
+        config, ds_config, note = resume_checks.keep_checkpoint_batches(
+            config, ds_config, resume_checks.batch_layout(*resume_from), world_size,
+            method_class.randomness_per_micro_batch(config) + resume_checks.model_dropout(model_config))
+        resume_notes += [note] if note else []
     method = method_class(config)
     method.plan(model_config, skeleton, target_shapes, ds_config, world_size, bf16, accelerator)
 
@@ -119,8 +125,14 @@ def plan_run(config: TrainConfig, explicit: set[str]) -> Plan:
     total_steps = config.max_steps if config.max_steps > 0 else max(1, int(config.epochs * steps_per_epoch))
     ds_config = fill_auto(ds_config, config, world_size=world_size, hidden_size=model_config.hidden_size,
                           total_steps=total_steps, bf16=bf16)
+    settings = resume_checks.run_settings(config, ds_config) if config.save_steps or resume_from else None
+    saved = resume_checks.saved_metadata(resume_from[0] / resume_from[1], resume_checks.RUN) if resume_from else None
+    if saved:
+        note = resume_checks.compare_with_checkpoint(saved, settings)
+        resume_notes += [note] if note else []
+        ds_config, settings = resume_checks.with_saved_optimizer(ds_config, settings, saved)
     return Plan(config, ds_config, bf16, method, target_shapes, resume_from, base_config_hash(model_config),
-                total_steps, eval_task, tokenizer, train_set, eval_set, retention, resume_note)
+                total_steps, eval_task, tokenizer, train_set, eval_set, retention, resume_notes, settings)
 
 
 def micro_batch_stream(plan: Plan, rank: int, world_size: int):
@@ -264,9 +276,12 @@ def run(plan: Plan) -> RunResult:
     log = MetricsLog(Path(config.output_dir) / "metrics.jsonl", enabled=rank == 0,
                      resume_step=point.step if point else None, sink=trackers.log if trackers else None)
     if rank == 0:
-        write_run_config(config, Path(config.output_dir) / RUN_CONFIG)
-        if plan.resume_note:
-            print(plan.resume_note, flush=True)
+        if point:  # the first run's settings stay; the resume is recorded under them
+            record_resume(config, Path(config.output_dir) / RUN_CONFIG, plan.resume_from[1], world_size)
+        else:
+            write_run_config(config, Path(config.output_dir) / RUN_CONFIG)
+        for note in plan.resume_notes:
+            print(note, flush=True)
 
     ctx = RunContext(plan, log, rank, world_size, start_memory=log_memory(log, "start"))
     started = time.perf_counter()
@@ -296,7 +311,8 @@ def run(plan: Plan) -> RunResult:
             with block_memory() as memory:
                 saving = time.perf_counter()
                 state, meta = method.checkpoint_state(engine)
-                checkpoint.save(engine, config.output_dir, step, method.name, state, meta, method.checkpoint_slices(),
+                checkpoint.save(engine, config.output_dir, step, method.name, state,
+                                {**meta, resume_checks.RUN: plan.run_settings}, method.checkpoint_slices(),
                                 config.save_total_limit)
                 saving = time.perf_counter() - saving
             log.write({"event": "checkpoint", "step": step, "wall_time_s": saving, **memory})
@@ -340,9 +356,14 @@ def run(plan: Plan) -> RunResult:
 
 
 def train(config: TrainConfig, explicit: set[str]) -> int:
-    """The whole job on this rank, from a checked configuration (speft_ds.train parses it)."""
-    plan = plan_run(config, explicit)
+    """The whole job on this rank, from a checked configuration (speft_ds.train parses it). A job of several
+    ranks that saves or resumes forms its group first and checks that every rank sees --output_dir, so that a
+    resume's checks (checkpoint.find) read the same checkpoint everywhere, each rank its share."""
     with naming_lost_ranks():
+        if world_size_from_env() > 1 and (config.save_steps or config.resume):
+            init_distributed(config.ddp_timeout)
+            check_shared_output_dir(config.output_dir)
+        plan = plan_run(config, explicit)
         result = run(plan)
         zero3.destroy_engine(result.engine)
         leave_process_group()

@@ -20,7 +20,8 @@ from safetensors.torch import load_file, save_file
 
 from speft_ds.config import ConfigError, TrainConfig
 from speft_ds.methods.lora.method import LoraMethod
-from speft_ds.runtime.checkpoint import find, keep_checkpoint_batches
+from speft_ds.runtime.checkpoint import find
+from speft_ds.runtime.resume_checks import keep_checkpoint_batches
 from speft_ds.runtime.distributed import free_port
 from tests.models import write_dataset, write_tiny_llama
 
@@ -33,8 +34,9 @@ SPEFT_FLAGS = ("--mask_update_steps", "4", "--mask_update", "drop_regrow", "--re
 # RoseLoRA prunes from step 3 on: a kill after the step-2 checkpoint resumes into the schedule
 LORA_FLAGS = ("--lora_r", "4", "--rose_start", "0.25", "--rose_end", "0.75", "--rose_sparsity", "0.75")
 # The runs by name: the method and its flags ("speft-scaled": a static mask trained as scales x values).
+# LoRA trains with dropout: a resume that did not restore the RNG states would draw other masks.
 RUNS = {"speft": ("speft", SPEFT_FLAGS), "speft-scaled": ("speft", ("--delta_scaling", "input_channel")),
-        "lora": ("lora", LORA_FLAGS), "roselora": ("roselora", LORA_FLAGS)}
+        "lora": ("lora", (*LORA_FLAGS, "--lora_dropout", "0.1")), "roselora": ("roselora", LORA_FLAGS)}
 
 
 @pytest.fixture(scope="module")
@@ -197,6 +199,15 @@ def test_resumed_on_another_number_of_ranks_ends_like_the_uninterrupted_run(inpu
     _assert_derived(_resume(model_dir, dataset, out, ranks=ranks), 2, ACCUMULATION, ranks)
     _assert_close_adapter(straight, out, f"resumed on {ranks} ranks")
     assert _steps_logged(out) == list(range(1, STEPS + 1))
+
+
+def test_resumed_after_a_mask_update_on_one_rank_ends_like_the_uninterrupted_run(inputs, straight):
+    """From step 6, after the drop/regrow at step 4 folded deltas into the base: each rank reads the folded
+    entries of its own shards from the saved ranks whose shards overlap it."""
+    root, model_dir, dataset = inputs
+    out = _copy_checkpoint(straight, root / "after-update-on-1-rank", 6)
+    _resume(model_dir, dataset, out, ranks=1)
+    _assert_close_adapter(straight, out, "resumed after a mask update on 1 rank")
 
 
 def test_a_one_rank_run_resumed_on_two_ends_like_the_two_rank_run(inputs, straight):

@@ -101,9 +101,10 @@ class Method:
         JSON-able metadata, which rank 0 writes (every rank calls this)."""
         return {}, {}
 
-    def checkpoint_slices(self) -> dict[str, tuple[nn.Parameter, torch.Tensor]]:
-        """What `restore` needs that each rank keeps per slice: key -> (the parameter it is laid out like,
-        this rank's slice, padded like its ds_tensor or not). Each rank writes its own; nothing is gathered."""
+    def checkpoint_slices(self) -> dict[str, tuple[tuple[int, int], torch.Tensor]]:
+        """What `restore` needs that each rank keeps: key -> (the range it covers, this rank's tensor); for
+        state laid out like a parameter's partition, checkpoint.slice_of(param, slice). Each rank writes its
+        own; nothing is gathered."""
         return {}
 
     def save_adapter(self, engine, ctx: RunContext, path) -> None:

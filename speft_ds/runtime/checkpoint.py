@@ -2,29 +2,27 @@
 
 OUTPUT_DIR/checkpoints/step-N/ holds
 - rank-R-of-W.safetensors, one per rank: its slices of the trained values and their AdamW moments (the
-  optimizer's fp32 partitions), of a method's state kept per slice (SPEFT's index lists, RoseLoRA's
-  scores), each with its [start, stop) in the whole flat tensor, and the rank's RNG states. No rank
-  gathers anything: a save costs each rank its own partition, and the trained state is on disk once.
-- speft_state.safetensors, from rank 0: the step, the optimizer's step, learning rates and loss scale, the
-  LR schedule, the batch layout, and the method's own whole state (SPEFT: deltas folded in by mask updates).
+  optimizer's fp32 partitions), a method's state kept per rank (SPEFT's index lists, its folded deltas,
+  RoseLoRA's scores), each with the range it covers, and the rank's RNG states. No rank gathers anything:
+  a save costs each rank its own partition, and the trained state is on disk once.
+- speft_state.safetensors, from rank 0: the step, the optimizer's step and parameter groups' settings, the
+  loss scale, the LR schedule, the batch layout, the run's settings a resume must keep (resume_checks.py)
+  and the method's small whole state.
+- manifest.json, written last: sizes, hashes and ranges (checkpoint_files.py: what a checkpoint guarantees).
 The frozen base is never written.
 
-A resume on any number of ranks reads, for each slice it now holds, the parts of the saved slices that
-overlap it (safetensors reads a range without loading the rest). On as many ranks as wrote it each rank
-takes its own RNG states; on another number every rank takes rank 0's: all ranks start from one seed and
-draw alike (per-rank draws such as dropout refuse such a resume, recipe.py).
-
-Layout: OUTPUT_DIR/checkpoints/step-N/ and OUTPUT_DIR/checkpoints/latest (the newest complete tag). A
-checkpoint is written under a temporary tag, renamed when every rank has finished, and `latest` is
-replaced last, so a process killed while saving leaves the previous checkpoint in place.
+A resume on any number of ranks verifies the checkpoint first, then reads, for each slice it now holds, the
+parts of the saved slices that overlap it, opening only those ranks' files (safetensors reads a range
+without loading the rest), and closes them once loaded. On as many ranks as wrote it each rank takes its
+own RNG states; on another number every rank takes rank 0's: all ranks start from one seed and draw alike
+(per-rank draws such as dropout refuse such a resume, recipe.py).
 """
 
 from __future__ import annotations
 
 import json
-import os
 import shutil
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -33,13 +31,13 @@ from deepspeed.accelerator import get_accelerator
 from safetensors import safe_open
 from safetensors.torch import save_file
 
-from ..config import ConfigError, TrainConfig, TrainingError
+from ..config import ConfigError, TrainingError
+from . import checkpoint_files as files
 from . import zero3
-from .safetensors_stream import SafetensorsWriter
 from .distributed import device
+from .safetensors_stream import SafetensorsWriter
 
 STATE_FILE = "speft_state.safetensors"
-LATEST = "latest"
 ENGINE = "engine"  # the metadata key of the optimizer's and schedule's state in STATE_FILE
 
 
@@ -57,35 +55,45 @@ class ResumePoint:
     method: str
     state: dict[str, torch.Tensor]  # the method's whole tensors
     meta: dict  # and its JSON metadata
-    engine: dict  # the optimizer's step, learning rates, loss scale, LR schedule and batch layout
+    engine: dict  # the optimizer's step and param groups, loss scale, LR schedule and batch layout
     directory: Path
-    # every rank file, opened (memory-mapped) once: (its handle, key -> [start, stop) in the whole tensor)
-    _files: list[tuple[object, dict]] = field(default_factory=list, init=False, repr=False)
+    ranges: list[dict]  # per saved rank: key -> [start, stop) of its slice (the manifest's copy)
+    # the rank files opened so far (memory-mapped), by saved rank; `close` lets them go
+    _open: dict[int, object] = field(default_factory=dict, init=False, repr=False)
 
     def rank_file(self, rank: int):
-        """The open file rank `rank` wrote."""
-        if not self._files:
-            ranks = self.engine["layout"]["world_size"]
-            for saved in range(ranks):
-                handle = safe_open(str(_rank_file(self.directory, saved, ranks)), framework="pt")
-                self._files.append((handle, json.loads(handle.metadata()["ranges"])))
-        return self._files[rank][0]
+        """The open file saved rank `rank` wrote (opened on first use)."""
+        if rank not in self._open:
+            self._open[rank] = safe_open(str(_rank_file(self.directory, rank, len(self.ranges))), framework="pt")
+        return self._open[rank]
+
+    def close(self) -> None:
+        """Let go of the rank files once their slices are loaded: a deleted file held open (NFS) stays on disk."""
+        self._open.clear()
 
     def read_whole(self, key: str) -> torch.Tensor:
         """The whole flat tensor `key`, from every rank's slice of it."""
-        return _read_range(self._slices(key), 0, None)
+        return _read_range(self._slices(key, 0, None), 0, None)
 
     def read_slice(self, key: str, param: torch.nn.Parameter) -> torch.Tensor:
         """This rank's slice of tensor `key`, laid out like `param`'s partition now (padded like its
-        ds_tensor), from the saved slices that overlap it."""
+        ds_tensor), from the saved slices that overlap it (only their files are opened)."""
         start, stop = zero3.shard_range(param)
-        mine = _read_range(self._slices(key), start, stop)
+        mine = _read_range(self._slices(key, start, stop), start, stop)
         return torch.nn.functional.pad(mine, (0, zero3.shard_numel(param) - (stop - start)))
 
-    def _slices(self, key: str) -> list[tuple[int, int, object]]:
-        """(start, stop, lazy slice) of every saved slice of `key`."""
-        self.rank_file(0)
-        return [(*ranges[key], handle.get_slice(key)) for handle, ranges in self._files]
+    def read_pieces(self, key: str, start: int, stop: int) -> list[torch.Tensor]:
+        """Each saved rank's whole tensor `key` whose recorded range overlaps [start, stop), in rank order (for
+        state kept per rank by the range it covers, not as slices of one tensor)."""
+        return [self.rank_file(rank).get_tensor(key) for rank, ranges in enumerate(self.ranges)
+                if ranges[key][0] < stop and ranges[key][1] > start]
+
+    def _slices(self, key: str, start: int, stop: int | None) -> list[tuple[int, int, object]]:
+        """(start, stop, lazy slice) of every saved slice of `key` that overlaps [start, stop) (rank 0's where
+        none does, for the dtype of an empty result)."""
+        overlapping = [rank for rank, ranges in enumerate(self.ranges)
+                       if stop is None or (ranges[key][0] < stop and ranges[key][1] > start)]
+        return [(*self.ranges[rank][key], self.rank_file(rank).get_slice(key)) for rank in overlapping or [0]]
 
 
 def _read_range(slices: list[tuple[int, int, object]], start: int, stop: int | None) -> torch.Tensor:
@@ -96,56 +104,67 @@ def _read_range(slices: list[tuple[int, int, object]], start: int, stop: int | N
     return torch.cat(parts) if parts else slices[0][2][0:0]
 
 
-def _steps(root: Path) -> list[int]:
-    return sorted(int(p.name.split("-", 1)[1]) for p in root.glob("step-*") if p.name.split("-", 1)[1].isdigit())
-
-
 def save(engine, output_dir: str | Path, step: int, method: str, state: dict[str, torch.Tensor], meta: dict,
-         slices: dict[str, tuple[torch.nn.Parameter, torch.Tensor]], keep_last: int | None) -> None:
-    """Every rank calls this and writes its own file; rank 0 also writes the whole state (`state`, `meta`).
-    `slices`: the method's state kept per slice, as (the parameter it is laid out like, this rank's slice).
-    A write that fails on any rank (a full disk, say) fails the save on every rank with a TrainingError; the
-    previous checkpoint stays."""
+         slices: dict[str, tuple[tuple[int, int], torch.Tensor]], keep_last: int | None) -> None:
+    """Every rank calls this and writes its own file; rank 0 also writes the whole state (`state`, `meta`) and,
+    last, the manifest. `slices`: the method's state kept per rank, as (the range it covers, this rank's
+    tensor). A write that fails on any rank (a full disk, say) fails the save on every rank with a
+    TrainingError; the previous checkpoint stays."""
     root = checkpoint_root(output_dir)
-    tmp_tag, tag = f".tmp-step-{step}", f"step-{step}"
+    tmp_tag, tag = f"{files.TMP_PREFIX}step-{step}", f"step-{step}"
     rank = dist.get_rank()
-    error = _attempt(_fresh_directory, root / tmp_tag) if rank == 0 else None
+    error = _attempt(_fresh_directory, root, tmp_tag) if rank == 0 else None
     _fail_together(error, root, tmp_tag, tag)  # the directory exists before any rank writes into it
-    error = _attempt(_write_rank_file, root / tmp_tag, engine, slices)
-    if rank == 0 and error is None:
-        error = _attempt(_write_state, root / tmp_tag, step, method, state, {**meta, ENGINE: _engine_state(engine)})
-    _fail_together(error, root, tmp_tag, tag)  # every rank's files are complete past this point
+    written = None
+    try:
+        written = _write_rank_file(root / tmp_tag, engine, slices)
+    except Exception as err:
+        error = err
+    every = [None] * dist.get_world_size()
+    dist.all_gather_object(every, written)  # each rank's (file name, record, ranges): a few KiB
+    if rank == 0 and error is None and None not in every:
+        error = _attempt(_write_state_and_manifest, root, tmp_tag, step, method, state,
+                         {**meta, ENGINE: _engine_state(engine)}, every)
+    _fail_together(error, root, tmp_tag, tag)  # every file is complete and fsynced past this point
     if rank == 0:
         error = _attempt(_publish, root, tmp_tag, tag, keep_last)
     _fail_together(error, root, tmp_tag, tag)
+
+
+def slice_of(param: torch.nn.Parameter, mine: torch.Tensor) -> tuple[tuple[int, int], torch.Tensor]:
+    """A method's per-slice state laid out like `param`'s partition, as `save` takes it: the range of the
+    whole flat tensor this rank holds, and its elements there (a ds_tensor's padding cut)."""
+    start, stop = zero3.shard_range(param)
+    return (start, stop), mine.flatten()[:stop - start]
 
 
 def _trained(engine) -> list[tuple[str, torch.nn.Parameter]]:
     return [(name, param) for name, param in engine.module.named_parameters() if param.requires_grad]
 
 
-def _fresh_directory(directory: Path) -> None:
-    shutil.rmtree(directory, ignore_errors=True)  # left by a run killed while saving
-    directory.mkdir(parents=True)
+def _fresh_directory(root: Path, tmp_tag: str) -> None:
+    root.mkdir(parents=True, exist_ok=True)
+    files.remove_leftovers(root)  # of a save killed midway
+    (root / tmp_tag).mkdir()
 
 
-def _write_rank_file(directory: Path, engine, slices: dict[str, tuple[torch.nn.Parameter, torch.Tensor]]) -> None:
+def _write_rank_file(directory: Path, engine, slices: dict[str, tuple[tuple[int, int], torch.Tensor]]
+                     ) -> tuple[str, dict, dict]:
     """This rank's slices (without padding) of the trained values, their moments (once the optimizer has
-    stepped: a fresh optimizer after a mask update has none) and the method's per-slice state, each with
-    its range in the whole flat tensor, and this rank's RNG states; written one tensor at a time, straight
-    from the optimizer's partitions."""
+    stepped: a fresh optimizer after a mask update has none) and the method's per-rank state, each with
+    its range, and this rank's RNG states; written one tensor at a time, straight from the optimizer's
+    partitions. Returns the file's name, its manifest record and its ranges."""
     moments = zero3.adam_step(engine) > 0
     tensors, ranges = {}, {}
     for name, param in _trained(engine):
         for key, value in zero3.local_trained_state(param, moments).items():
             tensors[f"{name}/{key}"], ranges[f"{name}/{key}"] = value, zero3.shard_range(param)
-    for key, (param, mine) in slices.items():
-        start, stop = zero3.shard_range(param)
-        tensors[key], ranges[key] = mine.flatten()[:stop - start], (start, stop)
+    for key, (covered, mine) in slices.items():
+        tensors[key], ranges[key] = mine.flatten(), tuple(covered)
     tensors["rng/torch"] = torch.get_rng_state()
     tensors["rng/accelerator"] = get_accelerator().get_rng_state()
-    writer = SafetensorsWriter(_rank_file(directory, dist.get_rank(), dist.get_world_size()),
-                               {key: (t.dtype, [t.numel()]) for key, t in tensors.items()},
+    path = _rank_file(directory, dist.get_rank(), dist.get_world_size())
+    writer = SafetensorsWriter(path, {key: (t.dtype, [t.numel()]) for key, t in tensors.items()},
                                {"ranges": json.dumps(ranges)})
     try:
         for key, tensor in tensors.items():
@@ -154,12 +173,18 @@ def _write_rank_file(directory: Path, engine, slices: dict[str, tuple[torch.nn.P
     except BaseException:
         writer.abandon()  # the partial checkpoint goes as a whole (_fail_together)
         raise
+    return path.name, files.file_record(path, writer.hashes), {key: list(r) for key, r in ranges.items()}
+
+
+# What a parameter group of the optimizer keeps beside its parameters, saved and restored whole.
+GROUP_SETTINGS = ("lr", "betas", "eps", "weight_decay")
 
 
 def _engine_state(engine) -> dict:
     layout = {"world_size": dist.get_world_size(), "micro_batch_size": engine.train_micro_batch_size_per_gpu(),
               "gradient_accumulation_steps": engine.gradient_accumulation_steps()}
-    return {"layout": layout, "adam_step": zero3.adam_step(engine), "lr": engine.get_lr(),
+    groups = [{key: group[key] for key in GROUP_SETTINGS if key in group} for group in engine.optimizer.param_groups]
+    return {"layout": layout, "adam_step": zero3.adam_step(engine), "param_groups": groups,
             "loss_scale": zero3.loss_scale_state(engine), "lr_scheduler": engine.lr_scheduler.state_dict()}
 
 
@@ -181,7 +206,7 @@ def _fail_together(error: Exception | None, root: Path, tmp_tag: str, tag: str) 
     if dist.get_rank() == 0:
         _discard(root, tmp_tag, tag)
     dist.barrier()
-    kept = (root / LATEST).read_text().strip() if (root / LATEST).is_file() else None
+    kept = files.latest_tag(root)
     cause = f"{type(error).__name__}: {str(error).splitlines()[0][:200]}" if error else "on another rank"
     raise TrainingError(f"saving checkpoint {tag} failed ({cause}; {free_mib:.0f} MiB free in {root}): free "
                         "space there or lower --save_total_limit. Training stopped; "
@@ -189,98 +214,99 @@ def _fail_together(error: Exception | None, root: Path, tmp_tag: str, tag: str) 
 
 
 def _publish(root: Path, tmp_tag: str, tag: str, keep_last: int | None) -> None:
-    """Make a complete checkpoint visible: rename it, then point `latest` at it, then drop the oldest."""
-    shutil.rmtree(root / tag, ignore_errors=True)
-    os.replace(root / tmp_tag, root / tag)
-    (root / f".{LATEST}.tmp").write_text(tag)
-    os.replace(root / f".{LATEST}.tmp", root / LATEST)
+    files.publish(root, tmp_tag, tag)
     if keep_last:
-        for old in _steps(root)[:-keep_last]:
-            shutil.rmtree(root / f"step-{old}")
+        files.retain(root, keep_last, tag)
 
 
 def _discard(root: Path, tmp_tag: str, tag: str) -> None:
     """Remove what a failed save left, down to a renamed checkpoint that `latest` does not name yet."""
     shutil.rmtree(root / tmp_tag, ignore_errors=True)
-    (root / f".{LATEST}.tmp").unlink(missing_ok=True)
-    if (root / tag).exists() and not ((root / LATEST).is_file() and (root / LATEST).read_text().strip() == tag):
+    (root / f".{files.LATEST}.tmp").unlink(missing_ok=True)
+    if (root / tag).exists() and files.latest_tag(root) != tag:
         shutil.rmtree(root / tag, ignore_errors=True)
 
 
-def _write_state(directory: Path, step: int, method: str, state: dict[str, torch.Tensor], meta: dict) -> None:
+def _write_state_and_manifest(root: Path, tmp_tag: str, step: int, method: str, state: dict[str, torch.Tensor],
+                              meta: dict, ranks: list[tuple[str, dict, dict]]) -> None:
+    """Rank 0's whole state, then the manifest: every file's size and hashes, every rank file's ranges, the
+    step and this save's sequence number (one above the newest checkpoint's)."""
+    directory = root / tmp_tag
     tensors = {key: t.cpu().contiguous() for key, t in state.items()}
     save_file(tensors, str(directory / STATE_FILE),
               metadata={"step": str(step), "method": method, **{key: json.dumps(value) for key, value in meta.items()}})
+    files.fsync_path(directory / STATE_FILE)
+    records = {name: record for name, record, _ in ranks}
+    records[STATE_FILE] = files.file_record(directory / STATE_FILE)
+    files.write_manifest(directory, step, files.next_sequence(root), records, [r for _, _, r in ranks])
 
 
-def find(output_dir: str | Path, resume: str, method: str) -> tuple[Path, str]:
-    """(checkpoint root, tag) for --resume: 'latest', or a step-N directory inside OUTPUT_DIR/checkpoints,
-    written by a run of the same method."""
+def find(output_dir: str | Path, resume: str, method: str) -> tuple[Path, str, str | None]:
+    """(checkpoint root, tag, a line for rank 0 or None) for --resume: 'latest', or a step-N directory inside
+    OUTPUT_DIR/checkpoints, written by a run of the same method and verified whole (sizes, then hashes: each
+    rank its share of the files where a process group exists). Where `latest` names a checkpoint that is
+    missing or broken, the newest verified one by write order is taken, and the line says so; a checkpoint
+    named explicitly must be whole."""
     root = checkpoint_root(output_dir).resolve()
-    if resume == "latest":
-        if not (root / LATEST).is_file():
-            raise ConfigError(f"--resume: no checkpoint in {root} (no '{LATEST}' file): train with --save_steps "
-                              "first, or drop --resume")
-        tag = (root / LATEST).read_text().strip()
-    else:
+    if resume != "latest":
         path = Path(resume).resolve()
         if path.parent != root:
             raise ConfigError(f"--resume {resume} is not a checkpoint of --output_dir ({root}): resume only from "
                               "checkpoints this run wrote")
-        tag = path.name
-    if not (root / tag / STATE_FILE).is_file():
-        raise ConfigError(f"--resume: {root / tag} is not a complete speft-ds checkpoint")
-    with safe_open(str(root / tag / STATE_FILE), framework="pt") as handle:
-        metadata = handle.metadata()
-    if ENGINE not in metadata:
-        raise ConfigError(f"--resume: {root / tag} was written by an older speft-ds, in DeepSpeed's pickled files: "
-                          "resume it with the speft-ds that wrote it, or train again")
-    written_by = metadata.get("method", "speft")
-    if written_by != method:
-        raise ConfigError(f"--resume: {root / tag} is a checkpoint of --peft {written_by}, not {method}: resume "
-                          f"with --peft {written_by}")
-    return root, tag
+        if path.name.startswith((files.TMP_PREFIX, files.ASIDE_PREFIX)):
+            raise ConfigError(f"--resume {resume} is a save that never finished: resume from a step-N checkpoint, "
+                              "or pass --resume alone for the newest verified one")
+        if problem := _problem(root, path.name, method):
+            raise ConfigError(f"--resume {resume} is broken: {problem}. Resume from another checkpoint (--resume "
+                              "alone takes the newest verified one)")
+        return root, path.name, None
+    named = files.latest_tag(root)
+    candidates = list(dict.fromkeys([named] * bool(named) + files.by_write_order(root)))
+    if not candidates:
+        raise ConfigError(f"--resume: no checkpoint in {root}: train with --save_steps first, or drop --resume")
+    problems = []
+    for tag in candidates:
+        if not (problem := _problem(root, tag, method)):
+            note = None if tag == named else (f"resume: {named or 'latest'} is not a whole checkpoint "
+                                              f"({problems[0]}); resuming from {tag}, the newest verified one")
+            return root, tag, note
+        problems.append(problem)
+    raise ConfigError(f"--resume: no whole checkpoint in {root} ({problems[0]}): train again without --resume")
 
 
-def batch_layout(root: Path, tag: str) -> dict:
-    """The checkpoint's world_size, micro_batch_size and gradient_accumulation_steps."""
-    with safe_open(str(root / tag / STATE_FILE), framework="pt") as handle:
-        return json.loads(handle.metadata()[ENGINE])["layout"]
+def _problem(root: Path, tag: str, method: str) -> str | None:
+    """Why checkpoint `tag` cannot be resumed from (missing, incomplete or corrupt), or None. A checkpoint of
+    another method or of an older speft-ds is refused outright (a ConfigError)."""
+    state = root / tag / STATE_FILE
+    try:
+        with safe_open(str(state), framework="pt") as handle:
+            metadata = handle.metadata()
+    except Exception:  # missing, truncated or overwritten: the manifest's check below names what
+        metadata = None
+    if metadata is not None:
+        if ENGINE not in metadata:
+            raise ConfigError(f"--resume: {root / tag} was written by an older speft-ds, in DeepSpeed's pickled "
+                              "files: resume it with the speft-ds that wrote it, or train again")
+        written_by = metadata.get("method", "speft")
+        if written_by != method:
+            raise ConfigError(f"--resume: {root / tag} is a checkpoint of --peft {written_by}, not {method}: resume "
+                              f"with --peft {written_by}")
+    if not (root / tag).is_dir():
+        return f"{root / tag} does not exist"
+    return files.size_problem(root / tag) or _hash_problem(root / tag)
 
 
-def model_dropout(model_config) -> list[str]:
-    """The model's own dropout probabilities above 0 (LLaMA's attention_dropout, say)."""
-    return [f"{key} {value}" for key, value in model_config.to_dict().items()
-            if key.endswith("dropout") and isinstance(value, (int, float)) and value > 0]
-
-
-def keep_checkpoint_batches(config: TrainConfig, ds_config: dict, saved: dict, world_size: int,
-                            per_micro_batch: list[str]) -> tuple[TrainConfig, dict, str | None]:
-    """The config and DeepSpeed config a resume trains with: the checkpoint's global batch, cut into the
-    same micro-batches (train_micro_batches keeps the examples of each step and of each micro-batch whatever
-    the number of ranks), with gradient_accumulation_steps derived for `world_size`; and the line rank 0
-    prints when that differs from what was asked. A ConfigError where no accumulation fits, or where
-    randomness drawn per micro-batch on each rank (`per_micro_batch`: dropout) could not be replayed."""
-    ranks, micro, accumulation = saved["world_size"], saved["micro_batch_size"], saved["gradient_accumulation_steps"]
-    global_batch = ranks * micro * accumulation
-    written = (f"--resume: the checkpoint was trained on {ranks} ranks x micro-batches of {micro} x {accumulation} "
-               f"accumulation steps (global batch {global_batch})")
-    if config.micro_batch_size != micro:
-        raise ConfigError(f"{written}: resume with --micro_batch_size {micro}, which keeps its micro-batches")
-    if global_batch % (micro * world_size):
-        raise ConfigError(f"{written}, which {world_size} ranks cannot split into whole micro-batches: resume on a "
-                          f"number of ranks that divides {global_batch // micro}")
-    if world_size != ranks and per_micro_batch:
-        raise ConfigError(f"{written}: {', '.join(per_micro_batch)} draws per micro-batch on each rank, which "
-                          f"{world_size} ranks cannot replay: resume on {ranks} ranks")
-    derived = global_batch // (micro * world_size)
-    note = None
-    if world_size != ranks or derived != config.gradient_accumulation_steps:
-        note = (f"resume: global batch {global_batch} as in the checkpoint ({ranks} ranks x {micro} x {accumulation}); "
-                f"on {world_size} ranks: gradient_accumulation_steps {derived}")
-    # "auto": the derived value replaces a concrete one, which was the checkpoint's run's
-    return (replace(config, gradient_accumulation_steps=derived),
-            {**ds_config, "gradient_accumulation_steps": "auto"}, note)
+def _hash_problem(directory: Path) -> str | None:
+    """The first file whose bytes do not match the manifest's hashes; with a process group each rank reads
+    its share of the files and every rank gets the same answer."""
+    names = sorted(files.read_manifest(directory)["files"])
+    rank, world = (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
+    mine = files.hash_problem(directory, names[rank::world])
+    if world == 1:
+        return mine
+    every = [None] * world
+    dist.all_gather_object(every, mine)
+    return next((problem for problem in every if problem), None)
 
 
 def read_state(root: Path, tag: str) -> ResumePoint:
@@ -290,13 +316,14 @@ def read_state(root: Path, tag: str) -> ResumePoint:
                     for key, value in handle.metadata().items()}
         tensors = {key: handle.get_tensor(key) for key in handle.keys()}
     step, method, engine = int(metadata.pop("step")), metadata.pop("method"), metadata.pop(ENGINE)
-    return ResumePoint(step, method, tensors, metadata, engine, root / tag)
+    return ResumePoint(step, method, tensors, metadata, engine, root / tag, files.read_manifest(root / tag)["ranges"])
 
 
 def load_engine_state(engine, point: ResumePoint) -> None:
     """Restore the trained values and AdamW moments (each rank reading the slices it holds now), the
-    optimizer's step, learning rates and loss scale, the LR schedule, and the RNG states (host and
-    accelerator: LoRA's dropout draws from the accelerator's)."""
+    optimizer's step, its parameter groups' settings (rate, betas, eps, weight decay) and loss scale, the LR
+    schedule, and the RNG states (host and accelerator: LoRA's dropout draws from the accelerator's); then
+    let go of the rank files."""
     saved = point.engine
     if saved["adam_step"]:
         zero3.start_adam_state(engine, saved["adam_step"])
@@ -310,11 +337,12 @@ def load_engine_state(engine, point: ResumePoint) -> None:
                                             for key in zero3.ADAM_MOMENTS})
     zero3.set_loss_scale_state(engine, saved["loss_scale"])
     engine.lr_scheduler.load_state_dict(saved["lr_scheduler"])
-    for group, lr in zip(engine.optimizer.param_groups, saved["lr"]):  # as DeepSpeed's loader restores them
-        group["lr"] = lr
+    for group, settings in zip(engine.optimizer.param_groups, saved["param_groups"]):
+        group.update({key: tuple(value) if key == "betas" else value for key, value in settings.items()})
     engine.global_steps = point.step
     engine.global_samples = point.step * engine.train_batch_size()
     same = saved["layout"]["world_size"] == dist.get_world_size()
     handle = point.rank_file(dist.get_rank() if same else 0)
     torch.set_rng_state(handle.get_tensor("rng/torch"))
     get_accelerator().set_rng_state(handle.get_tensor("rng/accelerator"))
+    point.close()

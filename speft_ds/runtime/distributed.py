@@ -129,6 +129,20 @@ def per_rank(values: list[float]) -> list[list[float]]:
     return [t.tolist() for t in every]
 
 
+def gather_ragged(mine: torch.Tensor) -> torch.Tensor:
+    """Every rank's 1-D tensor (their lengths may differ), joined in rank order, on every rank: two
+    all-gathers, through the communication device."""
+    if not (dist.is_initialized() and dist.get_world_size() > 1):
+        return mine
+    world, local = dist.get_world_size(), mine.to(device())
+    counts = [torch.empty(1, dtype=torch.int64, device=local.device) for _ in range(world)]
+    dist.all_gather(counts, torch.tensor([local.numel()], dtype=torch.int64, device=local.device))
+    longest = max(int(c) for c in counts)
+    padded = [torch.empty(longest, dtype=local.dtype, device=local.device) for _ in range(world)]
+    dist.all_gather(padded, torch.nn.functional.pad(local, (0, longest - local.numel())))
+    return torch.cat([part[:int(c)] for part, c in zip(padded, counts)]).to(mine.device)
+
+
 def release_freed_memory() -> None:
     """Hand freed heap memory back to the OS (glibc's malloc_trim). glibc keeps what large transient
     tensors (activations, logits, per-layer dW) leave behind: 1.9 GB of RSS after a 124M model's

@@ -1,12 +1,15 @@
 """A safetensors file written one tensor at a time, so that no more than one tensor's bytes need exist at
 once: the header (every tensor's name, dtype and shape) first, then each tensor's bytes at their place as
 they come. Byte for byte what safetensors' save_file writes for the same tensors and metadata
-(tests/unit/test_safetensors_stream.py)."""
+(tests/unit/test_safetensors_stream.py). Each tensor's bytes are hashed as they are written, and the file is
+fsynced before it is closed."""
 
 from __future__ import annotations
 
+import hashlib
 import json
 import math
+import os
 from pathlib import Path
 
 import torch
@@ -38,7 +41,7 @@ class SafetensorsWriter:
         except BaseException:
             self.file.close()
             raise
-        self.written: set[str] = set()
+        self.hashes: dict[str, str] = {}  # key -> sha256 of its bytes, for a checkpoint's manifest
 
     def add(self, key: str, tensor: torch.Tensor) -> None:
         dtype, begin, end = self.places[key]
@@ -47,15 +50,17 @@ class SafetensorsWriter:
             raise ValueError(f"{key} has {len(data)} bytes where the header planned {end - begin}")
         self.file.seek(self.data_start + begin)
         self.file.write(data)
-        self.written.add(key)
+        self.hashes[key] = hashlib.sha256(data).hexdigest()
 
     def abandon(self) -> None:
         """Close the file unfinished (its owner removes it)."""
         self.file.close()
 
     def close(self) -> None:
-        """Close the file, once every tensor of the layout is in it."""
-        missing = set(self.places) - self.written
+        """Flush the file to stable storage and close it, once every tensor of the layout is in it."""
+        missing = set(self.places) - set(self.hashes)
         if missing:
             raise ValueError(f"the file was closed without {sorted(missing)[0]}")
+        self.file.flush()
+        os.fsync(self.file.fileno())
         self.file.close()

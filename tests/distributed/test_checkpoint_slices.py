@@ -71,7 +71,7 @@ def test_each_rank_saves_its_own_slices_and_together_they_are_the_whole_state(tm
         assert 0 < result["largest_written"] <= result["largest_slice"]
 
     step = out / "checkpoints" / "step-2"
-    assert sorted(p.name for p in step.iterdir()) == ["rank-00000-of-00002.safetensors",
+    assert sorted(p.name for p in step.iterdir()) == ["manifest.json", "rank-00000-of-00002.safetensors",
                                                       "rank-00001-of-00002.safetensors", "speft_state.safetensors"]
     with safe_open(str(step / "speft_state.safetensors"), framework="pt") as handle:
         assert not any(key.startswith("indices/") for key in handle.keys())  # nothing whole on rank 0

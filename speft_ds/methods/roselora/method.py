@@ -6,6 +6,7 @@ from __future__ import annotations
 import torch
 
 from ...runtime import zero3
+from ...runtime.checkpoint import slice_of
 from ..base import RunContext
 from ..lora.method import LoraMethod
 from .pruning import factor_masks, keep_fraction, kept_per_line, smoothed
@@ -40,6 +41,9 @@ class RoseLoraMethod(LoraMethod):
             if previous is None and self.restored is not None:
                 previous = self.restored.read_slice(f"scores/{name}", param)
             self.scores[name] = smoothed(previous, (grad * value).abs(), self.config.rose_beta)
+        if self.restored is not None:  # every score is read: let go of the checkpoint's files
+            self.restored.close()
+            self.restored = None
 
     def whole_scores(self) -> dict[str, torch.Tensor]:
         """Every factor's whole score, shaped like it, on every rank (one collective)."""
@@ -60,7 +64,7 @@ class RoseLoraMethod(LoraMethod):
 
     def checkpoint_slices(self) -> dict:
         named = self._named_params()
-        return {f"scores/{name}": (named[name], score) for name, score in self.scores.items()}
+        return {f"scores/{name}": slice_of(named[name], score) for name, score in self.scores.items()}
 
     def final_budget(self) -> int:
         """The most non-zeros the factors hold once the schedule ends: r x (kept per column of B + kept per

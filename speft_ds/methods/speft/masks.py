@@ -13,13 +13,19 @@ import torch
 from torch import nn
 
 from ...runtime import zero3
+from ...runtime.distributed import gather_ragged
 from .salience import ShardScores
 from .selection import select_global
 
 
 class FoldedDeltas:
-    """Deltas already added into the base weights during training, remembered so that the saved adapter
-    stays relative to the original base model (it then holds up to k entries per update)."""
+    """Deltas already added into the base weights during training, remembered so that the saved adapter stays
+    relative to the original base model (it then holds up to k entries per update).
+
+    Each rank keeps only the entries inside its own shard of each base weight, and every rank the same
+    number of parts per weight (some empty): a checkpoint stores each rank's parts with the range they
+    cover, a resume on any number of ranks reads only the saved parts that overlap its shard, and the
+    adapter gathers one weight's parts at a time."""
 
     def __init__(self):
         self.parts: dict[str, list[tuple[torch.Tensor, torch.Tensor]]] = defaultdict(list)
@@ -29,46 +35,59 @@ class FoldedDeltas:
         """W += scatter(indices, values) for each named frozen base weight, shard by shard."""
         for name in indices:
             zero3.add_to_shard(weights[name], indices[name], values[name])
-            self.parts[name].append((indices[name].cpu(), values[name].float().cpu()))
+            self.parts[name].append(_inside(zero3.shard_range(weights[name]), indices[name].cpu(),
+                                            values[name].float().cpu()))
 
-    def refold(self, weights: dict[str, nn.Parameter]) -> None:
-        """Apply everything folded so far to freshly loaded base weights (on resume), in the same order."""
-        for name, parts in self.parts.items():
-            for idx, values in parts:
-                zero3.add_to_shard(weights[name], idx, values)
+    def layout(self) -> dict[str, int]:
+        """Each folded weight's number of parts (the same on every rank)."""
+        return {name: len(parts) for name, parts in self.parts.items()}
 
-    def state(self) -> dict[str, torch.Tensor]:
-        """Every folded part as named tensors, for a checkpoint (folded/PART/indices|values/LAYER)."""
-        tensors = {}
+    def slices(self, weights: dict[str, nn.Parameter]) -> dict[str, tuple[tuple[int, int], torch.Tensor]]:
+        """This rank's parts for a checkpoint, each with the range of its weight's shard they cover."""
+        slices = {}
         for name, parts in self.parts.items():
+            covered = zero3.shard_range(weights[name])
             for i, (idx, values) in enumerate(parts):
-                tensors[f"folded/{i}/indices/{name}"] = idx.contiguous()
-                tensors[f"folded/{i}/values/{name}"] = values.contiguous()
-        return tensors
+                slices[f"folded/{i}/indices/{name}"] = (covered, idx)
+                slices[f"folded/{i}/values/{name}"] = (covered, values)
+        return slices
 
     @classmethod
-    def from_state(cls, tensors: dict[str, torch.Tensor]) -> "FoldedDeltas":
-        """The parts `state` wrote (other keys ignored), in folding order."""
+    def restore(cls, point, layout: dict[str, int], weights: dict[str, nn.Parameter]) -> "FoldedDeltas":
+        """The parts a checkpoint saved (`layout`: their number per weight) that fall in this rank's shards,
+        read from the saved ranks whose shards overlap them, applied to freshly loaded base weights in
+        folding order."""
         folded = cls()
-        parts = sorted({int(key.split("/", 2)[1]) for key in tensors if key.startswith("folded/")})
-        for i in parts:  # in folding order; each part keeps its layers' (indices, values)
-            for key in sorted(k for k in tensors if k.startswith(f"folded/{i}/indices/")):
-                name = key[len(f"folded/{i}/indices/"):]
-                folded.parts[name].append((tensors[key], tensors[f"folded/{i}/values/{name}"]))
+        for name, count in layout.items():
+            covered = zero3.shard_range(weights[name])
+            for i in range(count):
+                idx = point.read_pieces(f"folded/{i}/indices/{name}", *covered)
+                values = point.read_pieces(f"folded/{i}/values/{name}", *covered)
+                part = _inside(covered, torch.cat(idx).long(), torch.cat(values).float())
+                zero3.add_to_shard(weights[name], *part)
+                folded.parts[name].append(part)
         return folded
 
     def total(self, names: list[str], indices: dict[str, torch.Tensor], values: dict[str, torch.Tensor]
               ) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
-        """Everything folded plus the current deltas: sorted unique indices per layer, values summed."""
+        """Everything folded (gathered from every rank: a collective per folded weight) plus the current
+        deltas: sorted unique indices per layer, values summed."""
         all_indices, all_values = {}, {}
         for name in names:
-            parts = self.parts.get(name, []) + ([(indices[name].cpu(), values[name].cpu())] if name in indices else [])
+            parts = [(gather_ragged(idx), gather_ragged(v)) for idx, v in self.parts.get(name, [])]
+            parts += [(indices[name].cpu(), values[name].cpu())] if name in indices else []
             if not parts:
                 continue
             unique, inverse = torch.unique(torch.cat([i for i, _ in parts]), sorted=True, return_inverse=True)
             all_indices[name] = unique
             all_values[name] = torch.zeros(unique.numel()).index_add_(0, inverse, torch.cat([v for _, v in parts]))
         return all_indices, all_values
+
+
+def _inside(covered: tuple[int, int], indices: torch.Tensor, values: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    start, stop = covered
+    inside = (indices >= start) & (indices < stop)
+    return indices[inside], values[inside]
 
 
 def unwrap(model: nn.Module, layers: dict[str, nn.Module]) -> None:

@@ -17,6 +17,7 @@ from ...data.retention import read_documents, text_rows
 from ...runtime import zero3
 from ...runtime.distributed import per_rank, release_freed_memory, sum_over_ranks
 from ...runtime.ds_config import salience_ds_config
+from ...runtime.checkpoint import slice_of
 from ...runtime.metrics_log import log_memory
 from ..base import Method, RunContext, write_streamed
 from . import masks
@@ -74,6 +75,7 @@ class SpeftMethod(Method):
         self.report_salience_memory(ctx, log_memory(ctx.log, "salience"))  # and selection
 
     def inject(self, model, ctx: RunContext) -> list:
+        self.base_weights = {name: layer.weight for name, layer in self._targets(model).items()}
         self.layers = self.inject_selected(model, ctx, self.selected)
         del self.selected
         return self.values()
@@ -81,9 +83,9 @@ class SpeftMethod(Method):
     def restore(self, model, ctx: RunContext, point) -> list:
         scales = {key.removeprefix(_SCALES): t for key, t in point.state.items() if key.startswith(_SCALES)}
         self.channel_scales = scales or None
-        self.folded = masks.FoldedDeltas.from_state(point.state)
         self.summary = point.meta["score_summary"]
-        self.folded.refold({name: model.get_submodule(name).weight for name in self.folded.parts})
+        self.base_weights = {name: layer.weight for name, layer in self._targets(model).items()}
+        self.folded = masks.FoldedDeltas.restore(point, point.meta["folded"], self.base_weights)
         # one layer's whole index list at a time, read from every rank's slices as its layer is built
         indices = ((name, point.read_whole(f"indices/{name}")) for name in point.meta["layer_order"])
         self.layers = self._inject(model, ctx, indices)
@@ -214,9 +216,6 @@ class SpeftMethod(Method):
         engine.empty_partition_cache()
         return {name: zero3.gather_full(layer.delta_indices).long() for name, layer in self.layers.items()}
 
-    def _base_weights(self) -> dict:
-        return {name: layer.base_layer.weight for name, layer in self.layers.items()}
-
     # --- mask updates
     @property
     def update_every(self) -> int:
@@ -239,7 +238,7 @@ class SpeftMethod(Method):
         indices = self.full_indices(engine)
         values = {name: zero3.gather_full_fp32(layer.delta_values) for name, layer in self.layers.items()}
         zero3.destroy_engine(engine)
-        self.folded.fold(self._base_weights(), indices, values)
+        self.folded.fold(self.base_weights, indices, values)
         masks.unwrap(model, self.layers)
         salience_engine = self._salience_engine(model, ctx)
         selected, self.summary = self.select_masks(salience_engine, ctx, calibration_round=update)
@@ -260,11 +259,10 @@ class SpeftMethod(Method):
         zero3.destroy_engine(engine)
 
         keep = masks.largest_magnitudes({name: s["value"] for name, s in kept_state.items()}, k - n_swap)
-        base_weights = self._base_weights()
         for name in layers:
             dropped = torch.ones(indices[name].numel(), dtype=torch.bool)
             dropped[keep[name]] = False
-            self.folded.fold(base_weights, {name: indices[name][dropped]}, {name: kept_state[name]["value"][dropped]})
+            self.folded.fold(self.base_weights, {name: indices[name][dropped]}, {name: kept_state[name]["value"][dropped]})
         masks.unwrap(model, layers)
         # A weight with no selected entry gets no delta (ZeRO-3 cannot partition an empty parameter).
         kept = {name: indices[name][keep[name]] for name in layers if keep[name].numel() > 0}
@@ -293,11 +291,12 @@ class SpeftMethod(Method):
     def checkpoint_state(self, engine) -> tuple[dict, dict]:
         # safetensors returns keys sorted; the engine's parameter order is this one
         scales = {f"{_SCALES}{name}": t for name, t in (self.channel_scales or {}).items()}
-        return {**self.folded.state(), **scales}, {"score_summary": self.summary, "layer_order": list(self.layers)}
+        return scales, {"score_summary": self.summary, "layer_order": list(self.layers),
+                        "folded": self.folded.layout()}
 
     def checkpoint_slices(self) -> dict:
-        return {f"indices/{name}": (layer.delta_indices, zero3.local_shard(layer.delta_indices))
-                for name, layer in self.layers.items()}
+        return {**{f"indices/{name}": slice_of(layer.delta_indices, zero3.local_shard(layer.delta_indices))
+                   for name, layer in self.layers.items()}, **self.folded.slices(self.base_weights)}
 
     def _module_total(self, name: str) -> tuple[torch.Tensor, torch.Tensor]:
         """One module's whole indices and values relative to the original base (what mask updates folded in,

@@ -17,7 +17,7 @@ import torch
 import torch.distributed as dist
 
 from ...config import ConfigError
-from ...runtime.distributed import device as comm_device
+from ...runtime.distributed import device as comm_device, gather_ragged
 from .channel_cap import cap_input_channels
 from .salience import ShardScores
 from .selection_keys import AllReduce, score_keys
@@ -258,22 +258,10 @@ def select_from_groups(groups: Iterable[dict[str, ShardScores]], names: list[str
 
 def gather_indices(selected: dict[str, torch.Tensor]) -> Iterator[tuple[str, torch.Tensor]]:
     """(name, full sorted index list) per weight, joined from every rank's selection: one weight at a time,
-    so no rank ever holds every weight's whole list. A collective per weight."""
+    so no rank ever holds every weight's whole list. A collective per weight. Rank r holds flat range
+    [r * ps, (r + 1) * ps), so joining in rank order keeps the indices sorted."""
     for name, mine in selected.items():
-        yield name, _gather_one(mine)
-
-
-def _gather_one(mine: torch.Tensor) -> torch.Tensor:
-    if not (dist.is_initialized() and dist.get_world_size() > 1):
-        return mine
-    world = dist.get_world_size()
-    counts = [torch.empty(1, dtype=torch.int64, device=mine.device) for _ in range(world)]
-    dist.all_gather(counts, torch.tensor([mine.numel()], dtype=torch.int64, device=mine.device))
-    longest = max(int(c) for c in counts)
-    padded = [torch.empty(longest, dtype=torch.int64, device=mine.device) for _ in range(world)]
-    dist.all_gather(padded, torch.nn.functional.pad(mine, (0, longest - mine.numel())))
-    # Rank r holds flat range [r * ps, (r + 1) * ps), so joining in rank order keeps indices sorted.
-    return torch.cat([flat[: int(c)] for flat, c in zip(padded, counts)])
+        yield name, gather_ragged(mine)
 
 
 # Score histogram bins: log10 |score| from 1e-12 to 1e4, 64 bins; smaller magnitudes land in the first.

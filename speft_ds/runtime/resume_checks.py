@@ -1,0 +1,129 @@
+"""What a resume must keep of the run it continues, checked flag by flag before the model loads.
+
+A checkpoint records the run's settings (`run_settings`). A resume is refused, in one line naming the flag,
+where this run would train on other data or in another order (the seed, the dataset's contents and the flags
+that read it, the held-out split, packing) or would need another trained state (the method and its size
+flags); the optimizer's betas, eps and weight decay come from the checkpoint, with a line saying so where
+this run's flags differ; the batch layout is kept as `keep_checkpoint_batches` says.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import replace
+from pathlib import Path
+
+from safetensors import safe_open
+
+from ..config import ConfigError, TrainConfig, looks_like_local_file
+from .checkpoint import ENGINE, STATE_FILE
+
+# flag -> what a change of it would do to the resumed run
+DATA_FLAGS = ("seed", "dataset", "text_field", "prompt_field", "response_field", "messages_field", "seq_len",
+              "val_size", "packing")
+SHAPE_FLAGS = ("peft", "density", "num_trainable", "lora_r", "lora_alpha", "target_modules", "delta_scaling",
+               "quantize")
+OPTIMIZER_SETTINGS = ("betas", "eps", "weight_decay")
+RUN = "run"  # the checkpoint's metadata key of the run's settings
+
+
+def dataset_identity(config: TrainConfig) -> str:
+    """A local dataset's content hash (sha256 of its bytes), or a hub dataset's name."""
+    if not looks_like_local_file(config.dataset):
+        return config.dataset
+    digest = hashlib.sha256()
+    with open(config.dataset, "rb") as fh:
+        for block in iter(lambda: fh.read(1 << 24), b""):
+            digest.update(block)
+    return f"sha256:{digest.hexdigest()}"
+
+
+def run_settings(config: TrainConfig, ds_config: dict) -> dict:
+    """The settings a resume must keep or takes from the checkpoint (the DeepSpeed config's optimizer
+    params, "auto" filled)."""
+    params = ds_config.get("optimizer", {}).get("params", {})
+    settings = {flag: getattr(config, flag) for flag in (*DATA_FLAGS, *SHAPE_FLAGS)}
+    settings["dataset"] = dataset_identity(config)
+    settings.update({key: params[key] for key in OPTIMIZER_SETTINGS if key in params})
+    return json.loads(json.dumps(settings))  # as the checkpoint's JSON holds them (tuples as lists)
+
+
+def compare_with_checkpoint(saved: dict, now: dict) -> str | None:
+    """Refuse a resume whose data or trained state would differ (a ConfigError naming the flag); return the
+    line saying which optimizer settings the checkpoint's replace, or None."""
+    for flags, what in ((DATA_FLAGS, "the data or their order"), (SHAPE_FLAGS, "the trained state")):
+        for flag in flags:
+            if flag in saved and saved[flag] != now[flag]:
+                shown = ("its contents differ" if flag == "dataset" and looks_like_hash(saved[flag])
+                         else f"it was {saved[flag]!r}, this run has {now[flag]!r}")
+                raise ConfigError(f"--resume: --{flag} differs from the checkpoint's run ({shown}), which would "
+                                  f"change {what}: resume with the first run's --{flag}, or train anew in another "
+                                  "--output_dir")
+    differ = [key for key in OPTIMIZER_SETTINGS if key in saved and key in now and saved[key] != now[key]]
+    if not differ:
+        return None
+    return ("resume: " + ", ".join(f"{key} {saved[key]}" for key in differ) + " restored from the checkpoint (this "
+            "run's flags ask " + ", ".join(f"{key} {now[key]}" for key in differ) + ")")
+
+
+def with_saved_optimizer(ds_config: dict, settings: dict, saved: dict) -> tuple[dict, dict]:
+    """The DeepSpeed config and run settings with the checkpoint's betas, eps and weight decay, so that every
+    engine of the resumed run (a mask update builds a new one) trains with them."""
+    kept = {key: saved[key] for key in OPTIMIZER_SETTINGS if key in saved}
+    optimizer = ds_config.get("optimizer", {})
+    if not optimizer:
+        return ds_config, settings
+    params = {**optimizer.get("params", {}), **kept}
+    return {**ds_config, "optimizer": {**optimizer, "params": params}}, {**settings, **kept}
+
+
+def looks_like_hash(identity) -> bool:
+    return isinstance(identity, str) and identity.startswith("sha256:")
+
+
+def saved_metadata(directory: Path, key: str):
+    """A JSON value of a checkpoint's state file metadata (None where it has none)."""
+    with safe_open(str(directory / STATE_FILE), framework="pt") as handle:
+        value = handle.metadata().get(key)
+    return None if value is None else json.loads(value)
+
+
+def batch_layout(root: Path, tag: str) -> dict:
+    """The checkpoint's world_size, micro_batch_size and gradient_accumulation_steps."""
+    return saved_metadata(root / tag, ENGINE)["layout"]
+
+
+def model_dropout(model_config) -> list[str]:
+    """The model's own dropout probabilities above 0 (LLaMA's attention_dropout, say)."""
+    return [f"{key} {value}" for key, value in model_config.to_dict().items()
+            if key.endswith("dropout") and isinstance(value, (int, float)) and value > 0]
+
+
+def keep_checkpoint_batches(config: TrainConfig, ds_config: dict, saved: dict, world_size: int,
+                            per_micro_batch: list[str]) -> tuple[TrainConfig, dict, str | None]:
+    """The config and DeepSpeed config a resume trains with: the checkpoint's global batch, cut into the
+    same micro-batches (train_micro_batches keeps the examples of each step and of each micro-batch whatever
+    the number of ranks), with gradient_accumulation_steps derived for `world_size`; and the line rank 0
+    prints when that differs from what was asked. A ConfigError where no accumulation fits, or where
+    randomness drawn per micro-batch on each rank (`per_micro_batch`: dropout) could not be replayed."""
+    ranks, micro, accumulation = saved["world_size"], saved["micro_batch_size"], saved["gradient_accumulation_steps"]
+    global_batch = ranks * micro * accumulation
+    written = (f"--resume: the checkpoint was trained on {ranks} ranks x micro-batches of {micro} x {accumulation} "
+               f"accumulation steps (global batch {global_batch})")
+    if config.micro_batch_size != micro:
+        raise ConfigError(f"{written}: resume with --micro_batch_size {micro}, which keeps its micro-batches")
+    if global_batch % (micro * world_size):
+        raise ConfigError(f"{written}, which {world_size} ranks cannot split into whole micro-batches: resume on a "
+                          f"number of ranks that divides {global_batch // micro}")
+    if world_size != ranks and per_micro_batch:
+        raise ConfigError(f"{written}: {', '.join(per_micro_batch)} draws per micro-batch on each rank, which "
+                          f"{world_size} ranks cannot replay: resume on {ranks} ranks")
+    derived = global_batch // (micro * world_size)
+    note = None
+    if world_size != ranks or derived != config.gradient_accumulation_steps:
+        note = (f"resume: global batch {global_batch} as in the checkpoint ({ranks} ranks x {micro} x {accumulation}); "
+                f"on {world_size} ranks: gradient_accumulation_steps {derived}")
+    # "auto": the derived value replaces a concrete one, which was the checkpoint's run's
+    return (replace(config, gradient_accumulation_steps=derived),
+            {**ds_config, "gradient_accumulation_steps": "auto"}, note)
