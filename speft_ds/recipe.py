@@ -125,12 +125,13 @@ def plan_run(config: TrainConfig, explicit: set[str]) -> Plan:
     total_steps = config.max_steps if config.max_steps > 0 else max(1, int(config.epochs * steps_per_epoch))
     ds_config = fill_auto(ds_config, config, world_size=world_size, hidden_size=model_config.hidden_size,
                           total_steps=total_steps, bf16=bf16)
-    settings = resume_checks.run_settings(config, ds_config) if config.save_steps or resume_from else None
+    settings = (resume_checks.run_settings(config, ds_config, base_config_hash(model_config), list(target_shapes))
+                if config.save_steps or resume_from else None)
     saved = resume_checks.saved_metadata(resume_from[0] / resume_from[1], resume_checks.RUN) if resume_from else None
     if saved:
         note = resume_checks.compare_with_checkpoint(saved, settings)
         resume_notes += [note] if note else []
-        ds_config, settings = resume_checks.with_saved_optimizer(ds_config, settings, saved)
+        config, ds_config, settings = resume_checks.with_saved_optimizer(config, ds_config, settings, saved)
     return Plan(config, ds_config, bf16, method, target_shapes, resume_from, base_config_hash(model_config),
                 total_steps, eval_task, tokenizer, train_set, eval_set, retention, resume_notes, settings)
 

@@ -13,7 +13,7 @@ The frozen base is never written.
 
 A resume on any number of ranks verifies the checkpoint first, then reads, for each slice it now holds, the
 parts of the saved slices that overlap it, opening only those ranks' files (safetensors reads a range
-without loading the rest), and closes them once loaded. On as many ranks as wrote it each rank takes its
+without loading the rest; a tensor read whole opens every file), and closes them once loaded. On as many ranks as wrote it each rank takes its
 own RNG states; on another number every rank takes rank 0's: all ranks start from one seed and draw alike
 (per-rank draws such as dropout refuse such a resume, recipe.py).
 """
@@ -34,7 +34,7 @@ from safetensors.torch import save_file
 from ..config import ConfigError, TrainingError
 from . import checkpoint_files as files
 from . import zero3
-from .distributed import device
+from .distributed import device, from_rank_0, on_every_rank
 from .safetensors_stream import SafetensorsWriter
 
 STATE_FILE = "speft_state.safetensors"
@@ -204,7 +204,7 @@ def _fail_together(error: Exception | None, root: Path, tmp_tag: str, tag: str) 
         return
     free_mib = shutil.disk_usage(root).free / 2**20
     if dist.get_rank() == 0:
-        _discard(root, tmp_tag, tag)
+        _discard(root, tmp_tag)
     dist.barrier()
     kept = files.latest_tag(root)
     cause = f"{type(error).__name__}: {str(error).splitlines()[0][:200]}" if error else "on another rank"
@@ -219,12 +219,13 @@ def _publish(root: Path, tmp_tag: str, tag: str, keep_last: int | None) -> None:
         files.retain(root, keep_last, tag)
 
 
-def _discard(root: Path, tmp_tag: str, tag: str) -> None:
-    """Remove what a failed save left, down to a renamed checkpoint that `latest` does not name yet."""
+def _discard(root: Path, tmp_tag: str) -> None:
+    """Remove what a failed save left, and put back a checkpoint its publish had set aside. A checkpoint it
+    renamed into place stays: it is whole (the manifest is written before any rename), and `latest` still
+    names the previous one."""
     shutil.rmtree(root / tmp_tag, ignore_errors=True)
     (root / f".{files.LATEST}.tmp").unlink(missing_ok=True)
-    if (root / tag).exists() and files.latest_tag(root) != tag:
-        shutil.rmtree(root / tag, ignore_errors=True)
+    files.recover(root)
 
 
 def _write_state_and_manifest(root: Path, tmp_tag: str, step: int, method: str, state: dict[str, torch.Tensor],
@@ -246,7 +247,8 @@ def find(output_dir: str | Path, resume: str, method: str) -> tuple[Path, str, s
     OUTPUT_DIR/checkpoints, written by a run of the same method and verified whole (sizes, then hashes: each
     rank its share of the files where a process group exists). Where `latest` names a checkpoint that is
     missing or broken, the newest verified one by write order is taken, and the line says so; a checkpoint
-    named explicitly must be whole."""
+    named explicitly must be whole. With a process group every rank decides on rank 0's view of the
+    directory and on every rank's checks, so all resume from the same checkpoint or all refuse."""
     root = checkpoint_root(output_dir).resolve()
     if resume != "latest":
         path = Path(resume).resolve()
@@ -260,40 +262,55 @@ def find(output_dir: str | Path, resume: str, method: str) -> tuple[Path, str, s
             raise ConfigError(f"--resume {resume} is broken: {problem}. Resume from another checkpoint (--resume "
                               "alone takes the newest verified one)")
         return root, path.name, None
-    named = files.latest_tag(root)
-    candidates = list(dict.fromkeys([named] * bool(named) + files.by_write_order(root)))
-    if not candidates:
-        raise ConfigError(f"--resume: no checkpoint in {root}: train with --save_steps first, or drop --resume")
+    def look():
+        if root.is_dir():
+            files.recover(root)  # a publish cut short puts the older checkpoint back first
+        return files.latest_tag(root), files.by_write_order(root)
+
+    named, candidates = from_rank_0(look)
     problems = []
-    for tag in candidates:
+    for tag in dict.fromkeys(([named] if named else []) + candidates):
         if not (problem := _problem(root, tag, method)):
-            note = None if tag == named else (f"resume: {named or 'latest'} is not a whole checkpoint "
-                                              f"({problems[0]}); resuming from {tag}, the newest verified one")
-            return root, tag, note
+            if tag == named:
+                return root, tag, None
+            why = f"{named} is not a whole checkpoint ({problems[0]})" if named else f"{root} has no '{files.LATEST}'"
+            return root, tag, f"resume: {why}; resuming from {tag}, the newest verified one"
         problems.append(problem)
+    if not problems:
+        raise ConfigError(f"--resume: no checkpoint in {root}: train with --save_steps first, or drop --resume")
     raise ConfigError(f"--resume: no whole checkpoint in {root} ({problems[0]}): train again without --resume")
 
 
 def _problem(root: Path, tag: str, method: str) -> str | None:
-    """Why checkpoint `tag` cannot be resumed from (missing, incomplete or corrupt), or None. A checkpoint of
-    another method or of an older speft-ds is refused outright (a ConfigError)."""
-    state = root / tag / STATE_FILE
+    """Why checkpoint `tag` cannot be resumed from (missing, incomplete or corrupt) on any rank, or None; the
+    same answer on every rank. A checkpoint of another method or of an older speft-ds is refused outright
+    (a ConfigError on every rank)."""
+    refusal, problem = zip(*on_every_rank(_local_problem(root, tag, method)))
+    if any(refusal):
+        raise ConfigError(next(r for r in refusal if r))
+    return next((p for p in problem if p), None) or _hash_problem(root / tag)
+
+
+def _local_problem(root: Path, tag: str, method: str) -> tuple[str | None, str | None]:
+    """(why the checkpoint is refused outright, why it is not whole by its sizes), as this rank sees it."""
+    directory = root / tag
     try:
-        with safe_open(str(state), framework="pt") as handle:
+        with safe_open(str(directory / STATE_FILE), framework="pt") as handle:
             metadata = handle.metadata()
-    except Exception:  # missing, truncated or overwritten: the manifest's check below names what
+    except Exception:  # missing, truncated or overwritten: the manifest's check names what
         metadata = None
     if metadata is not None:
-        if ENGINE not in metadata:
-            raise ConfigError(f"--resume: {root / tag} was written by an older speft-ds, in DeepSpeed's pickled "
-                              "files: resume it with the speft-ds that wrote it, or train again")
+        if ENGINE not in metadata or not (directory / files.MANIFEST).is_file():
+            how = "in DeepSpeed's pickled files" if ENGINE not in metadata else "without a manifest of its files"
+            return (f"--resume: {directory} was written by an older speft-ds, {how}: resume it with the speft-ds "
+                    "that wrote it, or train again"), None
         written_by = metadata.get("method", "speft")
         if written_by != method:
-            raise ConfigError(f"--resume: {root / tag} is a checkpoint of --peft {written_by}, not {method}: resume "
-                              f"with --peft {written_by}")
-    if not (root / tag).is_dir():
-        return f"{root / tag} does not exist"
-    return files.size_problem(root / tag) or _hash_problem(root / tag)
+            return (f"--resume: {directory} is a checkpoint of --peft {written_by}, not {method}: resume with "
+                    f"--peft {written_by}"), None
+    if not directory.is_dir():
+        return None, f"{directory} does not exist"
+    return None, files.size_problem(directory)
 
 
 def _hash_problem(directory: Path) -> str | None:
@@ -301,12 +318,7 @@ def _hash_problem(directory: Path) -> str | None:
     its share of the files and every rank gets the same answer."""
     names = sorted(files.read_manifest(directory)["files"])
     rank, world = (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
-    mine = files.hash_problem(directory, names[rank::world])
-    if world == 1:
-        return mine
-    every = [None] * world
-    dist.all_gather_object(every, mine)
-    return next((problem for problem in every if problem), None)
+    return next((p for p in on_every_rank(files.hash_problem(directory, names[rank::world])) if p), None)
 
 
 def read_state(root: Path, tag: str) -> ResumePoint:
@@ -314,7 +326,8 @@ def read_state(root: Path, tag: str) -> ResumePoint:
     with safe_open(str(root / tag / STATE_FILE), framework="pt") as handle:
         metadata = {key: json.loads(value) if key not in ("step", "method") else value
                     for key, value in handle.metadata().items()}
-        tensors = {key: handle.get_tensor(key) for key in handle.keys()}
+        # copies: safetensors' tensors map the file, which would stay open (and on NFS undeletable) all run
+        tensors = {key: handle.get_tensor(key).clone() for key in handle.keys()}
     step, method, engine = int(metadata.pop("step")), metadata.pop("method"), metadata.pop(ENGINE)
     return ResumePoint(step, method, tensors, metadata, engine, root / tag, files.read_manifest(root / tag)["ranges"])
 

@@ -9,8 +9,9 @@ order. Plain files, no collectives (runtime/checkpoint.py decides which rank cal
   rank file's slice ranges, the step and a save sequence number. Sizes are checked cheaply; hashes read
   every byte, each rank its share of the files.
 - Published: written under `.tmp-step-N`, renamed to `step-N` (an existing `step-N` is renamed aside first
-  and removed after, so no moment exists with neither), then `latest` replaced; leftovers of a crashed save
-  (`.tmp-*`, `.old-*`) are removed at the next save and never resumed from.
+  and removed after; a crash between the two renames is undone by `recover`, which puts the older one
+  back), then `latest` replaced; leftovers of a crashed save (`.tmp-*`, `.old-*`) are removed at the next
+  save and never resumed from.
 - Retained by write order: the N most recently written checkpoints (by sequence number) are kept, never the
   one just written nor the one `latest` names; a file that cannot be removed (busy on NFS) is left with a
   warning.
@@ -18,6 +19,7 @@ order. Plain files, no collectives (runtime/checkpoint.py decides which rank cal
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import json
 import os
@@ -36,10 +38,14 @@ def digest(data: bytes) -> str:
 
 
 def fsync_path(path: Path) -> None:
-    """Flush a file's or a directory's data and metadata to stable storage."""
+    """Flush a file's or a directory's data and metadata to stable storage (some FUSE and SMB mounts refuse a
+    directory's fsync: there the rename's own ordering is all there is)."""
     fd = os.open(path, os.O_RDONLY)
     try:
         os.fsync(fd)
+    except OSError as err:
+        if err.errno not in (errno.EINVAL, errno.ENOTSUP) or not path.is_dir():
+            raise
     finally:
         os.close(fd)
 
@@ -51,17 +57,24 @@ def write_durably(path: Path, data: bytes) -> None:
         os.fsync(fh.fileno())
 
 
-def _header(fh) -> tuple[bytes, dict, int]:
-    """A safetensors file's header bytes, parsed header, and where its data starts."""
+def _header(fh, size: int) -> tuple[bytes, dict, int]:
+    """A safetensors file's header bytes, parsed header, and where its data starts (a ValueError for a
+    header that cannot be one: longer than the file, not JSON, or without offsets)."""
     (length,) = struct.unpack("<Q", fh.read(8))
+    if 8 + length > size:
+        raise ValueError(f"a header of {length} bytes in a file of {size}")
     raw = fh.read(length)
-    return raw, json.loads(raw), 8 + length
+    header = json.loads(raw)
+    if not isinstance(header, dict) or not all(isinstance(entry, dict) and "data_offsets" in entry
+                                               for key, entry in header.items() if key != "__metadata__"):
+        raise ValueError("a header without data offsets")
+    return raw, header, 8 + length
 
 
 def file_record(path: Path, tensor_hashes: dict[str, str] | None = None) -> dict:
     """A safetensors file's size, header hash and per-tensor hashes (read back where not given)."""
     with open(path, "rb") as fh:
-        raw, header, start = _header(fh)
+        raw, header, start = _header(fh, path.stat().st_size)
         if tensor_hashes is None:
             tensor_hashes = {}
             for key, entry in header.items():
@@ -105,7 +118,7 @@ def hash_problem(directory: Path, names: list[str]) -> str | None:
         want = manifest["files"][name]
         try:
             got = file_record(directory / name)
-        except (OSError, ValueError, struct.error) as err:
+        except Exception as err:  # any damage to the header: a problem to report, never a crash on one rank
             return f"{directory / name} cannot be read ({type(err).__name__})"
         if got["header"] != want["header"]:
             return f"{directory / name}'s header does not match its hash"
@@ -137,8 +150,20 @@ def next_sequence(root: Path) -> int:
     return manifests[0]["sequence"] + 1 if manifests else 1
 
 
+def recover(root: Path) -> None:
+    """Undo a publish that stopped between setting an older `step-N` aside and renaming the new one into
+    place: the older one goes back."""
+    for aside in root.glob(f"{ASIDE_PREFIX}step-*"):
+        tag = aside.name.removeprefix(ASIDE_PREFIX)
+        if not (root / tag).exists():
+            os.replace(aside, root / tag)
+            fsync_path(root)
+
+
 def remove_leftovers(root: Path) -> None:
-    """What a save killed midway left: temporary and set-aside directories, and `latest`'s temporary file."""
+    """What a save killed midway left, once `recover` has put back what it can: temporary and set-aside
+    directories, and `latest`'s temporary file."""
+    recover(root)
     for path in root.glob(f"{TMP_PREFIX}*"):
         _remove(path)
     for path in root.glob(f"{ASIDE_PREFIX}*"):

@@ -17,7 +17,7 @@ import torch.distributed as dist
 from deepspeed.accelerator import get_accelerator
 
 from ..config import ConfigError, TrainingError
-from .launch_env import launched_by_mpi, local_size_from_env
+from .launch_env import launched_by_mpi, local_rank_from_env, local_size_from_env
 
 DEFAULT_MASTER_PORT = 29500  # torch's and DeepSpeed's
 
@@ -65,6 +65,9 @@ def init_distributed(timeout_s: int = 600) -> None:
     deepspeed.init_distributed(dist_backend=backend, timeout=timedelta(seconds=timeout_s), auto_mpi_discovery=by_mpi,
                                distributed_port=int(os.environ.get("MASTER_PORT", DEFAULT_MASTER_PORT)),
                                verbose=not by_mpi)
+    # Each rank's own device before any collective: torch's object collectives (a checkpoint's checks, the
+    # shared-storage check) place their tensors on the current device, which is otherwise cuda:0 for all.
+    accelerator.set_device(local_rank_from_env())
     _unlink_shm_buffers()
 
 
@@ -127,6 +130,25 @@ def per_rank(values: list[float]) -> list[list[float]]:
     every = [torch.zeros(len(values), dtype=torch.float64, device=device()) for _ in range(dist.get_world_size())]
     dist.all_gather(every, torch.tensor(values, dtype=torch.float64, device=device()))
     return [t.tolist() for t in every]
+
+
+def from_rank_0(read):
+    """`read()` on rank 0 and its value on every rank (one broadcast); without a process group, this
+    process's own."""
+    if not (dist.is_initialized() and dist.get_world_size() > 1):
+        return read()
+    value = [read() if dist.get_rank() == 0 else None]
+    dist.broadcast_object_list(value, src=0)
+    return value[0]
+
+
+def on_every_rank(value) -> list:
+    """Every rank's `value` (small, picklable), in rank order (one collective where a group exists)."""
+    if not (dist.is_initialized() and dist.get_world_size() > 1):
+        return [value]
+    every = [None] * dist.get_world_size()
+    dist.all_gather_object(every, value)
+    return every
 
 
 def gather_ragged(mine: torch.Tensor) -> torch.Tensor:

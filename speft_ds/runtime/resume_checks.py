@@ -18,33 +18,38 @@ from safetensors import safe_open
 
 from ..config import ConfigError, TrainConfig, looks_like_local_file
 from .checkpoint import ENGINE, STATE_FILE
+from .distributed import from_rank_0
 
-# flag -> what a change of it would do to the resumed run
+# the settings that change the data or their order, and those that change the trained state (the base model's
+# config and the targeted modules by name, whatever the flags that chose them)
 DATA_FLAGS = ("seed", "dataset", "text_field", "prompt_field", "response_field", "messages_field", "seq_len",
               "val_size", "packing")
-SHAPE_FLAGS = ("peft", "density", "num_trainable", "lora_r", "lora_alpha", "target_modules", "delta_scaling",
+SHAPE_FLAGS = ("model", "peft", "density", "num_trainable", "lora_r", "lora_alpha", "target_modules", "delta_scaling",
                "quantize")
 OPTIMIZER_SETTINGS = ("betas", "eps", "weight_decay")
 RUN = "run"  # the checkpoint's metadata key of the run's settings
 
 
 def dataset_identity(config: TrainConfig) -> str:
-    """A local dataset's content hash (sha256 of its bytes), or a hub dataset's name."""
+    """A local dataset's content hash (sha256 of its bytes, read on rank 0 only), or a hub dataset's name."""
     if not looks_like_local_file(config.dataset):
         return config.dataset
-    digest = hashlib.sha256()
-    with open(config.dataset, "rb") as fh:
-        for block in iter(lambda: fh.read(1 << 24), b""):
-            digest.update(block)
-    return f"sha256:{digest.hexdigest()}"
+
+    def digest() -> str:
+        hashed = hashlib.sha256()
+        with open(config.dataset, "rb") as fh:
+            for block in iter(lambda: fh.read(1 << 24), b""):
+                hashed.update(block)
+        return f"sha256:{hashed.hexdigest()}"
+    return from_rank_0(digest)
 
 
-def run_settings(config: TrainConfig, ds_config: dict) -> dict:
+def run_settings(config: TrainConfig, ds_config: dict, base_config_hash: str, targets: list[str]) -> dict:
     """The settings a resume must keep or takes from the checkpoint (the DeepSpeed config's optimizer
-    params, "auto" filled)."""
+    params, "auto" filled); the base model by its config's hash, the targets by name."""
     params = ds_config.get("optimizer", {}).get("params", {})
     settings = {flag: getattr(config, flag) for flag in (*DATA_FLAGS, *SHAPE_FLAGS)}
-    settings["dataset"] = dataset_identity(config)
+    settings.update(dataset=dataset_identity(config), model=base_config_hash, target_modules=targets)
     settings.update({key: params[key] for key in OPTIMIZER_SETTINGS if key in params})
     return json.loads(json.dumps(settings))  # as the checkpoint's JSON holds them (tuples as lists)
 
@@ -55,8 +60,8 @@ def compare_with_checkpoint(saved: dict, now: dict) -> str | None:
     for flags, what in ((DATA_FLAGS, "the data or their order"), (SHAPE_FLAGS, "the trained state")):
         for flag in flags:
             if flag in saved and saved[flag] != now[flag]:
-                shown = ("its contents differ" if flag == "dataset" and looks_like_hash(saved[flag])
-                         else f"it was {saved[flag]!r}, this run has {now[flag]!r}")
+                shown = SUMMARIES.get(flag) if flag != "dataset" or looks_like_hash(saved[flag]) else None
+                shown = shown or f"it was {saved[flag]!r}, this run has {now[flag]!r}"
                 raise ConfigError(f"--resume: --{flag} differs from the checkpoint's run ({shown}), which would "
                                   f"change {what}: resume with the first run's --{flag}, or train anew in another "
                                   "--output_dir")
@@ -67,15 +72,24 @@ def compare_with_checkpoint(saved: dict, now: dict) -> str | None:
             "run's flags ask " + ", ".join(f"{key} {now[key]}" for key in differ) + ")")
 
 
-def with_saved_optimizer(ds_config: dict, settings: dict, saved: dict) -> tuple[dict, dict]:
-    """The DeepSpeed config and run settings with the checkpoint's betas, eps and weight decay, so that every
-    engine of the resumed run (a mask update builds a new one) trains with them."""
+def with_saved_optimizer(config: TrainConfig, ds_config: dict, settings: dict,
+                         saved: dict) -> tuple[TrainConfig, dict, dict]:
+    """The config, DeepSpeed config and run settings with the checkpoint's betas, eps and weight decay, so that
+    every engine of the resumed run (a mask update builds a new one) trains with them and every record of
+    the run (run_config.yaml, the adapter's) says so."""
     kept = {key: saved[key] for key in OPTIMIZER_SETTINGS if key in saved}
     optimizer = ds_config.get("optimizer", {})
     if not optimizer:
-        return ds_config, settings
+        return config, ds_config, settings
     params = {**optimizer.get("params", {}), **kept}
-    return {**ds_config, "optimizer": {**optimizer, "params": params}}, {**settings, **kept}
+    if "weight_decay" in kept:
+        config = replace(config, weight_decay=kept["weight_decay"])
+    return config, {**ds_config, "optimizer": {**optimizer, "params": params}}, {**settings, **kept}
+
+
+# How a difference is said where the values themselves would not help the reader.
+SUMMARIES = {"dataset": "its contents differ", "model": "the base model's config differs",
+             "target_modules": "it targets other modules"}
 
 
 def looks_like_hash(identity) -> bool:

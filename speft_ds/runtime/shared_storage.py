@@ -19,18 +19,20 @@ def check_shared_output_dir(output_dir: str | Path) -> None:
     """Rank 0 writes a file with a fresh token into `output_dir`; every rank reads it back. A ConfigError on
     every rank (a collective) naming the ranks, and their hosts, that cannot see it."""
     out = Path(output_dir)
-    token = [secrets.token_hex(16) if dist.get_rank() == 0 else None]
-    dist.broadcast_object_list(token, src=0)
-    probe = out / f".speft-shared-check-{token[0][:12]}"
+    written = [secrets.token_hex(16), None]  # rank 0's token, or why rank 0 could not write it
     if dist.get_rank() == 0:
-        out.mkdir(parents=True, exist_ok=True)
-        with open(probe, "w") as fh:
-            fh.write(token[0])
-            fh.flush()
-            os.fsync(fh.fileno())
-    dist.barrier()
+        try:
+            _write_durably(_probe(out, written[0]), written[0])
+        except OSError as err:
+            written = [None, f"{type(err).__name__}: {err}"]
+    dist.broadcast_object_list(written, src=0)  # every rank stops together where rank 0 could not write
+    token, failure = written
+    if failure:
+        raise ConfigError(f"--output_dir {out} cannot be written on rank 0 ({failure}): pass a directory the job "
+                          "can write")
+    probe = _probe(out, token)
     try:
-        sees = probe.read_text() == token[0]
+        sees = probe.read_text() == token
     except OSError:
         sees = False
     every = [None] * dist.get_world_size()
@@ -43,3 +45,15 @@ def check_shared_output_dir(output_dir: str | Path) -> None:
         raise ConfigError(f"--output_dir {out} is not one directory for every node: {named} cannot see the file "
                           f"rank 0 ({every[0][1]}) wrote there. Checkpoints need --output_dir on storage every node "
                           "sees (NFS, Lustre, a shared volume)")
+
+
+def _probe(out: Path, token: str) -> Path:
+    return out / f".speft-shared-check-{token[:12]}"
+
+
+def _write_durably(path: Path, text: str) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "w") as fh:
+        fh.write(text)
+        fh.flush()
+        os.fsync(fh.fileno())

@@ -61,8 +61,8 @@ class FoldedDeltas:
         for name, count in layout.items():
             covered = zero3.shard_range(weights[name])
             for i in range(count):
-                idx = point.read_pieces(f"folded/{i}/indices/{name}", *covered)
-                values = point.read_pieces(f"folded/{i}/values/{name}", *covered)
+                idx = point.read_pieces(f"folded/{i}/indices/{name}", *covered) or [torch.zeros(0, dtype=torch.long)]
+                values = point.read_pieces(f"folded/{i}/values/{name}", *covered) or [torch.zeros(0)]
                 part = _inside(covered, torch.cat(idx).long(), torch.cat(values).float())
                 zero3.add_to_shard(weights[name], *part)
                 folded.parts[name].append(part)
@@ -70,11 +70,16 @@ class FoldedDeltas:
 
     def total(self, names: list[str], indices: dict[str, torch.Tensor], values: dict[str, torch.Tensor]
               ) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
-        """Everything folded (gathered from every rank: a collective per folded weight) plus the current
-        deltas: sorted unique indices per layer, values summed."""
+        """Everything folded (gathered from every rank: two collectives per folded weight) plus the current
+        deltas: sorted unique indices per layer, values summed. An index lies in one rank's shard, so its
+        folded values arrive in folding order, as they were added into the base."""
         all_indices, all_values = {}, {}
         for name in names:
-            parts = [(gather_ragged(idx), gather_ragged(v)) for idx, v in self.parts.get(name, [])]
+            parts = []
+            if self.parts.get(name):  # this rank's parts end to end, then every rank's joined in rank order
+                mine = self.parts[name]
+                parts.append((gather_ragged(torch.cat([idx for idx, _ in mine])),
+                              gather_ragged(torch.cat([v for _, v in mine]))))
             parts += [(indices[name].cpu(), values[name].cpu())] if name in indices else []
             if not parts:
                 continue
