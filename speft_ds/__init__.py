@@ -1,9 +1,9 @@
 """speft-ds: salience-aware sparse fine-tuning of LLaMA-family models under DeepSpeed ZeRO-3.
 
-A reader starts at the top: recipe.py (the training recipe, phase by phase), config.py (every flag and its
+A reader starts at the top: recipe.py (the training recipe, phase by phase), config/ (every flag and its
 default), cli.py and train.py (the entry point) and commands/ (the single-process tools). Below them each
 folder imports only from the folders under it: methods/ (SPEFT, LoRA, RoseLoRA), data/, runtime/ (DeepSpeed,
-processes, checkpoints, metrics), models/, and config.py, which imports nothing of the package
+processes, checkpoints, metrics), models/, and config/, which imports nothing of the package
 (docs/architecture.md).
 """
 

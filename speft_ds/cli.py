@@ -12,7 +12,9 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Callable, Sequence
 
+from . import flag_aliases
 from .config import ConfigError, TrainConfig, TrainingError
+from .config.inputs import utf8_problem
 from .runtime.launch_env import local_rank_from_env
 
 
@@ -55,15 +57,31 @@ def closest(name: str, known: Sequence[str]) -> str | None:
 
 class Parser(argparse.ArgumentParser):
     """An ArgumentParser whose usage errors are one-line ConfigErrors (exit code 2 through run_main); an
-    unknown flag names the closest known one, as an unknown --config key does."""
+    unknown flag names the flag it most likely means, as an unknown --config key does. Flags are never
+    abbreviated: `--lr` is no prefix of `--lr_scheduler`."""
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, allow_abbrev=False, **kwargs)
 
     def error(self, message):
         unknown = message.removeprefix("unrecognized arguments: ").split() if message.startswith("unrecognized") else []
         flag = next((token.split("=", 1)[0] for token in unknown if token.startswith("--")), None)
-        guess = flag and closest(flag, [o for o in self._option_string_actions if o.startswith("--")])
+        guess = flag and suggestion(flag, [o.lstrip("-") for o in self._option_string_actions if o.startswith("--")])
         if guess:
-            raise ConfigError(f"unknown flag {flag}: did you mean {guess}? (see --help)")
+            raise ConfigError(f"unknown flag {flag}: did you mean --{guess}? (see --help)")
         raise ConfigError(f"{message}: see --help")
+
+
+def suggestion(name: str, known: Sequence[str]) -> str | None:
+    """The known flag an unknown name most likely means: by what it says (an HF Trainer or LLaMA-Factory name,
+    or a plain one such as lr), then by spelling, among the known flags and those names."""
+    name = name.lstrip("-")
+    meant = flag_aliases.meaning(name)
+    if meant in known:
+        return meant
+    guess = closest(name, [*known, *flag_aliases.known_names()])
+    meant = guess and (flag_aliases.meaning(guess) or guess)
+    return meant if meant in known else None
 
 
 def adapter_tool_parser(description: str) -> Parser:
@@ -77,20 +95,23 @@ def adapter_tool_parser(description: str) -> Parser:
     return parser
 
 
-def parse_config(argv: Sequence[str]) -> tuple[TrainConfig, set[str]]:
+def parse_config(argv: Sequence[str], files: bool = True) -> tuple[TrainConfig, set[str]]:
     """Return the config and the names of the flags the user gave explicitly (on the command line or in
-    the --config file)."""
+    the --config file); `files=False` leaves out the checks of the files the flags name (the planner's)."""
     parser = build_parser()
-    config_file = vars(parser.parse_args(list(argv))).get("config")
+    argv = flag_aliases.translate_argv(list(argv))
+    config_file = vars(parser.parse_args(argv)).get("config")
     # The file's settings become flags ahead of the command line's, so that argparse checks their types and
     # choices the same way and the command line wins.
     file_flags = [token for key, value in read_config_file(config_file).items() if value is not None
                   for token in (f"--{key}", _flag_value(value))] if config_file else []
-    given = vars(parser.parse_args(file_flags + list(argv)))
+    given = vars(parser.parse_args(file_flags + argv))
     given.pop("config", None)
     defaults = {f.name: f.default for f in fields(TrainConfig) if f.default is not MISSING}
     config = TrainConfig(**{**defaults, **given})
-    config.check()
+    # a file (such as a saved run_config.yaml) lists every setting: only the command line's are "given" for
+    # the check of flags another method reads; the file's count where they differ from the default
+    config.check(set(vars(parser.parse_args(argv))) - {"config"}, files=files)
     return config, set(given)
 
 
@@ -100,21 +121,52 @@ def read_config_file(path: str) -> dict:
 
     if not Path(path).is_file():
         raise ConfigError(f"--config {path} does not exist: pass a YAML or JSON file of flag names and values")
+    if problem := utf8_problem(path):
+        raise ConfigError(f"--config {path} {problem}")
     try:
         settings = yaml.safe_load(Path(path).read_text())
     except yaml.YAMLError as err:
         raise ConfigError(f"--config {path} is not valid YAML or JSON ({str(err).splitlines()[0]})") from None
     if not isinstance(settings, dict):
         raise ConfigError(f"--config {path} must map flag names to values, as in `density: 0.01`")
+    settings = flag_aliases.translate_settings(settings)
     names = [f.name for f in fields(TrainConfig)]
     for key, value in settings.items():
         if key not in names:
-            guess = closest(str(key), names)
+            guess = suggestion(str(key), names)
             hint = f"did you mean {guess}?" if guess else "its keys are train.py's flag names (see --help)"
             raise ConfigError(f"--config {path}: unknown key '{key}': {hint}")
-        if isinstance(value, (list, dict)):
+        if isinstance(value, list) and key in LIST_FLAGS and all(isinstance(v, str) for v in value):
+            settings[key] = ",".join(value)  # YAML's list form of a comma-separated flag
+        elif isinstance(value, (list, dict)):
             raise ConfigError(f"--config {path}: {key} must be a single value, as on the command line")
+    _check_relative_paths(path, settings)
+    if settings.get("resume") is True:  # the flag alone: the latest checkpoint
+        settings["resume"] = "latest"
+    elif settings.get("resume") is False:
+        settings["resume"] = None
     return settings
+
+
+# Flags that name files or directories: a relative one is read from the current directory, as on the command line.
+PATH_FLAGS = ("model", "dataset", "eval_dataset", "ds_config", "eval_task", "retention_text", "fisher_text")
+
+
+def _check_relative_paths(path: str, settings: dict) -> None:
+    """A relative path in a --config file means what it means on the command line (the current directory, as
+    HF Trainer and LLaMA-Factory read it); where it is missing there but present beside the file, say so."""
+    beside = Path(path).resolve().parent
+    for key in PATH_FLAGS:
+        for value in str(settings.get(key) or "").split(","):
+            value = value.strip()
+            if value and not Path(value).is_absolute() and not Path(value).exists() and (beside / value).exists():
+                raise ConfigError(f"--config {path}: {key} {value} is read from the current directory "
+                                  f"({Path.cwd()}), where it is not; it is beside the config file: give "
+                                  f"{beside / value}, or run from {beside}")
+
+
+# Flags whose value is a comma-separated list, which a --config file may give as a YAML list.
+LIST_FLAGS = ("target_modules", "report_to")
 
 
 def _flag_value(value) -> str:
@@ -145,6 +197,18 @@ def record_resume(config: TrainConfig, path: Path, tag: str, world_size: int) ->
     with path.open("a") as fh:
         fh.write(f"# resumed {when} from checkpoints/{tag} on {world_size} rank{'s' * (world_size > 1)}"
                  + (f"; settings that differ: {', '.join(differ)}" if differ else "") + "\n")
+
+
+def default_lines(explicit: set[str]) -> list[str]:
+    """A line for each of --model and --dataset left to its default, naming what the job uses instead."""
+    from .config import DEFAULT_MODEL, EMBEDDED_DATASET
+
+    lines = []
+    if "model" not in explicit:
+        lines.append(f"speft-ds: no --model given: the default, SmolLM2-135M-Instruct ({DEFAULT_MODEL})")
+    if "dataset" not in explicit:
+        lines.append(f"speft-ds: no --dataset given: the embedded arithmetic problems ({EMBEDDED_DATASET})")
+    return lines
 
 
 def is_reporting_rank() -> bool:

@@ -21,10 +21,10 @@ from transformers import get_scheduler
 from . import methods
 from .cli import record_resume, write_run_config
 from .config import ConfigError, TrainConfig, TrainingError, tracker_names
-from .data.batches import (collate, load_raw_dataset, model_inputs, pack, pad_token_id, rank_batches, tokenize_dataset,
-                           train_eval_split, train_micro_batches)
+from .data.batches import collate, model_inputs, pack, pad_token_id, rank_batches, train_micro_batches
 from .data.losses import causal_lm_loss_sum
 from .data.retention import retention_rows, score_retention
+from .data.sources import training_and_eval_sets
 from .data.task_eval import Task, evaluate_task, load_task
 from .methods.adapter_files import base_config_hash
 from .methods.base import Method, RunContext
@@ -33,7 +33,7 @@ from .models.loading import check_backends, find_targets, load_model, load_model
 from .runtime import checkpoint, resume_checks, zero3
 from .runtime.distributed import (block_memory, device, init_distributed, leave_process_group, naming_lost_ranks,
                                   release_freed_memory, sum_over_ranks)
-from .runtime.ds_config import fill_auto, read_ds_config, reconcile, resolve_bf16
+from .runtime.ds_config import compute_dtype, fill_auto, read_ds_config, reconcile, resolve_bf16
 from .runtime.launch_env import world_size_from_env
 from .runtime.metrics_log import MetricsLog, log_memory
 from .runtime.shared_storage import check_shared_output_dir
@@ -57,7 +57,7 @@ class Plan:
     eval_task: Task | None
     tokenizer: object
     train_set: object
-    eval_set: object
+    eval_set: object  # None: no eval loss (--val_size 0 without --eval_dataset)
     retention_rows: list | None  # --retention_text cut into rows
     resume_notes: list[str]  # what a resume took from the checkpoint or changed, for rank 0 to print
     run_settings: dict | None  # what a resume of this run must keep (saved in every checkpoint)
@@ -77,6 +77,11 @@ def _check_output_dir(config: TrainConfig) -> None:
     kept = (out / "adapter",) if config.resume else (out / "adapter", out / "metrics.jsonl")
     existing = [p.name for p in kept if p.exists()]
     if existing and not config.overwrite_output_dir:
+        interrupted = not config.resume and (out / "checkpoints" / "latest").is_file() and not (out / "adapter").exists()
+        if interrupted:
+            raise ConfigError(f"--output_dir {out} holds a run that stopped before its end (checkpoints up to "
+                              f"{(out / 'checkpoints' / 'latest').read_text().strip()}): pass --resume to continue "
+                              "it, or another --output_dir (or --overwrite_output_dir) to start anew")
         raise ConfigError(f"--output_dir {out} already holds {', '.join(existing)}: choose another directory "
                           "or pass --overwrite_output_dir")
 
@@ -110,19 +115,21 @@ def plan_run(config: TrainConfig, explicit: set[str]) -> Plan:
             method_class.randomness_per_micro_batch(config) + resume_checks.model_dropout(model_config))
         resume_notes += [note] if note else []
     method = method_class(config)
-    method.plan(model_config, skeleton, target_shapes, ds_config, world_size, bf16, accelerator)
+    # the memory plan counts two-byte weights and activations for either half precision
+    method.plan(model_config, skeleton, target_shapes, ds_config, world_size, bf16 or config.fp16, accelerator)
 
     tokenizer = load_tokenizer(config)
-    train_set, eval_set = train_eval_split(tokenize_dataset(load_raw_dataset(config), tokenizer, config),
-                                           config.val_size, config.seed)
+    train_set, eval_set = training_and_eval_sets(config, tokenizer)
     if config.packing:  # each split on its own, so no held-out text shares a row with training text
-        train_set, eval_set = pack(train_set, config.seq_len), pack(eval_set, config.seq_len)
+        train_set = pack(train_set, config.seq_len)
+        eval_set = pack(eval_set, config.seq_len) if eval_set is not None else None
     retention = retention_rows(config.retention_text, tokenizer, config.seq_len) if config.retention_text else None
     steps_per_epoch = len(train_set) // (config.micro_batch_size * world_size) // config.gradient_accumulation_steps
     if steps_per_epoch == 0:
         raise ConfigError(f"{len(train_set)} training examples make no full step of micro_batch_size x "
                           f"gradient_accumulation_steps x {world_size} ranks: use a smaller batch or more data")
     total_steps = config.max_steps if config.max_steps > 0 else max(1, int(config.epochs * steps_per_epoch))
+    config = _warmup(config, total_steps)
     ds_config = fill_auto(ds_config, config, world_size=world_size, hidden_size=model_config.hidden_size,
                           total_steps=total_steps, bf16=bf16)
     settings = (resume_checks.run_settings(config, ds_config, base_config_hash(model_config), list(target_shapes))
@@ -134,6 +141,16 @@ def plan_run(config: TrainConfig, explicit: set[str]) -> Plan:
         config, ds_config, settings = resume_checks.with_saved_optimizer(config, ds_config, settings, saved)
     return Plan(config, ds_config, bf16, method, target_shapes, resume_from, base_config_hash(model_config),
                 total_steps, eval_task, tokenizer, train_set, eval_set, retention, resume_notes, settings)
+
+
+def _warmup(config: TrainConfig, total_steps: int) -> TrainConfig:
+    """--warmup_ratio as steps (rounded up, as HF Trainer does); a warm-up longer than the run refused."""
+    if config.warmup_ratio:
+        config = replace(config, warmup_steps=math.ceil(config.warmup_ratio * total_steps))
+    if config.warmup_steps > total_steps:
+        raise ConfigError(f"--warmup_steps {config.warmup_steps} is longer than the run ({total_steps} steps): lower "
+                          "it, or give the warm-up as a fraction with --warmup_ratio")
+    return config
 
 
 def micro_batch_stream(plan: Plan, rank: int, world_size: int):
@@ -252,7 +269,7 @@ def score_run(engine, plan: Plan, log: MetricsLog, step: int, when: str, method:
     part): the eval loss (not before: it is the task's loss the run learns), task accuracy and retention,
     then their wall time as one record."""
     started = time.perf_counter()
-    if when != "before":
+    if when != "before" and plan.eval_set is not None:
         log.write({"event": "eval", "step": step, "examples": len(plan.eval_set),
                    "eval_loss": evaluate(engine, plan, dist.get_rank(), dist.get_world_size())})
     if plan.eval_task:
@@ -286,7 +303,7 @@ def run(plan: Plan) -> RunResult:
 
     ctx = RunContext(plan, log, rank, world_size, start_memory=log_memory(log, "start"))
     started = time.perf_counter()
-    model, hf_ds_config = load_model(config, plan.ds_config, torch.bfloat16 if plan.bf16 else torch.float32)
+    model, hf_ds_config = load_model(config, plan.ds_config, compute_dtype(config, plan.bf16))
     log.write({"event": "load", "wall_time_s": time.perf_counter() - started})
     log_memory(log, "load")
     start = point.step if point else 0

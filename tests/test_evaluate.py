@@ -97,9 +97,10 @@ def trained(request, tmp_path_factory):
     env = {**os.environ, "DS_ACCELERATOR": "cpu"}
     train = subprocess.run(["deepspeed", "--num_gpus", "2", "--master_port", str(free_port()), "launch/train.py",
                             "--model", str(model_dir), "--dataset", str(dataset), "--output_dir", str(out),
-                            "--max_steps", "4", "--micro_batch_size", "2", "--seq_len", "48", "--density", "0.05",
-                            "--calibration_examples", "8", "--val_size", "0.1", "--learning_rate", "3e-2",
-                            "--peft", request.param, "--lora_r", "4"],
+                            "--max_steps", "4", "--micro_batch_size", "2", "--seq_len", "48", "--val_size", "0.1",
+                            "--learning_rate", "3e-2", "--peft", request.param,
+                            *(["--density", "0.05", "--calibration_examples", "8"] if request.param == "speft"
+                              else ["--lora_r", "4"])],
                            cwd=REPO, capture_output=True, text=True, env=env, timeout=600)
     assert train.returncode == 0, train.stderr[-3000:]
     merged = root / "merged"
@@ -115,7 +116,7 @@ def trained(request, tmp_path_factory):
 def _evaluate(trained, task: str, ranks: int, model: str = "model", adapter: bool = True) -> dict:
     output = trained["root"] / f"{task}-{ranks}-{model}-{adapter}.json"
     args = ["--model", str(trained[model]), "--task", str(trained["tasks"][task]), "--output", str(output),
-            "--max_new_tokens", str(MAX_NEW), *(["--adapter", str(trained["adapter"])] if adapter else [])]
+            "--overwrite", "--max_new_tokens", str(MAX_NEW), *(["--adapter", str(trained["adapter"])] if adapter else [])]
     launcher = ([sys.executable] if ranks == 1 else
                 ["deepspeed", "--num_gpus", str(ranks), "--master_port", str(free_port())])
     proc = subprocess.run([*launcher, "launch/evaluate.py", *args], cwd=REPO, capture_output=True, text=True,

@@ -19,7 +19,8 @@ import torch
 from transformers import AutoModelForCausalLM
 
 from speft_ds.config import TrainConfig
-from speft_ds.data.batches import load_raw_dataset, tokenize_dataset
+from speft_ds.data.batches import tokenize_dataset
+from speft_ds.data.sources import load_raw_dataset
 from speft_ds.methods.speft.adapter_format import read_adapter
 from speft_ds.models.loading import load_tokenizer
 from speft_ds.runtime.distributed import free_port

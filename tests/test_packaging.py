@@ -79,4 +79,4 @@ def test_the_wheel_installs_and_trains_from_outside_the_checkout(tmp_path):
     # The console scripts point into the installed package.
     plan = subprocess.run([str(tmp_path / "venv" / "bin" / "speft-plan"), "--model", "llama-7b", "--world_size", "8"],
                           cwd=work, env=env, capture_output=True, text=True, timeout=120)
-    assert plan.returncode == 0 and plan.stdout.startswith("llama-7b: 6.74B parameters"), plan.stderr
+    assert plan.returncode == 0 and plan.stdout.startswith("model llama-7b: 6.74B parameters"), plan.stderr

@@ -32,11 +32,13 @@ STEPS, SAVE_EVERY = 8, 2
 MICRO_BATCH, ACCUMULATION = 2, 2
 SPEFT_FLAGS = ("--mask_update_steps", "4", "--mask_update", "drop_regrow", "--regrow_fraction", "0.25")
 # RoseLoRA prunes from step 3 on: a kill after the step-2 checkpoint resumes into the schedule
-LORA_FLAGS = ("--lora_r", "4", "--rose_start", "0.25", "--rose_end", "0.75", "--rose_sparsity", "0.75")
+LORA_FLAGS = ("--lora_r", "4")
+ROSE_FLAGS = (*LORA_FLAGS, "--rose_start", "0.25", "--rose_end", "0.75", "--rose_sparsity", "0.75")
 # The runs by name: the method and its flags ("speft-scaled": a static mask trained as scales x values).
 # LoRA trains with dropout: a resume that did not restore the RNG states would draw other masks.
-RUNS = {"speft": ("speft", SPEFT_FLAGS), "speft-scaled": ("speft", ("--delta_scaling", "input_channel")),
-        "lora": ("lora", (*LORA_FLAGS, "--lora_dropout", "0.1")), "roselora": ("roselora", LORA_FLAGS)}
+MASK = ("--calibration_examples", "16", "--density", "0.05")
+RUNS = {"speft": ("speft", (*MASK, *SPEFT_FLAGS)), "speft-scaled": ("speft", (*MASK, "--delta_scaling", "input_channel")),
+        "lora": ("lora", (*LORA_FLAGS, "--lora_dropout", "0.1")), "roselora": ("roselora", ROSE_FLAGS)}
 
 
 @pytest.fixture(scope="module")
@@ -54,7 +56,7 @@ def _command(model_dir: Path, dataset: Path, out: Path, *extra: str, peft: str =
             "--model", str(model_dir), "--dataset", str(dataset), "--output_dir", str(out),
             "--max_steps", str(STEPS), "--save_steps", str(SAVE_EVERY), "--micro_batch_size", str(MICRO_BATCH),
             "--gradient_accumulation_steps", str(accumulation),
-            "--learning_rate", "1e-2", "--warmup_steps", "2", "--calibration_examples", "16", "--density", "0.05",
+            "--learning_rate", "1e-2", "--warmup_steps", "2",
             "--seq_len", "48", "--logging_steps", "1", "--val_size", "0.1", "--peft", RUNS[peft][0],
             *RUNS[peft][1], *extra]
 

@@ -181,7 +181,8 @@ def main() -> int:
         torch.cuda.set_per_process_memory_fraction(
             min(1.0, args.memory_cap_gib * 2**30 / torch.cuda.get_device_properties(local).total_memory), local)
     recipe_method = args.method in ("speft", "lora", "roselora")
-    peft_flags = ["--peft", args.method, "--lora_r", str(args.lora_r)] if recipe_method else []
+    peft_flags = ["--peft", args.method] if recipe_method else []
+    peft_flags += ["--lora_r", str(args.lora_r)] if args.method in ("lora", "roselora") else []
     config, explicit = parse_config([a for a in train_argv if a != "--"] + peft_flags)
     plan = plan_run(config, explicit)
     started = time.perf_counter()

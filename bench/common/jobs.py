@@ -53,7 +53,9 @@ class Runs:
                    "--mask", str(self.work / f"speft-{tag}" / "adapter"), "--",
                    "--model", str(model_dir), "--dataset", str(self.dataset), "--text_field", "text",
                    "--seq_len", str(SEQ_LEN), "--micro_batch_size", str(MICRO_BATCH),
-                   "--calibration_examples", str(CALIBRATION), "--density", str(density),
+                   # the mask's size and calibration: SPEFT's flags (LoRA's size is --lora_r above)
+                   *([] if method in ("lora", "roselora") else ["--calibration_examples", str(CALIBRATION),
+                                                                "--density", str(density)]),
                    "--max_steps", str(WARMUP + STEPS), "--logging_steps", "1", "--val_size", "0.1",
                    "--learning_rate", "1e-3", "--output_dir", str(out), "--overwrite_output_dir", *flags]
         if method == "paper":  # trains the mask SPEFT selected

@@ -75,7 +75,9 @@ def run_job(name: str, method: str, flags: list[str], s: dict, model: Path, data
     tag = name.lower().replace(" ", "-").replace(",", "").replace("(", "").replace(")", "")
     _, in_plus_out = target_sizes(model)
     rank = ["--lora_r", str(s["lora_r"])] if method == "lora" else []  # the worker's flag
-    k = [] if method == "lora" else ["--num_trainable", str(s["lora_r"] * in_plus_out)]  # SPEFT's, the same count
+    # SPEFT's, the same count, and its calibration set
+    k = [] if method == "lora" else ["--num_trainable", str(s["lora_r"] * in_plus_out), "--calibration_examples",
+                                     str(s["calibration"])]
     result, log = work / f"{tag}.json", work / f"{tag}.log"
     command = ["deepspeed", "--num_gpus", "1", "--master_port", str(free_port()), "bench/common/compare_worker.py",
                "--method", method, "--result", str(result), "--warmup_steps_excluded", "1",
@@ -84,7 +86,7 @@ def run_job(name: str, method: str, flags: list[str], s: dict, model: Path, data
                "--model", str(model), "--dataset", str(data), "--text_field", "text", "--packing",
                "--seq_len", str(s["seq_len"]), "--micro_batch_size", str(s["micro_batch"]),
                "--max_steps", str(s["steps"]), "--logging_steps", "1", "--learning_rate", "1e-4",
-               "--calibration_examples", str(s["calibration"]), "--gradient_checkpointing", "--val_size", "0.05",
+               "--gradient_checkpointing", "--val_size", "0.05",
                "--eval_task", "none", "--output_dir", str(work / tag), "--overwrite_output_dir",
                *s["precision"], *s["flags"], *k, *flags]
     started = time.perf_counter()

@@ -23,7 +23,8 @@ from transformers import AutoModelForCausalLM  # noqa: E402
 
 from bench.common.random_llama import LLAMA_124M, write_long_texts, write_random_model  # noqa: E402
 from speft_ds.config import TrainConfig  # noqa: E402
-from speft_ds.data.batches import load_raw_dataset, pad_token_id, rank_batches, tokenize_dataset  # noqa: E402
+from speft_ds.data.batches import pad_token_id, rank_batches, tokenize_dataset  # noqa: E402
+from speft_ds.data.sources import load_raw_dataset  # noqa: E402
 from speft_ds.methods.speft import shard_grads  # noqa: E402
 from speft_ds.methods.speft.salience import ShardScores  # noqa: E402
 from speft_ds.methods.speft.selection import num_to_select, select_global  # noqa: E402

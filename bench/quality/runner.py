@@ -103,6 +103,7 @@ def run_test(cell: Cell) -> dict:
         return record
     files = write_task(cell.task, WORK / "tasks")
     output = WORK / f"{cell.tag}-test.json"
+    output.unlink(missing_ok=True)  # a scoring stopped before its record: scored again
     proc = _deepspeed("launch/evaluate.py", "--model", _model(), "--task", str(files.test), "--output", str(output),
                       *([] if cell.method == "base" else ["--adapter", str(adapter)]))
     if proc.returncode != 0:

@@ -22,7 +22,9 @@ def _parser() -> Parser:
                         help="Adapter directory to apply, unmerged (SPEFT, or LoRA in PEFT's format).")
     parser.add_argument("--task", required=True, help="Task .jsonl: prompt + answer (generation) or prompt + choices "
                                                       "+ label (multiple choice).")
-    parser.add_argument("--output", default=None, help="Write the result (with every prediction) to this JSON file.")
+    parser.add_argument("--output", default=None, help="Write the result (with every prediction) to this JSON file "
+                                                       "(refused where it exists, unless --overwrite).")
+    parser.add_argument("--overwrite", action="store_true", help="Replace an existing --output file.")
     parser.add_argument("--max_new_tokens", type=int, default=DEFAULT_MAX_NEW_TOKENS)
     parser.add_argument("--ds_config", default=str(SHIPPED_DS_CONFIG), help="ZeRO-3 config, for several ranks.")
     parser.add_argument("--trust_remote_code", action="store_true")
@@ -85,6 +87,8 @@ def main(argv: Sequence[str]) -> int:
         raise ConfigError(f"--adapter {args.adapter} is not an adapter directory (no adapter_config.json)")
     if args.max_new_tokens < 1:
         raise ConfigError(f"--max_new_tokens must be >= 1, got {args.max_new_tokens}")
+    if args.output and Path(args.output).exists() and not args.overwrite:
+        raise ConfigError(f"--output {args.output} exists: pass another file, or --overwrite to replace it")
     model_dir = resolve_model(args.model)
     if not Path(model_dir, "config.json").is_file():
         raise ConfigError(f"--model {args.model} is not a model directory (no config.json) or a .gguf file")

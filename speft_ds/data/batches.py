@@ -1,65 +1,14 @@
-"""Datasets: loading, tokenisation, the held-out split, the calibration subset and per-rank batches."""
+"""Examples as token ids: tokenisation of each layout, the held-out split, packing, the calibration subset and
+per-rank batches (sources.py reads the datasets)."""
 
 from __future__ import annotations
-
-import json
-from pathlib import Path
 
 import datasets
 import torch
 
-from ..config import LOCAL_DATA_SUFFIXES, ConfigError, TrainConfig, looks_like_local_file
+from ..config import ConfigError, TrainConfig
+from .chat import as_messages, chat_ids_and_labels, use_template
 from .losses import IGNORE_INDEX
-
-
-def load_raw_dataset(config: TrainConfig) -> datasets.Dataset:
-    # Every rank loads before the process group exists, so the library's own bars would print N times.
-    datasets.disable_progress_bars()
-    if looks_like_local_file(config.dataset):
-        builder = LOCAL_DATA_SUFFIXES[Path(config.dataset).suffix.lower()]
-        try:
-            ds = datasets.load_dataset(builder, data_files=config.dataset, split="train", keep_in_memory=True)
-        except Exception as err:  # datasets raises many types for a malformed file
-            broken = first_broken_json_line(Path(config.dataset)) if builder == "json" else None
-            if broken:
-                raise ConfigError(f"--dataset {config.dataset}, line {broken[0]}: not JSON ({broken[1]}): fix that "
-                                  "line") from None
-            raise ConfigError(f"--dataset {config.dataset} could not be read ({type(err).__name__}: "
-                              f"{str(err).splitlines()[0] if str(err) else ''}): check the file format") from None
-    else:
-        try:
-            ds = datasets.load_dataset(config.dataset, split="train")
-        except Exception as err:
-            raise ConfigError(f"--dataset {config.dataset} is neither a local .jsonl/.json/.parquet/.csv file nor a "
-                              f"dataset `datasets.load_dataset` can load ({type(err).__name__}): pass a local file") from None
-    missing = [name for name in LAYOUT_FIELDS[layout(ds.column_names, config)](config) if name not in ds.column_names]
-    if missing:
-        raise ConfigError(f"--dataset {config.dataset} has no field {', '.join(missing)} (fields: "
-                          f"{', '.join(ds.column_names)}): pass --text_field, --messages_field or "
-                          "--prompt_field/--response_field")
-    if len(ds) < 2:
-        raise ConfigError(f"--dataset {config.dataset} has {len(ds)} examples: at least 2 are needed")
-    return ds
-
-
-def first_broken_json_line(path: Path) -> tuple[int, str] | None:
-    """(1-based line, why) of the first line that is not JSON in a JSON-lines file, or of the error in a
-    file holding one JSON document (an array); None where the file parses. Called once reading failed, so
-    a good file is parsed once, by datasets."""
-    text = path.read_text(errors="replace")
-    if text.lstrip().startswith("["):
-        try:
-            json.loads(text)
-        except json.JSONDecodeError as err:
-            return err.lineno, err.msg
-        return None
-    for number, line in enumerate(text.splitlines(), start=1):
-        if line.strip():
-            try:
-                json.loads(line)
-            except json.JSONDecodeError as err:
-                return number, err.msg
-    return None
 
 
 def prompt_ids(tokenizer, text: str) -> list[int]:
@@ -97,33 +46,13 @@ def alpaca_prompt(example: dict) -> str:
                                 input=f"### Input:\n{extra}\n\n" if extra else "")
 
 
-def chat_ids_and_labels(tokenizer, messages: list[dict]) -> tuple[list[int], list[int]]:
-    """A conversation through the tokenizer's chat template, with labels on the assistant turns only (each
-    turn's text and the template's end-of-turn tokens after it)."""
-    def render(turns: list[dict], **kwargs) -> str:
-        return tokenizer.apply_chat_template(turns, tokenize=False, **kwargs)
-
-    text = render(messages)
-    spans = []  # character ranges of the assistant turns in the rendered conversation
-    for i, message in enumerate(messages):
-        if message["role"] == "assistant":
-            through_turn = render(messages[:i + 1])
-            if not text.startswith(through_turn):
-                raise ConfigError("the chat template renders earlier turns differently once later ones follow, so "
-                                  "the assistant turns cannot be located: use a template without that rewriting")
-            spans.append((len(render(messages[:i], add_generation_prompt=True)), len(through_turn)))
-    encoded = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True, verbose=False)
-    labels = [token if any(start <= first < end for start, end in spans) else IGNORE_INDEX
-              for token, (first, _) in zip(encoded["input_ids"], encoded["offset_mapping"])]
-    return encoded["input_ids"], labels
-
-
 def tokenize_example(example: dict, tokenizer, config: TrainConfig) -> dict:
     """input_ids and labels; labels are -100 where no loss is taken (prompts, non-assistant turns)."""
     eos = [tokenizer.eos_token_id] if tokenizer.eos_token_id is not None else []
     kind = layout(example.keys(), config)
     if kind == "messages":
-        ids, labels = chat_ids_and_labels(tokenizer, example[config.messages_field])
+        ids, labels = chat_ids_and_labels(tokenizer, as_messages(example[config.messages_field],
+                                                                 f"example's {config.messages_field}"))
     elif kind == "text":
         ids = prompt_ids(tokenizer, example[config.text_field]) + eos
         labels = list(ids)
@@ -137,24 +66,22 @@ def tokenize_example(example: dict, tokenizer, config: TrainConfig) -> dict:
     return {"input_ids": ids[: config.seq_len], "labels": labels[: config.seq_len]}
 
 
-def tokenize_dataset(raw: datasets.Dataset, tokenizer, config: TrainConfig) -> datasets.Dataset:
+def tokenize_dataset(raw: datasets.Dataset, tokenizer, config: TrainConfig, source: str | None = None
+                     ) -> datasets.Dataset:
+    """Every example of `raw` (read from `source`, --dataset by default) as input_ids and labels."""
+    source = source or config.dataset
     if config.messages_field:
-        if not tokenizer.chat_template:
-            raise ConfigError(f"--messages_field needs a chat template, and {config.model}'s tokenizer has none: "
-                              "use a chat model or set chat_template in its tokenizer_config.json")
+        use_template(tokenizer, config.chat_template, config.model)
         if not tokenizer.is_fast:
             raise ConfigError("--messages_field locates assistant turns by character offsets, which need a fast "
                               "(tokenizers) tokenizer")
         for row, messages in enumerate(raw[config.messages_field]):
-            if not (isinstance(messages, list) and messages and all(
-                    isinstance(m, dict) and {"role", "content"} <= set(m) for m in messages)):
-                raise ConfigError(f"--dataset {config.dataset}: example {row}'s {config.messages_field} is not a list "
-                                  "of {role, content} messages")
+            as_messages(messages, f"--dataset {source}: example {row}'s {config.messages_field}")
     tokenized = raw.map(tokenize_example, fn_kwargs={"tokenizer": tokenizer, "config": config},
                         remove_columns=raw.column_names, keep_in_memory=True, load_from_cache_file=False)
     # Caught here, before any weights load: otherwise every method would train on a loss of 0 / 0.
     if not any(label != IGNORE_INDEX for labels in tokenized["labels"] for label in labels):
-        raise ConfigError(f"--dataset {config.dataset}: no example keeps a loss token within --seq_len "
+        raise ConfigError(f"--dataset {source}: no example keeps a loss token within --seq_len "
                           f"{config.seq_len} (every response is cut off or missing): raise --seq_len or shorten the prompts")
     return tokenized
 

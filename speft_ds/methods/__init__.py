@@ -5,7 +5,7 @@ adapter file through `read_adapter`, which tells the formats apart by adapter_co
 
 Beside the folders: base.py (the interface), adapters.py (reading, applying and merging either adapter format)
 and adapter_files.py (what every method's adapter directory shares: file names, base checks, the rename into
-place). This folder and its subfolders may import config.py, models/, runtime/ and data/, never commands/ or
+place). This folder and its subfolders may import config/, models/, runtime/ and data/, never commands/ or
 the top-level modules (recipe.py, cli.py, train.py).
 """
 
@@ -37,7 +37,7 @@ def adapter_type(path: str | Path) -> str:
     """SPEFT or LORA (RoseLoRA's adapters are LoRA files), from adapter_config.json."""
     config = Path(path) / "adapter_config.json"
     try:
-        peft_type = json.loads(config.read_text()).get("peft_type")
+        peft_type = str(json.loads(config.read_text()).get("peft_type")).split(":")[0]  # SPEFT's says more after
     except (OSError, json.JSONDecodeError):
         raise ConfigError(f"{path} is not an adapter directory (no readable adapter_config.json)") from None
     if peft_type not in ("SPEFT", "LORA"):

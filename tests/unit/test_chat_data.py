@@ -10,7 +10,8 @@ import pytest
 from transformers import AutoTokenizer
 
 from speft_ds.config import EMBEDDED_MODEL, ConfigError, TrainConfig
-from speft_ds.data.batches import load_raw_dataset, tokenize_dataset, tokenize_example
+from speft_ds.data.batches import tokenize_dataset, tokenize_example
+from speft_ds.data.sources import load_raw_dataset
 
 IGNORE = -100
 # ChatML, as SmolLM2 and Qwen write it (no default system turn, so the layout below is the whole text).
@@ -69,10 +70,11 @@ def test_a_dataset_of_conversations_needs_a_chat_template_and_well_formed_messag
     assert len(tokenized) == 4 and tokenized[0] == tokenize_example({"messages": CONVERSATION}, tokenizer, config)
 
     plain = AutoTokenizer.from_pretrained(EMBEDDED_MODEL)  # the tiny model's own tokenizer has no chat template
-    with pytest.raises(ConfigError, match="needs a chat template"):
+    with pytest.raises(ConfigError, match="needs a chat template.*pass --chat_template"):
         tokenize_dataset(load_raw_dataset(config), plain, config)
     path.write_text(json.dumps({"messages": [{"role": "user"}]}) + "\n" + json.dumps({"messages": CONVERSATION}) + "\n")
-    with pytest.raises(ConfigError, match="example 0's messages is not a list of {role, content} messages"):
+    with pytest.raises(ConfigError, match="example 0's messages has a message that is neither {role, content} nor "
+                                          "ShareGPT's {from, value}"):
         tokenize_dataset(load_raw_dataset(config), tokenizer, config)
     with pytest.raises(ConfigError, match="pass one"):
         TrainConfig(model=str(EMBEDDED_MODEL), messages_field="messages", text_field="text").check()
@@ -95,3 +97,34 @@ def test_alpaca_fields_are_recognised_and_only_the_output_is_trained(tmp_path, t
     response_ids = tokenizer.encode("5", add_special_tokens=False) + [tokenizer.eos_token_id]
     assert out["input_ids"] == prompt_ids + response_ids
     assert out["labels"] == [IGNORE] * len(prompt_ids) + response_ids
+
+
+SHAREGPT = {"system": "system", "user": "human", "assistant": "gpt"}
+
+
+def test_sharegpt_messages_train_as_their_openai_twins(tokenizer):
+    config = TrainConfig(messages_field="conversations", seq_len=4096)
+    sharegpt = [{"from": SHAREGPT[m["role"]], "value": m["content"]} for m in CONVERSATION]
+    openai = tokenize_example({"conversations": CONVERSATION}, tokenizer, config)
+    assert tokenize_example({"conversations": sharegpt}, tokenizer, config) == openai
+
+
+def test_a_named_template_needs_no_new_tokens_and_one_that_would_is_refused(tmp_path):
+    plain = AutoTokenizer.from_pretrained(EMBEDDED_MODEL)  # no chat template, no ChatML markers
+    path = tmp_path / "chat.jsonl"
+    path.write_text("".join(json.dumps({"messages": CONVERSATION}) + "\n" for _ in range(3)))
+    config = TrainConfig(model=str(EMBEDDED_MODEL), dataset=str(path), messages_field="messages", seq_len=4096,
+                         chat_template="alpaca")
+    out = tokenize_dataset(load_raw_dataset(config), plain, config)[0]
+    eos = plain.eos_token
+    turns = ["You add numbers.\n\n", "### Instruction:\nWhat is 2 + 3?\n\n", f"### Response:\n2 + 3 = 5.{eos}\n\n",
+             "### Instruction:\nAnd 4 + 4?\n\n", f"### Response:\n4 + 4 = 8.{eos}\n\n"]
+    text = "".join(turns)
+    spans = [(len("".join(turns[:i])) + len("### Response:\n"), len("".join(turns[:i + 1]))) for i in (2, 4)]
+    encoded = plain(text, add_special_tokens=False, return_offsets_mapping=True)
+    assert out["input_ids"] == encoded["input_ids"]
+    assert out["labels"] == [token if any(a <= first < b for a, b in spans) else IGNORE
+                             for token, (first, _) in zip(encoded["input_ids"], encoded["offset_mapping"])]
+    chatml = TrainConfig(model=str(EMBEDDED_MODEL), dataset=str(path), messages_field="messages", chat_template="chatml")
+    with pytest.raises(ConfigError, match=r"--chat_template chatml needs <\|im_start\|>, <\|im_end\|> as tokens"):
+        tokenize_dataset(load_raw_dataset(chatml), AutoTokenizer.from_pretrained(EMBEDDED_MODEL), chatml)

@@ -9,7 +9,8 @@ from transformers import AutoTokenizer
 
 from speft_ds.config import EMBEDDED_MODEL, TrainConfig
 from speft_ds.config import ConfigError
-from speft_ds.data.batches import (load_raw_dataset, rank_batches, tokenize_example, train_eval_split,
+from speft_ds.data.sources import load_raw_dataset
+from speft_ds.data.batches import (rank_batches, tokenize_example, train_eval_split,
                                    train_micro_batches)
 
 IGNORE = -100

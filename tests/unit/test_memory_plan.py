@@ -128,7 +128,7 @@ def test_the_cli_prints_both_phases(tmp_path):
                            "--quantize", "nf4", "--ds_config", "ds_configs/z3_cluster.json"],
                           cwd=REPO, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-2000:]
-    assert "salience (per rank)" in proc.stdout and "training (per rank)" in proc.stdout
+    assert "salience (accelerator, per rank)" in proc.stdout and "training (accelerator, per rank)" in proc.stdout
     assert "whole quantized base" in proc.stdout
     chosen = subprocess.run([sys.executable, "launch/plan.py", "--model", "llama-7b", "--world_size", "1", "--quantize",
                              "nf4", "--gradient_checkpointing", "--max_memory_gib", "22.3", "--salience_offload", "none"],

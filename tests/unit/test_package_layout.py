@@ -214,7 +214,9 @@ def test_the_graph_sees_the_imports(graph):
     assert {"speft_ds.runtime.zero3", "speft_ds.methods.speft.masks"} <= graph["speft_ds.methods.speft.method"]
     assert "speft_ds.models.bnb_weights" in graph["speft_ds.runtime.zero3"]
     assert "speft_ds.methods.adapters" in graph["speft_ds"]  # imported inside __getattr__
-    assert graph["speft_ds.config"] == set()
+    config = {name for name in graph if name == "speft_ds.config" or name.startswith("speft_ds.config.")}
+    assert {"speft_ds.config.settings", "speft_ds.config.errors"} <= graph["speft_ds.config"]
+    assert all(graph[name] <= config for name in config)  # the lowest floor imports nothing else of the package
 
 
 def test_zero3_is_the_one_door_to_deepspeed_internals():

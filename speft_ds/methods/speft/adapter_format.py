@@ -37,6 +37,12 @@ def inject_sparse_deltas(model: nn.Module, indices: dict[str, torch.Tensor],
     return layers
 
 
+# adapter_config.json's peft_type: "SPEFT", then what PeftModel.from_pretrained shows in the KeyError it raises
+# for a type it does not know (PEFT offers no way to register one outside its own enum of types).
+PEFT_TYPE = ("SPEFT: a speft-ds adapter (sparse deltas), which PEFT cannot load: load it with "
+             "speft_ds.load_adapter(model, path), or merge it into the base with speft-merge")
+
+
 class AdapterWriter(StreamedAdapter):
     """A SPEFT adapter directory written module by module (StreamedAdapter): each module's indices and
     values as they come; adapter_config.json and the rename into place with `finish`."""
@@ -51,7 +57,7 @@ class AdapterWriter(StreamedAdapter):
         self.add_tensor(f"{name}.values", values)
 
     def finish(self, meta: dict) -> None:
-        adapter_config = {"peft_type": "SPEFT", **meta, "k": sum(self.counts.values()),
+        adapter_config = {"peft_type": PEFT_TYPE, **meta, "k": sum(self.counts.values()),
                           "shapes": {name: self.shapes[name] for name in self.counts}, "versions": versions()}
         super().finish(lambda directory: (directory / CONFIG_NAME).write_text(json.dumps(adapter_config, indent=2)
                                                                              + "\n"))
