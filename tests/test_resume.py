@@ -38,7 +38,9 @@ ROSE_FLAGS = (*LORA_FLAGS, "--rose_start", "0.25", "--rose_end", "0.75", "--rose
 # LoRA trains with dropout: a resume that did not restore the RNG states would draw other masks.
 MASK = ("--calibration_examples", "16", "--density", "0.05")
 RUNS = {"speft": ("speft", (*MASK, *SPEFT_FLAGS)), "speft-scaled": ("speft", (*MASK, "--delta_scaling", "input_channel")),
-        "lora": ("lora", (*LORA_FLAGS, "--lora_dropout", "0.1")), "roselora": ("roselora", ROSE_FLAGS)}
+        "lora": ("lora", (*LORA_FLAGS, "--lora_dropout", "0.1")), "roselora": ("roselora", ROSE_FLAGS),
+        # LoRA alone for 4 steps, then with 600 sparse entries
+        "rosa": ("rosa", (*LORA_FLAGS, "--num_trainable", "600", "--calibration_examples", "16", "--rosa_start", "0.5"))}
 
 
 @pytest.fixture(scope="module")
@@ -74,7 +76,12 @@ def _steps_logged(out: Path) -> list[int]:
 
 
 def _adapter(out: Path) -> dict[str, torch.Tensor]:
-    return load_file(str(out / "adapter" / "adapter_model.safetensors"))
+    """The adapter's tensors (RoSA's two parts' keys prefixed with the part)."""
+    adapter = out / "adapter"
+    if (adapter / "lora").is_dir():
+        return {f"{part}/{key}": t for part in ("lora", "sparse")
+                for key, t in load_file(str(adapter / part / "adapter_model.safetensors")).items()}
+    return load_file(str(adapter / "adapter_model.safetensors"))
 
 
 @pytest.fixture(scope="module")
@@ -244,6 +251,18 @@ def test_channel_scaled_deltas_resumed_on_one_rank_end_like_the_uninterrupted_ru
     events = [json.loads(line).get("event") for line in (out / "metrics.jsonl").read_text().splitlines()]
     assert events.count("salience") == 1  # the first run's: the resume scored nothing again
     _assert_close_adapter(straight, out, "resumed on 1 rank")
+
+
+@pytest.mark.parametrize("step", [2, 6], ids=["before the switch", "after it"])
+def test_rosa_resumed_on_one_rank_across_or_after_its_switch_ends_like_the_uninterrupted_run(inputs, straight_runs,
+                                                                                            step):
+    """Before step 4 the resumed run chooses the sparse part itself; after it, the mask comes from the
+    checkpoint's slices."""
+    root, model_dir, dataset = inputs
+    straight = straight_runs("rosa")
+    out = _copy_checkpoint(straight, root / f"rosa-from-{step}-on-1-rank", step)
+    _resume(model_dir, dataset, out, peft="rosa", ranks=1)
+    _assert_close_adapter(straight, out, f"resumed from step {step} on 1 rank")
 
 
 def test_a_global_batch_the_ranks_cannot_split_is_refused_before_training(inputs, straight, tmp_path):

@@ -72,6 +72,9 @@ def _check_selection(config) -> None:
 
 
 def _check_lora(config) -> None:
+    if not 0.0 < config.rosa_start < 1.0:
+        raise ConfigError(f"--rosa_start {config.rosa_start} is outside (0, 1): pass the fraction of the steps LoRA "
+                          "trains alone, such as 0.1")
     if config.lora_r < 1 or not 0.0 <= config.lora_dropout < 1.0:
         raise ConfigError(f"--lora_r must be >= 1 and --lora_dropout in [0, 1), got {config.lora_r} and "
                           f"{config.lora_dropout}")

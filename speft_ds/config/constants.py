@@ -27,12 +27,16 @@ _SALIENCE_FLAGS = ("metric", "fisher_text", "calibration_examples", "selection",
                    "num_trainable", "random_fraction", "delta_scaling", "salience_chunks", "salience_offload",
                    "mask_update_steps", "mask_update", "regrow_fraction", "delta_impl")
 _LORA_FLAGS = ("lora_r", "lora_alpha", "lora_dropout")
+# RoSA's sparse part: chosen once, per weight, under the LoRA layers
+_ROSA_SPARSE_FLAGS = ("metric", "fisher_text", "calibration_examples", "density", "num_trainable", "random_fraction",
+                      "input_channel_cap", "salience_chunks", "salience_offload", "delta_impl")
 METHOD_FLAGS = {"speft": _SALIENCE_FLAGS, "lora": _LORA_FLAGS,
-                "roselora": (*_LORA_FLAGS, "rose_sparsity", "rose_start", "rose_end", "rose_beta")}
+                "roselora": (*_LORA_FLAGS, "rose_sparsity", "rose_start", "rose_end", "rose_beta"),
+                "rosa": (*_LORA_FLAGS, *_ROSA_SPARSE_FLAGS, "rosa_start")}
 
 # Each method's default peak rate (--learning_rate), from the quality table on a pretrained model
 # (docs/quality_v2.md): a default moves only where that table favours the new rate on both of its tasks.
-DEFAULT_LEARNING_RATES = {"speft": 1e-3, "lora": 3e-3, "roselora": 1e-3}
+DEFAULT_LEARNING_RATES = {"speft": 1e-3, "lora": 3e-3, "roselora": 1e-3, "rosa": 3e-3}
 
 # The named chat templates data/chat.py defines (--chat_template).
 CHAT_TEMPLATES = ("chatml", "llama3", "alpaca", "vicuna")

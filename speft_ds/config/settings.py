@@ -72,8 +72,10 @@ class TrainConfig:
                                      "(by device).", choices=("auto", "dense", "sparse"))
     # --- the method
     peft: str = _field("speft", "Fine-tuning method: speft (sparse deltas chosen by salience), roselora (LoRA "
-                                "factors pruned per row and column by sensitivity) or lora (PEFT's LoRA).",
-                       choices=("speft", "roselora", "lora"))
+                                "factors pruned per row and column by sensitivity), lora (PEFT's LoRA) or rosa (LoRA "
+                                "plus sparse deltas chosen per weight after a LoRA warm-up: --lora_r and "
+                                "--density/--num_trainable size the two parts).",
+                       choices=("speft", "roselora", "lora", "rosa"))
     lora_r: int = _field(8, "lora, roselora: rank of the factors B (out x r) and A (r x in).")
     lora_alpha: Optional[float] = _field(None, "lora, roselora: scaling numerator (the update is alpha / r x B A); "
                                                "default 2 x lora_r.")
@@ -83,6 +85,8 @@ class TrainConfig:
     rose_start: float = _field(0.1, "roselora: fraction of the steps trained dense; pruning starts after them.")
     rose_end: float = _field(0.8, "roselora: fraction of the steps at which the cubic schedule reaches "
                                   "--rose_sparsity (held to the end).")
+    rosa_start: float = _field(0.1, "rosa: fraction of the steps trained as LoRA alone; the sparse part is chosen "
+                                    "then, and both train from there on. In (0, 1).")
     rose_beta: float = _field(0.8, "roselora: smoothing of the sensitivity |w x grad| over steps (EMA weight of "
                                    "the past).")
     # --- salience and selection (speft)

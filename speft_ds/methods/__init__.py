@@ -1,4 +1,4 @@
-"""Fine-tuning methods behind one interface (methods.base.Method), one folder each: speft, roselora, lora.
+"""Fine-tuning methods behind one interface (methods.base.Method), one folder each: speft, roselora, lora, rosa.
 
 The recipe reaches a method only through `get(name)`; the adapter tools (merge, generate, evaluate) reach an
 adapter file through `read_adapter`, which tells the formats apart by adapter_config.json's peft_type.
@@ -26,6 +26,9 @@ def get(name: str) -> type["Method"]:
     if name == "lora":
         from .lora.method import LoraMethod
         return LoraMethod
+    if name == "rosa":
+        from .rosa.method import RosaMethod
+        return RosaMethod
     if name == "roselora":
         from .roselora.method import RoseLoraMethod
         return RoseLoraMethod
@@ -40,6 +43,7 @@ def adapter_type(path: str | Path) -> str:
         peft_type = str(json.loads(config.read_text()).get("peft_type")).split(":")[0]  # SPEFT's says more after
     except (OSError, json.JSONDecodeError):
         raise ConfigError(f"{path} is not an adapter directory (no readable adapter_config.json)") from None
-    if peft_type not in ("SPEFT", "LORA"):
-        raise ConfigError(f"the adapter in {path} is of type {peft_type}: speft-ds reads SPEFT and LORA adapters")
+    if peft_type not in ("SPEFT", "LORA", "ROSA"):
+        raise ConfigError(f"the adapter in {path} is of type {peft_type}: speft-ds reads SPEFT, LORA and ROSA "
+                          "adapters")
     return peft_type

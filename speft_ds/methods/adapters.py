@@ -1,6 +1,6 @@
 """Adapter files of every method, for the tools that apply one to its base (merge, generate, evaluate): the
 format is told by adapter_config.json's peft_type (SPEFT: flat indices + values; LORA: PEFT's LoRA files,
-written by --peft lora and roselora)."""
+written by --peft lora and roselora; ROSA: one of each, in lora/ and sparse/)."""
 
 from __future__ import annotations
 
@@ -10,6 +10,7 @@ import torch
 from torch import nn
 
 from . import adapter_files, adapter_type
+from .rosa import adapter as rosa_files
 from .speft import adapter_format as speft_files
 from .speft.delta_impls import add_delta_
 
@@ -44,10 +45,28 @@ class LoraDeltas:
         return weight.add_(self.adapter.delta(module))
 
 
+class RosaDeltas:
+    """RoSA's two parts as one dense update per module: the sparse deltas, then the LoRA product."""
+
+    def __init__(self, path):
+        self.parts = [SpeftDeltas(Path(path) / "sparse"), LoraDeltas(Path(path) / "lora")]
+        self.modules = set().union(*(part.modules for part in self.parts))
+
+    def check_base(self, model_config, weight_shape) -> None:
+        for part in self.parts:
+            part.check_base(model_config, weight_shape)
+
+    def add_to(self, module: str, weight: torch.Tensor) -> torch.Tensor:
+        for part in self.parts:
+            if module in part.modules:
+                weight = part.add_to(module, weight)
+        return weight
+
+
 def read_deltas(path: str | Path):
     """The adapter at `path` with `modules`, `check_base(model_config, weight_shape)` and `add_to(module,
     fp32 weight)`."""
-    return SpeftDeltas(path) if adapter_type(path) == "SPEFT" else LoraDeltas(path)
+    return {"SPEFT": SpeftDeltas, "ROSA": RosaDeltas}.get(adapter_type(path), LoraDeltas)(path)
 
 
 def load_adapter(model: nn.Module, path: str | Path) -> nn.Module:
@@ -55,6 +74,8 @@ def load_adapter(model: nn.Module, path: str | Path) -> nn.Module:
     adapter PEFT's own PeftModel.from_pretrained (after our base checks). Returns the model to use."""
     if adapter_type(path) == "SPEFT":
         return speft_files.load_adapter(model, path)
+    if adapter_type(path) == "ROSA":
+        return rosa_files.load(model, Path(path))
     from peft import PeftModel
 
     from .lora.adapter import LoraAdapter
@@ -68,6 +89,8 @@ def merge_adapter(model: nn.Module, path: str | Path) -> nn.Module:
     """The model with the adapter's updates added into its weights, plain layers left. Returns the model."""
     if adapter_type(path) == "SPEFT":
         return speft_files.merge_adapter(model, path)
+    if adapter_type(path) == "ROSA":  # W + D, then + the LoRA product
+        return merge_adapter(merge_adapter(model, Path(path) / "sparse"), Path(path) / "lora")
     return load_adapter(model, path).merge_and_unload()
 
 
@@ -76,10 +99,14 @@ def load_adapter_partitioned(model: nn.Module, path: str | Path, ds_config: dict
     factors as plain tensors that the engine built next partitions."""
     from ..runtime import zero3
 
-    if adapter_type(path) == "SPEFT":
-        from .speft.partitioned_deltas import load_adapter_partitioned as load_speft
+    from .speft.partitioned_deltas import load_adapter_partitioned as load_speft
 
+    if adapter_type(path) == "SPEFT":
         load_speft(model, path, ds_config)
+        return
+    if adapter_type(path) == "ROSA":  # the LoRA layers first, then the sparse deltas under them
+        load_adapter_partitioned(model, Path(path) / "lora", ds_config)
+        load_speft(model, Path(path) / "sparse", ds_config, rename=lambda name: f"{name}{rosa_files.BASE}")
         return
     from .lora.adapter import LoraAdapter
 

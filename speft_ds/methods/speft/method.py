@@ -311,10 +311,11 @@ class SpeftMethod(Method):
         indices, values = self.folded.total([name], *current)
         return indices[name], values[name]
 
-    def save_adapter(self, engine, ctx: RunContext, path: Path) -> None:
+    def save_adapter(self, engine, ctx: RunContext, path: Path, saved_name=lambda name: name) -> None:
         """Gather one module's indices and values at a time (collectives on every rank) and let rank 0 write
         them at their place in the adapter file before the next: no rank holds more than one module's, and
-        the file is what writing them all at once would give."""
+        the file is what writing them all at once would give. `saved_name`: the name a module is saved under
+        (RoSA's: the base model's, not its place under a LoRA layer)."""
         config, plan = self.config, ctx.plan
         engine.empty_partition_cache()  # settle ZeRO-3's prefetching: a gather of an in-flight parameter fails
         names = [n for n in self.target_names if n in self.layers or self.folded.parts.get(n)]
@@ -326,5 +327,7 @@ class SpeftMethod(Method):
                 "trainable_k": self.delta_count(), "target_modules": config.target_modules or "all-linear",
                 "salience_summary": self.summary, "train_config": asdict(config)}
         write_streamed(ctx.rank, path,
-                       lambda: AdapterWriter(path, counts, {n: list(self.target_shapes[n]) for n in names}),
-                       ((name, *self._module_total(name)) for name in names), lambda writer: writer.finish(meta))
+                       lambda: AdapterWriter(path, {saved_name(n): c for n, c in counts.items()},
+                                             {saved_name(n): list(self.target_shapes[n]) for n in names}),
+                       ((saved_name(name), *self._module_total(name)) for name in names),
+                       lambda writer: writer.finish(meta))

@@ -33,16 +33,19 @@ def inject_partitioned(model: nn.Module, ds_config: dict, indices: Iterable[tupl
     return layers
 
 
-def load_adapter_partitioned(model: nn.Module, path, ds_config: dict, impl: str = "auto") -> dict[str, nn.Module]:
+def load_adapter_partitioned(model: nn.Module, path, ds_config: dict, impl: str = "auto",
+                             rename: Callable[[str], str] = lambda name: name) -> dict[str, nn.Module]:
     """A saved adapter's deltas injected into a ZeRO-3 model, partitioned (unmerged), after the checks
-    load_adapter makes: the same base config and the same weight shapes."""
+    load_adapter makes: the same base config and the same weight shapes. `rename`: where in this model each
+    saved module is (RoSA's: under a LoRA layer)."""
     indices, values, adapter_config = read_adapter(path)
 
     def weight_shape(name: str):
         try:
-            return list(zero3.full_shape(model.get_submodule(name).weight))
+            return list(zero3.full_shape(model.get_submodule(rename(name)).weight))
         except AttributeError:
             return None
 
     check_base(getattr(model, "config", None), weight_shape, adapter_config)
-    return inject_partitioned(model, ds_config, indices.items(), values, impl)
+    return inject_partitioned(model, ds_config, ((rename(name), idx) for name, idx in indices.items()),
+                              {rename(name): v for name, v in values.items()}, impl)
