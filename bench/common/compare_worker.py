@@ -166,8 +166,8 @@ def _side_file(adapter: Path) -> dict:
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--method", choices=("speft", "lora", "roselora", "full", "paper", "floor", "base"),
-                        required=True)
+    parser.add_argument("--method", required=True,
+                        choices=("speft", "lora", "roselora", "rosa", "full", "paper", "floor", "base"))
     parser.add_argument("--lora_r", type=int, default=8)
     parser.add_argument("--mask", help="paper: the adapter directory of a speft run whose mask to train")
     parser.add_argument("--warmup_steps_excluded", type=int, default=1)
@@ -180,9 +180,9 @@ def main() -> int:
         local = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
         torch.cuda.set_per_process_memory_fraction(
             min(1.0, args.memory_cap_gib * 2**30 / torch.cuda.get_device_properties(local).total_memory), local)
-    recipe_method = args.method in ("speft", "lora", "roselora")
+    recipe_method = args.method in ("speft", "lora", "roselora", "rosa")
     peft_flags = ["--peft", args.method] if recipe_method else []
-    peft_flags += ["--lora_r", str(args.lora_r)] if args.method in ("lora", "roselora") else []
+    peft_flags += ["--lora_r", str(args.lora_r)] if args.method in ("lora", "roselora", "rosa") else []
     config, explicit = parse_config([a for a in train_argv if a != "--"] + peft_flags)
     plan = plan_run(config, explicit)
     started = time.perf_counter()

@@ -34,8 +34,12 @@ METHODS = {"base": ("base", []), "speft": ("speft", []), "random": ("speft", ["-
            "mixed": ("speft", ["--random_fraction", "0.5"]),
            "local": ("speft", ["--selection", "local"]),
            "scaled": ("speft", ["--delta_scaling", "input_channel"]),
-           "decay": ("speft", [])}  # the weight decay is the cell's own knob
+           "decay": ("speft", []),  # the weight decay is the cell's own knob
+           # screened only if none of CANDIDATES clears the bars (docs/quality.md): LoRA r = 1 on every targeted
+           # linear plus sparse deltas for the rest of the budget, so only where the budget holds LoRA r >= 2
+           "rosa": ("rosa", [])}
 CANDIDATES = ("snr", "fisher", "mixed", "local", "scaled", "decay")
+HYBRID, HYBRID_LORA_R = "rosa", 1
 DECAY_LR = 3e-3  # `decay` sweeps the weight decay at SPEFT's rate chosen at every budget
 
 
@@ -68,7 +72,8 @@ START = {("speft", "0.86%"): (3e-4, 1e-3, 3e-3), ("random", "0.86%"): (1e-3, 3e-
 # random mask chose 1e-2); `decay`'s are weight decays.
 SCREEN = {("snr", "0.86%"): (3e-3, 1e-2, 3e-2), ("fisher", "0.86%"): (1e-3, 3e-3, 1e-2),
           ("mixed", "0.86%"): (3e-3, 1e-2, 3e-2), ("local", "0.86%"): (1e-3, 3e-3, 1e-2),
-          ("scaled", "0.86%"): (1e-3, 3e-3, 1e-2), ("decay", "0.86%"): (1.0, 3.0, 10.0)}
+          ("scaled", "0.86%"): (1e-3, 3e-3, 1e-2), ("decay", "0.86%"): (1.0, 3.0, 10.0),
+          ("rosa", "0.86%"): (1e-3, 3e-3, 1e-2)}  # around LoRA's 3e-3
 
 
 def knob_cell(method: str, task: str, budget: str, value: float, seed: int, steps: int = STEPS) -> Cell:
@@ -131,21 +136,36 @@ def _kl(record: dict) -> float:
     return record["retention_after"]["kl"]
 
 
-def screening(cells: dict) -> dict | None:
-    """The screening's outcome once every candidate's main-budget sweep has chosen (None before): each
-    candidate's chosen cell, the bars (the random mask's validation accuracy, LoRA's KL), those that clear
-    both, the best two (the clearing ones first, then by validation accuracy), and those that advance to
-    the confirmation: the clearing ones, at most the best two, or the best two where none clears."""
-    chosen = {m: chosen_cell(cells, m, MAIN_BUDGET) for m in CANDIDATES}
+def fits(method: str, budget: str) -> bool:
+    """The hybrid needs room for its LoRA part and a sparse part; every other method fits every budget."""
+    return method != HYBRID or (BUDGETS[budget].lora_r or 0) > HYBRID_LORA_R
+
+
+def _outcome(cells: dict, methods: tuple[str, ...]) -> dict | None:
+    chosen = {m: chosen_cell(cells, m, MAIN_BUDGET) for m in methods}
     if any(c is None for c in chosen.values()):
         return None
     records = {m: cells[c] for m, c in chosen.items()}
     random_bar = cells[chosen_cell(cells, "random", MAIN_BUDGET)]["task_after"]["accuracy"]
     lora_bar = _kl(cells[chosen_cell(cells, "lora", MAIN_BUDGET)])
     clears = [m for m, r in records.items() if r["task_after"]["accuracy"] >= random_bar and _kl(r) <= lora_bar]
-    ranked = sorted(CANDIDATES, key=lambda m: (m in clears, validation_score(records[m])), reverse=True)
+    ranked = sorted(methods, key=lambda m: (m in clears, validation_score(records[m])), reverse=True)
     return {"chosen": chosen, "random_bar": random_bar, "lora_bar": lora_bar, "clears": clears,
             "best_two": ranked[:2], "advanced": [m for m in ranked[:2] if m in clears] or ranked[:2]}
+
+
+def screened(cells: dict) -> tuple[str, ...]:
+    """The screening's candidates: CANDIDATES, and the hybrid once they have all chosen and none clears."""
+    first = _outcome(cells, CANDIDATES)
+    return CANDIDATES if first is None or first["clears"] else (*CANDIDATES, HYBRID)
+
+
+def screening(cells: dict) -> dict | None:
+    """The screening's outcome once every screened candidate's main-budget sweep has chosen (None before):
+    each candidate's chosen cell, the bars (the random mask's validation accuracy, LoRA's KL), those that
+    clear both, the best two (the clearing ones first, then by validation accuracy), and those that advance
+    to the confirmation: the clearing ones, at most the best two, or the best two where none clears."""
+    return _outcome(cells, screened(cells))
 
 
 def confirmed_methods(outcome: dict) -> list[str]:
@@ -153,13 +173,15 @@ def confirmed_methods(outcome: dict) -> list[str]:
 
 
 def _sweep_jobs(cells: dict, method: str, budget: str) -> list[tuple[str, Cell]]:
+    if not fits(method, budget):
+        return []
     return [("cell", knob_cell(method, SWEEP_TASK, budget, value, 1)) for value in sweep(cells, method, budget)[0]]
 
 
 def _reported(cells: dict, method: str, budget: str, tasks: tuple[str, ...]) -> list[tuple[str, Cell]]:
     """A method's chosen cells at `budget` on `tasks`, both seeds, each followed by its test scoring."""
-    return [(kind, cell) for task in tasks for seed in SEEDS
-            if (cell := chosen_cell(cells, method, budget, task, seed)) is not None for kind in ("cell", "test")]
+    return [(kind, cell) for task in tasks for seed in SEEDS if fits(method, budget)
+            and (cell := chosen_cell(cells, method, budget, task, seed)) is not None for kind in ("cell", "test")]
 
 
 def planned(cells: dict, tests: dict) -> list[tuple[str, Cell]]:
@@ -170,7 +192,7 @@ def planned(cells: dict, tests: dict) -> list[tuple[str, Cell]]:
     (1% at 1e-3); then the long cells. `tests`: the third protocol's test scorings."""
     jobs = [("cell", base_cell("cities"))]
     jobs += [("cell", c) for c in [chosen_cell(cells, "lora", MAIN_BUDGET, "cities")] if c is not None]
-    for method in CANDIDATES:
+    for method in screened(cells):
         jobs += _sweep_jobs(cells, method, MAIN_BUDGET)
     outcome = screening(cells)
     if outcome is not None:

@@ -7,8 +7,8 @@ from __future__ import annotations
 
 from itertools import combinations
 
-from bench.quality.plan import (CANDIDATES, CONFIRM_BUDGETS, LONG_STEPS, MAIN_BUDGET, OTHER_TASKS, SEEDS, SWEEP_TASK,
-                                chosen_cell, confirmed_methods, knob_cell, planned, screening, sweep)
+from bench.quality.plan import (CONFIRM_BUDGETS, LONG_STEPS, MAIN_BUDGET, OTHER_TASKS, SEEDS, SWEEP_TASK,
+                                chosen_cell, confirmed_methods, knob_cell, planned, screened, screening, sweep)
 from bench.quality.records import REPO, base_cell, read_questions, read_results
 from bench.quality.stats import compare_all, pooled
 
@@ -176,7 +176,7 @@ def tables(cells: dict, tests: dict) -> list[str]:
     sections = [f"Jobs of the third protocol still planned: {len(jobs)}"
                 + (f" (next: {jobs[0][0]} {jobs[0][1].tag})." if jobs else "."),
                 "## The cities task's pilot", "\n".join(pilot_table(cells)),
-                "## Screening (validation, seed 1, arithmetic)", "\n".join(sweep_rows(cells, CANDIDATES,
+                "## Screening (validation, seed 1, arithmetic)", "\n".join(sweep_rows(cells, screened(cells),
                                                                                       (MAIN_BUDGET, "0.01%"))),
                 "\n".join(screening_summary(cells))]
     if outcome is not None:

@@ -16,8 +16,8 @@ import time
 from dataclasses import asdict
 
 from bench.common.jobs import target_sizes
-from bench.quality.plan import (BUDGETS, CALIBRATION, LONG_STEPS, METHODS, MICRO_BATCH, RETENTION, SAVE_STEPS,
-                                SEQ_LEN, WORLD_SIZE, Budget)
+from bench.quality.plan import (BUDGETS, CALIBRATION, HYBRID_LORA_R, LONG_STEPS, METHODS, MICRO_BATCH, RETENTION,
+                                SAVE_STEPS, SEQ_LEN, WORLD_SIZE, Budget)
 from bench.quality.quality_tasks import write_long_train, write_task
 from bench.quality.records import REPO, WORK, Cell, append_record, commit, questions_file
 from speft_ds.config import DEFAULT_MODEL
@@ -48,6 +48,9 @@ def _size_flags(cell: Cell, model: str) -> tuple[list[str], list[str]]:
     worker = METHODS[cell.method][0]
     if worker == "lora":
         return ["--lora_r", str(budget.lora_r)], ["--target_modules", budget.lora_targets] if budget.lora_targets else []
+    if worker == "rosa":  # LoRA r = HYBRID_LORA_R on every targeted linear, the sparse part the rest
+        return (["--lora_r", str(HYBRID_LORA_R)],
+                ["--num_trainable", str(trainable(budget, model) - trainable(Budget(lora_r=HYBRID_LORA_R), model))])
     return [], ["--num_trainable", str(trainable(budget, model))] if worker == "speft" else []
 
 
