@@ -37,7 +37,7 @@ def build_parser() -> argparse.ArgumentParser:
                      argument_default=argparse.SUPPRESS)
     hints = typing.get_type_hints(TrainConfig)
     for f in fields(TrainConfig):
-        value_type = _value_type(hints[f.name])
+        value_type = f.metadata.get("parse") or _value_type(hints[f.name])
         kwargs = dict(help=f"{f.metadata['help']} (default: {f.default})", type=value_type)
         if value_type is _parse_bool:
             kwargs.update(nargs="?", const=True, metavar="BOOL")
@@ -66,6 +66,8 @@ class Parser(argparse.ArgumentParser):
     def error(self, message):
         unknown = message.removeprefix("unrecognized arguments: ").split() if message.startswith("unrecognized") else []
         flag = next((token.split("=", 1)[0] for token in unknown if token.startswith("--")), None)
+        if flag and flag[2:] in flag_aliases.UNNEEDED:
+            raise ConfigError(f"{flag}: {flag_aliases.UNNEEDED[flag[2:]]}")
         guess = flag and suggestion(flag, [o.lstrip("-") for o in self._option_string_actions if o.startswith("--")])
         if guess:
             raise ConfigError(f"unknown flag {flag}: did you mean --{guess}? (see --help)")
@@ -132,6 +134,8 @@ def read_config_file(path: str) -> dict:
     settings = flag_aliases.translate_settings(settings)
     names = [f.name for f in fields(TrainConfig)]
     for key, value in settings.items():
+        if key in flag_aliases.UNNEEDED:
+            raise ConfigError(f"--config {path}: {key}: {flag_aliases.UNNEEDED[key]}")
         if key not in names:
             guess = suggestion(str(key), names)
             hint = f"did you mean {guess}?" if guess else "its keys are train.py's flag names (see --help)"
@@ -173,12 +177,21 @@ def _flag_value(value) -> str:
     return str(value).lower() if isinstance(value, bool) else str(value)
 
 
+def _rerunnable(config: TrainConfig) -> dict:
+    """The settings as a --config file gives them back: not the launcher's local rank (each rank's anew), and
+    a warm-up given as --warmup_ratio kept as the ratio, not as the steps the run derived from it."""
+    settings = asdict(config)
+    del settings["local_rank"]
+    if settings["warmup_ratio"]:
+        settings["warmup_steps"] = 0
+    return settings
+
+
 def write_run_config(config: TrainConfig, path: Path) -> None:
     """The resolved configuration, in the --config format: rerun it with `--config path`."""
     import yaml
 
-    settings = asdict(config)
-    del settings["local_rank"]  # the launcher's, for each rank anew
+    settings = _rerunnable(config)
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(yaml.safe_dump(settings, sort_keys=False))
 
@@ -191,7 +204,7 @@ def record_resume(config: TrainConfig, path: Path, tag: str, world_size: int) ->
     if not path.is_file():  # a first run's file is gone: this run's settings stand in for it
         write_run_config(config, path)
     first = yaml.safe_load(path.read_text()) or {}
-    now = {key: value for key, value in asdict(config).items() if key not in ("local_rank", "resume")}
+    now = {key: value for key, value in _rerunnable(config).items() if key != "resume"}
     differ = [f"{key} {first.get(key)!r} -> {value!r}" for key, value in now.items() if first.get(key) != value]
     when = datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M:%S UTC")
     with path.open("a") as fh:

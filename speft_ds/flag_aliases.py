@@ -2,16 +2,16 @@
 
 An alias is rewritten into the flag it stands for (its value mapped where the two tools spell values
 differently) before anything is parsed, so it passes through the same type, choice and range checks; a
---config file's keys are read the same way. LIKELY holds names that are no flag of any tool but whose
-meaning is plain, for suggestions only: an unknown flag is matched against the aliases and these before
-its spelling is.
+--config file's keys are read the same way. LIKELY holds names that are no flag of this tool but whose
+meaning is plain, for suggestions only: an unknown flag is matched whole against the aliases and these
+before its spelling is matched against the flags and aliases. UNNEEDED says why some have no counterpart.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from .config import ConfigError
+from .config import LR_SCHEDULES, ConfigError
 
 
 @dataclass(frozen=True)
@@ -22,27 +22,33 @@ class Alias:
     allowed: tuple[str, ...] | None = None      # their values that map at all (None: any)
 
 
-# HF's lr_scheduler_type values this tool runs (transformers' own schedules, by the same names)
-SCHEDULES = ("cosine", "linear", "constant", "constant_with_warmup")
-
 ALIASES = {
     "num_train_epochs": Alias("epochs", "HF Trainer"),
     "per_device_train_batch_size": Alias("micro_batch_size", "HF Trainer"),
-    "lr_scheduler_type": Alias("lr_scheduler", "HF Trainer", allowed=SCHEDULES),
-    "resume_from_checkpoint": Alias("resume", "HF Trainer", {"true": "latest", "True": "latest"}),
+    "lr_scheduler_type": Alias("lr_scheduler", "HF Trainer", allowed=LR_SCHEDULES),
+    "resume_from_checkpoint": Alias("resume", "HF Trainer", {"true": "latest", "True": "latest", "false": None,
+                                                            "False": None}),
     "model_name_or_path": Alias("model", "HF Trainer"),
     "deepspeed": Alias("ds_config", "HF Trainer"),
     "cutoff_len": Alias("seq_len", "LLaMA-Factory"),
     "lora_rank": Alias("lora_r", "LLaMA-Factory"),
     "lora_target": Alias("target_modules", "LLaMA-Factory", {"all": "all-linear"}),
     "template": Alias("chat_template", "LLaMA-Factory"),
+    "finetuning_type": Alias("peft", "LLaMA-Factory", allowed=("lora",)),
 }
 
 # no tool's flag, but plainly meant: suggested, never accepted
 LIKELY = {"lr": "learning_rate", "learn": "learning_rate", "epoch": "epochs", "batch_size": "micro_batch_size",
           "train_batch_size": "micro_batch_size", "max_seq_length": "seq_len", "max_length": "seq_len",
           "steps": "max_steps", "output": "output_dir", "data": "dataset", "data_path": "dataset",
-          "rank": "lora_r", "gradient_accumulation": "gradient_accumulation_steps", "wd": "weight_decay"}
+          "rank": "lora_r", "gradient_accumulation": "gradient_accumulation_steps", "wd": "weight_decay",
+          # HF's run_clm / run_sft scripts
+          "train_file": "dataset", "dataset_name": "dataset", "validation_file": "eval_dataset",
+          "eval_file": "eval_dataset", "block_size": "seq_len", "model_max_length": "seq_len"}
+
+# their flags that this tool needs no counterpart of: the line says why
+UNNEEDED = {"stage": "speft-ds trains supervised fine-tuning only (LLaMA-Factory's --stage sft): drop it",
+            "do_train": "speft-ds always trains: drop it"}
 
 
 def _value(name: str, alias: Alias, value: str | None) -> str | None:
@@ -61,9 +67,11 @@ def translate_argv(argv: list[str]) -> list[str]:
         if alias is None:
             out.append(token)
         elif has_value:
-            out.append(f"--{alias.flag}={_value(name, alias, inline)}")
+            value = _value(name, alias, inline)
+            out += [f"--{alias.flag}={value}"] if value is not None else []  # None: their "off", our default
         elif i + 1 < len(argv) and not argv[i + 1].startswith("--"):
-            out += [f"--{alias.flag}", _value(name, alias, argv[i + 1])]
+            value = _value(name, alias, argv[i + 1])
+            out += [f"--{alias.flag}", value] if value is not None else []
             i += 1
         else:
             out.append(f"--{alias.flag}")  # bare: the flag's own meaning of a bare flag
@@ -92,5 +100,6 @@ def meaning(name: str) -> str | None:
 
 
 def known_names() -> list[str]:
-    """Every name an unknown flag may be a misspelling of: the aliases and the plain names."""
-    return [*ALIASES, *LIKELY]
+    """The names besides the flags that an unknown one may be a misspelling of: the aliases (the plain names
+    of LIKELY are matched whole only: near one of them is often nearer another meaning)."""
+    return list(ALIASES)

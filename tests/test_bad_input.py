@@ -40,6 +40,7 @@ def bad_files(tmp_path):
     with_scheduler = json.loads(SHIPPED_DS_CONFIG.read_text())
     with_scheduler["scheduler"] = {"type": "WarmupLR", "params": {"warmup_num_steps": "auto"}}
     (tmp_path / "with_scheduler.json").write_text(json.dumps(with_scheduler))
+    (tmp_path / "data.tsv").write_text("prompt\tresponse\n1 + 1?\t2\n")
     (tmp_path / "bin_model").mkdir()
     (tmp_path / "bin_model" / "config.json").write_text("{}")
     (tmp_path / "bin_model" / "pytorch_model.bin").write_bytes(b"")
@@ -65,13 +66,23 @@ CASES = {
     "a_plain_name_for_a_flag": (["--lr", "1e-4"], "unknown flag --lr: did you mean --learning_rate?"),
     "a_prefix_of_a_flag": (["--epoch", "3"], "unknown flag --epoch: did you mean --epochs?"),
     "a_misspelt_hf_name": (["--num_train_epoch", "2"], "unknown flag --num_train_epoch: did you mean --epochs?"),
+    "run_clm_s_train_file": (["--train_file", "a.jsonl"], "unknown flag --train_file: did you mean --dataset?"),
+    "run_clm_s_block_size": (["--block_size", "512"], "unknown flag --block_size: did you mean --seq_len?"),
+    "run_clm_s_validation_file": (["--validation_file", "b.jsonl"], "did you mean --eval_dataset?"),
+    "llama_factory_s_stage": (["--stage", "sft"], "--stage: speft-ds trains supervised fine-tuning only"),
+    "a_dataset_of_another_format": (["--dataset", "{tmp}/data.tsv"], "is neither a .jsonl/.json/.parquet/.csv file"),
+    "a_dataset_path_that_is_not_there": (["--dataset", "./no/such/data.txt"], "or check the path"),
+    "adam_beta_of_one_or_more": (["--adam_beta2", "1.5"], "--adam_beta2 1.5 is outside [0, 1)"),
+    "adam_epsilon_not_positive": (["--adam_epsilon", "-1"], "--adam_epsilon -1.0 must be > 0"),
     "an_hf_schedule_we_lack": (["--lr_scheduler_type", "cosine_with_restarts"],
                                "--lr_scheduler_type cosine_with_restarts: speft-ds runs cosine, linear, constant"),
     "a_negative_rate": (["--learning_rate", "-1"], "--learning_rate -1.0 must be > 0"),
     "warmup_ratio_and_steps": (["--warmup_ratio", "0.1", "--warmup_steps", "3"], "pass one"),
     "a_warmup_longer_than_the_run": (["--warmup_steps", "1000", "--max_steps", "5"],
                                      "--warmup_steps 1000 is longer than the run (5 steps)"),
-    "lora_rank_with_speft": (["--lora_r", "4"], "--lora_r is for --peft lora and roselora; --peft speft has no use"),
+    "lora_rank_with_speft": (["--lora_r", "4"], "--lora_r is for --peft lora, roselora and rosa; --peft speft has "
+                                                "no use"),
+    "rosa_start_with_lora": (["--peft", "lora", "--rosa_start", "0.2"], "--rosa_start is for --peft rosa;"),
     "density_with_lora": (["--peft", "lora", "--density", "0.01"], "--density is for --peft speft"),
     "fp16_on_cpu": (["--fp16"], "--fp16: the CPU accelerator has no fp16"),
     "no_loss_tokens": (["--dataset", "{tmp}/long_prompts.jsonl", "--seq_len", "8"],

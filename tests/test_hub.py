@@ -60,8 +60,8 @@ def test_a_hub_without_network_is_one_line_within_15_seconds(tmp_path, hub, flag
     took = time.monotonic() - started
     errors = [line for line in proc.stderr.splitlines() if line.strip()]
     assert proc.returncode == 2 and len(errors) == 1, proc.stderr[-2000:]
-    assert errors[0].startswith(f"error: {flag} speft-test/no-such-repo: the hub at {endpoint} cannot be reached "
-                                "within 8 s"), errors[0]
+    assert errors[0].startswith(f"error: {flag} speft-test/no-such-repo: no local path of that name, and the hub "
+                                f"at {endpoint} cannot be reached within 8 s"), errors[0]
     assert took < 15, f"took {took:.1f} s"
     assert not (tmp_path / "out").exists()
 
@@ -76,20 +76,38 @@ def test_offline_mode_names_a_name_that_is_not_cached(tmp_path):
                                    "path")
 
 
-def test_a_cached_hub_model_needs_no_network(tmp_path):
-    """A model in Hugging Face's cache (its own layout: models--ORG--NAME/refs/main and snapshots/REV) is read
-    from there while the hub refuses every connection."""
+def _cache(tmp_path: Path, files) -> Path:
+    """A model in Hugging Face's cache, in its own layout (models--ORG--NAME/refs/main and snapshots/REV)."""
     repo = tmp_path / "hf" / "hub" / "models--speft-test--tiny"
     (repo / "refs").mkdir(parents=True)
     (repo / "refs" / "main").write_text("0123456789abcdef0123456789abcdef01234567")
     snapshot = repo / "snapshots" / "0123456789abcdef0123456789abcdef01234567"
     snapshot.mkdir(parents=True)
-    for file in Path(EMBEDDED_MODEL).iterdir():
+    for file in files:
         (snapshot / file.name).write_bytes(file.read_bytes())
+    return snapshot
+
+
+def _resolve_with_a_refusing_hub(tmp_path: Path) -> subprocess.CompletedProcess:
     env = {**os.environ, "HF_HOME": str(tmp_path / "hf"), "HF_ENDPOINT": f"http://127.0.0.1:{free_port()}"}
     env.pop("HF_HUB_OFFLINE", None)
-    proc = subprocess.run([sys.executable, "-c", "from speft_ds.models.gguf import resolve_model; "
-                           "print(resolve_model('speft-test/tiny'))"], cwd=REPO, env=env, capture_output=True,
-                          text=True, timeout=60)
+    return subprocess.run([sys.executable, "-c", "import sys; from speft_ds.cli import run_main; from speft_ds.models."
+                           "gguf import resolve_model; sys.exit(run_main(lambda argv: print(resolve_model("
+                           "'speft-test/tiny')), []))"],
+                          cwd=REPO, env=env, capture_output=True, text=True, timeout=60)
+
+
+def test_a_cached_hub_model_needs_no_network(tmp_path):
+    """A cached model is read from the cache while the hub refuses every connection."""
+    snapshot = _cache(tmp_path, Path(EMBEDDED_MODEL).iterdir())
+    proc = _resolve_with_a_refusing_hub(tmp_path)
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert Path(proc.stdout.strip()) == snapshot
+
+
+def test_a_partly_cached_hub_model_is_not_taken_for_the_whole(tmp_path):
+    """A snapshot holding a config and tokenizer alone (as AutoTokenizer leaves it) is not the model: without the
+    hub the answer is that it cannot be fetched, not that the hub has no weights."""
+    _cache(tmp_path, [f for f in Path(EMBEDDED_MODEL).iterdir() if f.suffix != ".safetensors"])
+    proc = _resolve_with_a_refusing_hub(tmp_path)
+    assert proc.returncode != 0 and "cannot be reached within 8 s" in proc.stderr, proc.stderr[-2000:]

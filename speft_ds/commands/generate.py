@@ -1,4 +1,4 @@
-"""Answer a prompt with a base model and an adapter (SPEFT or LoRA) merged into it in memory (HF generate, greedy by
+r"""Answer a prompt with a base model and an adapter (SPEFT or LoRA) merged into it in memory (HF generate, greedy by
 default; --unmerged keeps the adapter's layers apart, several times slower).
 
     speft-generate --model BASE_DIR --adapter OUTPUT_DIR/adapter --prompt $'Question: ...\nAnswer:'

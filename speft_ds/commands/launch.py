@@ -3,7 +3,8 @@
     speft-train --num_gpus 8 --model /models/llama --dataset data.jsonl ...
     # is: deepspeed --num_gpus 8 --module speft_ds.train --model /models/llama --dataset data.jsonl ...
 
-The launcher's own flags (below) go to deepspeed, every other flag to the training job.
+The launcher's own flags (LAUNCHER_FLAGS: every flag of `deepspeed` but the three that pick the script) go to
+deepspeed, every other flag to the training job; `speft-train --help` shows train.py's.
 """
 
 from __future__ import annotations
@@ -14,10 +15,13 @@ import shutil
 from ..cli import parse_config
 from ..config import ConfigError
 
-# DeepSpeed launcher flags -> whether each takes a value
-LAUNCHER_FLAGS = {"--num_gpus": True, "--num_nodes": True, "--hostfile": True, "--master_addr": True,
-                  "--master_port": True, "--include": True, "--exclude": True, "--no_ssh": False, "--node_rank": True,
-                  "--launcher": True}
+# DeepSpeed's launcher flags (deepspeed.launcher.runner.parse_args) -> whether each takes a value; not
+# --module, --no_python or --no_local_rank, which speft-train sets itself
+_VALUED = ("-H", "--hostfile", "-i", "--include", "-e", "--exclude", "--num_nodes", "--num_gpus", "--num_accelerators",
+           "--master_port", "--master_addr", "--node_rank", "--launcher", "--launcher_args", "--enable_each_rank_log",
+           "--autotuning", "--bind_core_list", "--ssh_port", "--venv_script", "--log_level")
+_BARE = ("--no_ssh", "--no_ssh_check", "--force_multi", "--save_pid", "--bind_cores_to_rank", "-q", "--quiet")
+LAUNCHER_FLAGS = {**dict.fromkeys(_VALUED, True), **dict.fromkeys(_BARE, False)}
 
 
 def split(argv: list[str]) -> tuple[list[str], list[str]]:

@@ -28,7 +28,7 @@ HOST_PHASES = ("salience host", "training host", "saves host")
 def model_config_without_fetching(model: str) -> Path:
     """The config.json --model names, never fetched: a preset, a local directory or file, or a package or hub
     model already in its cache (otherwise one line saying it is not)."""
-    from ..models import gguf, hub
+    from ..models import gguf
 
     if model.startswith(PYPI_PREFIX) or gguf.is_gguf(model) or looks_like_hub_name(model):
         cached = gguf.cached_model(model)
@@ -53,11 +53,17 @@ def model_shape(model: str) -> ModelShape:
         raise ConfigError(f"--model {model}: its config has no {err}: pass a LLaMA-family config") from None
 
 
-def trainable(config: TrainConfig, shape: ModelShape) -> int:
-    """The trainable count: SPEFT's k, or LoRA's r x (in + out) over the targeted linears."""
-    if config.peft != "speft":
-        return config.lora_r * shape.lora_in_plus_out
+SALIENCE_PASS = ("speft", "rosa")  # the methods that score the base weights (RoSA after its LoRA warm-up)
+
+
+def _sparse_k(config: TrainConfig, shape: ModelShape) -> int:
     return config.num_trainable or int(config.density * shape.targeted)
+
+
+def trainable(config: TrainConfig, shape: ModelShape) -> int:
+    """The trainable count: SPEFT's k, LoRA's r x (in + out) over the targeted linears, or RoSA's both."""
+    lora = config.lora_r * shape.lora_in_plus_out
+    return {"speft": _sparse_k(config, shape), "rosa": lora + _sparse_k(config, shape)}.get(config.peft, lora)
 
 
 def job_for(config: TrainConfig, shape: ModelShape, world_size: int, ds_config: dict, half: bool) -> Job:
@@ -76,9 +82,9 @@ def with_salience_plan(config: TrainConfig, shape: ModelShape, job: Job, device:
     try:
         return choose_salience(shape, job, device, host if host is not None else float("inf"), chunks, offload)
     except NoSaliencePlanFits as err:
+        groups = err.least_job.salience_chunks
         raise ConfigError(f"does not fit: the salience pass needs {err.least_bytes / GIB:.2f} GiB per rank even in "
-                          f"{err.least_job.salience_chunks} groups, over {PLANNING_HEADROOM:.0%} of "
-                          f"{device / GIB:.1f} GiB: raise --max_memory_gib, add ranks, pass --gradient_checkpointing "
+                          f"{groups} group{'s' * (groups > 1)}, over {PLANNING_HEADROOM:.0%} of {device / GIB:.1f} GiB: raise --max_memory_gib, add ranks, pass --gradient_checkpointing "
                           "or a smaller --micro_batch_size") from None
 
 
@@ -87,7 +93,9 @@ def describe(config: TrainConfig, shape: ModelShape, job: Job, device: float | N
     """(the plan's lines: assumptions, every phase part by part; the problems: every phase over its budget,
     with its largest parts)."""
     k = trainable(config, shape)
-    size = (f"LoRA r = {config.lora_r}" if config.peft != "speft" else f"density {k / shape.targeted:.2%}")
+    size = {"speft": f"density {k / shape.targeted:.2%}",
+            "rosa": f"LoRA r = {config.lora_r} + {_sparse_k(config, shape):,} sparse"}.get(config.peft,
+                                                                                   f"LoRA r = {config.lora_r}")
     lines = [f"model {config.model}: {_count(shape.total)} parameters, {_count(shape.targeted)} targeted",
              f"method {config.peft}, {size}: {k:,} trainable; {job.world_size} rank{'s' * (job.world_size > 1)}; "
              f"{'bf16/fp16' if job.bf16 else 'fp32'} weights{f', {config.quantize} base' if config.quantize else ''}; "
@@ -99,7 +107,7 @@ def describe(config: TrainConfig, shape: ModelShape, job: Job, device: float | N
              + f"; a phase fits within {PLANNING_HEADROOM:.0%} of its budget"]
     problems = []
     for phase, parts in plan(shape, job).items():
-        if parts["peak"] == 0 or (config.peft != "speft" and phase.startswith("salience")):
+        if parts["peak"] == 0 or (config.peft not in SALIENCE_PASS and phase.startswith("salience")):
             continue
         on_host = phase in HOST_PHASES or (phase == "load" and config.quantize)
         budget = host if on_host else device
@@ -185,7 +193,9 @@ def main(argv) -> int:
     device = config.max_memory_gib * GIB if config.max_memory_gib else None
     host = config.max_host_memory_gib * GIB if config.max_host_memory_gib else None
     job = job_for(config, shape, world_size, read_ds_config(config.ds_config), half=config.bf16 != "false")
-    lines, _ = describe(config, shape, with_salience_plan(config, shape, job, device, host), device, host)
+    if config.peft in SALIENCE_PASS:
+        job = with_salience_plan(config, shape, job, device, host)
+    lines, _ = describe(config, shape, job, device, host)
     print("\n".join(lines))
     return 0
 

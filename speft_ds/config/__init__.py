@@ -9,14 +9,14 @@ nothing here imports the rest of the package, nor torch or DeepSpeed.
 - errors.py: the two errors a user sees as one line
 """
 
-from .constants import (CHAT_TEMPLATES, DEFAULT_LEARNING_RATES, DEFAULT_MODEL, EMBEDDED_DATASET, EMBEDDED_MODEL, EMBEDDED_TASK,
-                        LOCAL_DATA_SUFFIXES, METHOD_FLAGS, METRIC_NAMES, PACKAGE_DIR, PYPI_PREFIX, SHIPPED_DS_CONFIG,
-                        TRACKERS, WEIGHT_FREE_METRICS)
+from .constants import (CHAT_TEMPLATES, DEFAULT_LEARNING_RATES, DEFAULT_MODEL, EMBEDDED_DATASET, EMBEDDED_MODEL,
+                        EMBEDDED_TASK, LOCAL_DATA_SUFFIXES, LR_SCHEDULES, METHOD_FLAGS, METRIC_NAMES, PACKAGE_DIR,
+                        PYPI_PREFIX, SHIPPED_DS_CONFIG, TRACKERS, WEIGHT_FREE_METRICS)
 from .errors import ConfigError, TrainingError
 from .inputs import looks_like_hub_name, looks_like_local_file, read_json, target_pattern, tracker_names
 from .settings import TrainConfig
 
-__all__ = ["CHAT_TEMPLATES", "DEFAULT_LEARNING_RATES", "DEFAULT_MODEL", "EMBEDDED_DATASET", "EMBEDDED_MODEL", "EMBEDDED_TASK",
-           "LOCAL_DATA_SUFFIXES", "METHOD_FLAGS", "METRIC_NAMES", "PACKAGE_DIR", "PYPI_PREFIX", "SHIPPED_DS_CONFIG",
-           "TRACKERS", "WEIGHT_FREE_METRICS", "ConfigError", "TrainingError", "looks_like_hub_name", "looks_like_local_file", "read_json",
-           "target_pattern", "tracker_names", "TrainConfig"]
+__all__ = ["CHAT_TEMPLATES", "DEFAULT_LEARNING_RATES", "DEFAULT_MODEL", "EMBEDDED_DATASET", "EMBEDDED_MODEL",
+           "EMBEDDED_TASK", "LOCAL_DATA_SUFFIXES", "LR_SCHEDULES", "METHOD_FLAGS", "METRIC_NAMES", "PACKAGE_DIR",
+           "PYPI_PREFIX", "SHIPPED_DS_CONFIG", "TRACKERS", "WEIGHT_FREE_METRICS", "ConfigError", "TrainingError",
+           "looks_like_hub_name", "looks_like_local_file", "read_json", "target_pattern", "tracker_names", "TrainConfig"]

@@ -130,7 +130,13 @@ def _check_datasets(config) -> None:
     if not sources:
         raise ConfigError("--dataset is empty: pass a file or a dataset name")
     for flag, source in [*(("--dataset", s) for s in sources), ("--eval_dataset", config.eval_dataset)]:
-        if source is None or not looks_like_local_file(source):
+        if source is None or Path(source).is_dir():
+            continue
+        if not looks_like_local_file(source):
+            # a hub name is `org/name` (or a legacy bare name); anything else that is not here is a wrong path
+            if Path(source).exists() or source.startswith(("/", ".", "~")) or source.count("/") > 1:
+                raise ConfigError(f"{flag} {source} is neither a .jsonl/.json/.parquet/.csv file, a folder of them, "
+                                  "nor a hub dataset name (org/name): convert it, or check the path")
             continue
         if not Path(source).is_file():
             raise ConfigError(f"{flag} {source} does not exist: pass a .jsonl/.json/.parquet/.csv file")
@@ -154,7 +160,8 @@ def _check_method_flags(config, explicit: set[str]) -> None:
     for flag in sorted({name for flags in METHOD_FLAGS.values() for name in flags}):
         if flag in METHOD_FLAGS[config.peft] or (flag not in explicit and getattr(config, flag) == defaults[flag]):
             continue
-        owners = " and ".join(method for method, flags in METHOD_FLAGS.items() if flag in flags)
+        *others, last = [method for method, flags in METHOD_FLAGS.items() if flag in flags]
+        owners = f"{', '.join(others)} and {last}" if others else last
         raise ConfigError(f"--{flag} is for --peft {owners}; --peft {config.peft} has no use for it: drop it")
 
 
@@ -175,6 +182,11 @@ def _check_training_values(config, explicit: set[str]) -> None:
         if value is not None and (value < 0 or (name == "learning_rate" and value == 0)):
             bound = "> 0" if name == "learning_rate" else ">= 0"
             raise ConfigError(f"--{name} {value} must be {bound}")
+    for name in ("adam_beta1", "adam_beta2"):
+        if not 0.0 <= getattr(config, name) < 1.0:
+            raise ConfigError(f"--{name} {getattr(config, name)} is outside [0, 1): pass a decay such as 0.9 or 0.999")
+    if config.adam_epsilon <= 0:
+        raise ConfigError(f"--adam_epsilon {config.adam_epsilon} must be > 0, such as 1e-8")
     if not 0.0 <= config.warmup_ratio < 1.0:
         raise ConfigError(f"--warmup_ratio {config.warmup_ratio} is outside [0, 1): pass a fraction of the run "
                           "such as 0.03")

@@ -38,6 +38,9 @@ METHOD_FLAGS = {"speft": _SALIENCE_FLAGS, "lora": _LORA_FLAGS,
 # (docs/quality_v2.md): a default moves only where that table favours the new rate on both of its tasks.
 DEFAULT_LEARNING_RATES = {"speft": 1e-3, "lora": 3e-3, "roselora": 1e-3, "rosa": 3e-3}
 
+# The learning-rate schedules (--lr_scheduler): transformers' own, by HF's names.
+LR_SCHEDULES = ("cosine", "linear", "constant", "constant_with_warmup")
+
 # The named chat templates data/chat.py defines (--chat_template).
 CHAT_TEMPLATES = ("chatml", "llama3", "alpaca", "vicuna")
 

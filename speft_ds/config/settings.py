@@ -9,7 +9,7 @@ from typing import Iterable, Optional
 
 from . import checks
 from .constants import (CHAT_TEMPLATES, DEFAULT_LEARNING_RATES, DEFAULT_MODEL, EMBEDDED_DATASET, EMBEDDED_TASK,
-                        METRIC_NAMES, SHIPPED_DS_CONFIG)
+                        LR_SCHEDULES, METRIC_NAMES, SHIPPED_DS_CONFIG)
 from .inputs import shipped_ds_config
 
 
@@ -118,7 +118,7 @@ class TrainConfig:
     num_trainable: Optional[int] = _field(None, "Exact number of trainable elements (overrides --density).")
     target_modules: Optional[str] = _field(
         None, "Comma-separated module names (matched on the last name component) or one regex matched against "
-              "full module names. Default: every Linear inside the decoder blocks.")
+              "full module names. Default (all-linear, as PEFT calls it): every Linear inside the decoder blocks.")
     salience_chunks: str = _field("auto", "Score the targeted weights in N groups (model order), one pass over the "
                                           "calibration set each, so only one group's accumulators exist at a time; "
                                           "auto: the fewest groups whose planned peak fits --max_memory_gib.")
@@ -153,11 +153,12 @@ class TrainConfig:
                                       "with --warmup_steps).")
     lr_scheduler: str = _field("cosine", "Learning-rate schedule after warm-up (HF's names; constant ignores "
                                          "the warm-up, constant_with_warmup keeps it).",
-                               choices=("cosine", "linear", "constant", "constant_with_warmup"))
+                               choices=LR_SCHEDULES)
     epochs: float = _field(1.0, "Passes over the training split (ignored when --max_steps > 0).")
     max_steps: int = _field(-1, "Optimizer steps to run; -1 derives it from --epochs.")
     bf16: str = _field("auto", "bf16 mixed precision: auto = where the accelerator supports it (never on CPU); "
-                               "the flag alone means true.", choices=("auto", "true", "false"), const="true")
+                               "the flag alone means true.", choices=("auto", "true", "false"), const="true",
+                       parse=str.lower)  # HF Trainer's examples write --bf16 True
     fp16: bool = _field(False, "fp16 mixed precision with loss scaling, where the accelerator has it (not on "
                                "CPU); not with --bf16 true.")
     seed: int = _field(42, "Seed for data order, calibration subset and initialisation.")
@@ -173,13 +174,16 @@ class TrainConfig:
     ddp_timeout: int = _field(600, "Seconds a collective may wait for the other ranks before the job fails "
                                    "(a dead or stuck rank then stops every rank instead of hanging).")
     dry_run: bool = _field(False, "Check everything and print the plan (trainable count, steps, memory per phase "
-                                  "against this machine's), reading no weights and fetching nothing; then exit.")
+                                  "against this machine's), reading no weights and fetching no model (a hub dataset "
+                                  "is fetched to count its examples); then exit.")
     local_rank: int = _field(-1, "Set by the DeepSpeed launcher.")
 
     def __post_init__(self):
         if self.learning_rate is None:  # an unknown --peft is left for check() to report
             self.learning_rate = DEFAULT_LEARNING_RATES.get(self.peft)
         self.ds_config = str(shipped_ds_config(self.ds_config))
+        if self.target_modules == "all-linear":  # PEFT's name for the default (LLaMA-Factory's `all`)
+            self.target_modules = None
 
     def check(self, explicit: Iterable[str] = (), files: bool = True) -> None:
         """Check everything that can be checked without a model or a process group (`explicit`: the flags the

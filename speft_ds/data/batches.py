@@ -98,13 +98,17 @@ def train_eval_split(tokenized: datasets.Dataset, val_size: float, seed: int):
     """datasets' seeded split, less the held-out examples that ask what a training example asks (a repeated
     prompt, or a repeated text): their loss would measure recall, not generalisation."""
     split = tokenized.train_test_split(test_size=val_size, seed=seed, shuffle=True)
-    train, held_out = split["train"], split["test"]
+    return split["train"], unasked(split["test"], split["train"], f"--val_size {val_size}")
+
+
+def unasked(held_out: datasets.Dataset, train: datasets.Dataset, carve: str) -> datasets.Dataset:
+    """The held-out examples that ask nothing a training example asks (`carve`: how they were held out)."""
     asked = {question(example) for example in train}
     unseen = [i for i, example in enumerate(held_out) if question(example) not in asked]
     if not unseen:
-        raise ConfigError(f"every one of the {len(held_out)} held-out examples (--val_size {val_size}) repeats a "
-                          "training prompt: deduplicate the dataset or raise --val_size")
-    return train, held_out.select(unseen) if len(unseen) < len(held_out) else held_out
+        raise ConfigError(f"every one of the {len(held_out)} held-out examples ({carve}) repeats a training prompt: "
+                          "deduplicate the dataset or raise --val_size")
+    return held_out.select(unseen) if len(unseen) < len(held_out) else held_out
 
 
 def pack(tokenized: datasets.Dataset, seq_len: int) -> datasets.Dataset:

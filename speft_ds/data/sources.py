@@ -11,12 +11,13 @@ import torch
 
 from ..config import LOCAL_DATA_SUFFIXES, ConfigError, TrainConfig, looks_like_local_file
 from ..models.hub import hub_snapshot
-from .batches import LAYOUT_FIELDS, layout, tokenize_dataset, train_eval_split
+from .batches import LAYOUT_FIELDS, layout, tokenize_dataset, train_eval_split, unasked
 
 
 def read_source(source: str, config: TrainConfig, flag: str = "--dataset") -> datasets.Dataset:
-    """One dataset: a local file (read by `datasets`' builder for its format) or a dataset name, checked for
-    the fields --text_field, --messages_field or --prompt_field/--response_field read."""
+    """One dataset: a local file (read by `datasets`' builder for its format), a local folder of data files or
+    a dataset name, checked for the fields --text_field, --messages_field or --prompt_field/--response_field
+    read."""
     # Every rank loads before the process group exists, so the library's own bars would print N times.
     datasets.disable_progress_bars()
     if looks_like_local_file(source):
@@ -29,6 +30,12 @@ def read_source(source: str, config: TrainConfig, flag: str = "--dataset") -> da
                 raise ConfigError(f"{flag} {source}, line {broken[0]}: not JSON ({broken[1]}): fix that line") from None
             raise ConfigError(f"{flag} {source} could not be read ({type(err).__name__}: "
                               f"{str(err).splitlines()[0] if str(err) else ''}): check the file format") from None
+    elif Path(source).is_dir():  # a folder of data files, read as datasets reads one
+        try:
+            ds = datasets.load_dataset(source, split="train", keep_in_memory=True)
+        except Exception as err:
+            raise ConfigError(f"{flag} {source}: its files could not be read as a dataset ({type(err).__name__}: "
+                              f"{str(err).splitlines()[0][:200] if str(err) else ''})") from None
     else:
         ds = load_hub_dataset(source, flag)
     missing = [name for name in LAYOUT_FIELDS[layout(ds.column_names, config)](config) if name not in ds.column_names]
@@ -73,8 +80,12 @@ def training_and_eval_sets(config: TrainConfig, tokenizer) -> tuple[datasets.Dat
     if config.eval_dataset:
         held_out = [tokenize_dataset(read_source(config.eval_dataset, config, "--eval_dataset"), tokenizer, config,
                                      config.eval_dataset)]
-    train = trains[0] if len(trains) == 1 else datasets.concatenate_datasets(trains)
-    return train, (held_out[0] if len(held_out) == 1 else datasets.concatenate_datasets(held_out)) if held_out else None
+    if len(trains) == 1:
+        return trains[0], held_out[0] if held_out else None
+    train = datasets.concatenate_datasets(trains)
+    if len(held_out) > 1:  # each carve asks nothing its own dataset trains on; nor may it ask what another does
+        held_out = [unasked(datasets.concatenate_datasets(held_out), train, "carved from each --dataset")]
+    return train, held_out[0] if held_out else None
 
 
 def _weighted(split: datasets.Dataset, weight: float, seed: int) -> datasets.Dataset:

@@ -1,7 +1,8 @@
 """Models and datasets by hub name (`org/name`), where a hub is reachable: fetched into Hugging Face's own cache
 (HF_HOME / HF_HUB_CACHE, as every HF tool does) and read from there, so a cached name needs no network.
-Without network the answer is one line within HUB_TIMEOUT_S, never a silent hang: the hub (HF_ENDPOINT) is
-asked once, with that timeout, before anything is downloaded. Models come as safetensors only."""
+Without network a cached name is read from the cache (as HF's loaders fall back to it) and any other is
+one line within HUB_TIMEOUT_S, never a silent hang: the hub (HF_ENDPOINT) is asked once, with that timeout,
+before anything is downloaded. Models come as safetensors only."""
 
 from __future__ import annotations
 
@@ -13,6 +14,8 @@ from ..config import ConfigError
 HUB_TIMEOUT_S = 8.0  # with the interpreter's start, an answer within 15 s
 # what a model directory needs: configs, safetensors weights, tokenizer files
 MODEL_FILES = ["*.json", "*.safetensors", "tokenizer*", "*.model", "*.txt", "*.tiktoken"]
+
+
 def endpoint() -> str:
     return os.environ.get("HF_ENDPOINT", "https://huggingface.co").rstrip("/")
 
@@ -22,27 +25,37 @@ def _offline() -> bool:
 
 
 def hub_snapshot_if_cached(name: str, kind: str = "model", allow: list[str] | None = MODEL_FILES) -> str | None:
-    """The cached snapshot of hub repository `name`, or None (nothing is downloaded)."""
+    """The cached snapshot of hub repository `name` where it holds what a run reads (a model's config and
+    safetensors weights; any file of a dataset's), or None. Nothing is downloaded."""
     from huggingface_hub import snapshot_download
 
     try:
-        return snapshot_download(name, repo_type=kind, allow_patterns=allow, local_files_only=True)
-    except Exception:  # not cached (or only partly)
+        snapshot = Path(snapshot_download(name, repo_type=kind, allow_patterns=allow, local_files_only=True))
+    except Exception:  # not cached
         return None
+    # an interrupted download, or another tool's partial fetch (a tokenizer alone), leaves a snapshot behind
+    usable = ((snapshot / "config.json").is_file() and any(snapshot.glob("*.safetensors")) if kind == "model"
+              else any(f.is_file() and not f.name.startswith(".") for f in snapshot.rglob("*")))
+    return str(snapshot) if usable else None
 
 
 def hub_snapshot(name: str, kind: str, flag: str, allow: list[str] | None = None) -> Path:
-    """The local snapshot of hub repository `name` (`kind`: model or dataset): from the cache where it is
-    there, else downloaded after one reachability check."""
+    """The local snapshot of hub repository `name` (`kind`: model or dataset), as HF's own loaders get it:
+    brought up to date from the hub (files already cached are not downloaded again), or, where the hub cannot
+    be reached or HF_HUB_OFFLINE is set, the cached copy."""
     from huggingface_hub import snapshot_download
 
     cached = hub_snapshot_if_cached(name, kind, allow)
-    if cached is not None:
-        return Path(cached)
     if _offline():
-        raise ConfigError(f"{flag} {name} is not in the Hugging Face cache and HF_HUB_OFFLINE is set: download it "
-                          "where the hub is reachable, or pass a local path")
-    _check_reachable(name, kind, flag)
+        if cached is None:
+            raise ConfigError(f"{flag} {name} is not in the Hugging Face cache and HF_HUB_OFFLINE is set: download "
+                              "it where the hub is reachable, or pass a local path")
+        return Path(cached)
+    unreachable = _unreachable(name, kind, flag)
+    if unreachable:
+        if cached is not None:
+            return Path(cached)
+        raise ConfigError(unreachable)
     try:
         return Path(snapshot_download(name, repo_type=kind, allow_patterns=allow, etag_timeout=HUB_TIMEOUT_S))
     except Exception as err:
@@ -50,19 +63,21 @@ def hub_snapshot(name: str, kind: str, flag: str, allow: list[str] | None = None
                           f"{str(err).splitlines()[0][:200] if str(err) else ''})") from None
 
 
-def _check_reachable(name: str, kind: str, flag: str) -> None:
+def _unreachable(name: str, kind: str, flag: str) -> str | None:
+    """Why the hub cannot be asked for `name` (None: it answered); a name the hub does not have is refused."""
     from huggingface_hub import HfApi
     from huggingface_hub.errors import RepositoryNotFoundError
 
     try:
         HfApi(endpoint=endpoint()).repo_info(name, repo_type=kind, timeout=HUB_TIMEOUT_S)
     except RepositoryNotFoundError:
-        raise ConfigError(f"{flag} {name}: no such {kind} on {endpoint()} (or it needs a token: huggingface-cli "
-                          "login)") from None
+        raise ConfigError(f"{flag} {name}: no local path of that name, and no such {kind} on {endpoint()} (or it "
+                          "needs a token: huggingface-cli login)") from None
     except Exception as err:  # refused, timed out, DNS: the network is not there
-        raise ConfigError(f"{flag} {name}: the hub at {endpoint()} cannot be reached within {HUB_TIMEOUT_S:.0f} s "
-                          f"({type(err).__name__}): check the network or HF_ENDPOINT, set HF_HUB_OFFLINE=1 to use "
-                          "the cache only, or pass a local path") from None
+        return (f"{flag} {name}: no local path of that name, and the hub at {endpoint()} cannot be reached within "
+                f"{HUB_TIMEOUT_S:.0f} s ({type(err).__name__}): check the path, the network or HF_ENDPOINT, or set "
+                "HF_HUB_OFFLINE=1 to use the cache only")
+    return None
 
 
 def fetch_hub_names(config) -> None:

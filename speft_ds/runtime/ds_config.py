@@ -79,10 +79,12 @@ def reconcile(ds: dict, config: TrainConfig, explicit: set[str], bf16: bool) -> 
                               f"--ds_config: set it to \"auto\" or drop the flag")
         updates[name] = value
     betas = _get(ds, ("optimizer", "params", "betas"))
-    if betas not in (None, "auto") and {"adam_beta1", "adam_beta2"} & explicit \
-            and list(betas) != [config.adam_beta1, config.adam_beta2]:
-        raise ConfigError(f"--adam_beta1/--adam_beta2 ({config.adam_beta1}, {config.adam_beta2}) disagree with "
-                          f"optimizer.params.betas={list(betas)} in --ds_config: set it to \"auto\" or drop the flags")
+    if betas not in (None, "auto"):
+        if {"adam_beta1", "adam_beta2"} & explicit and list(betas) != [config.adam_beta1, config.adam_beta2]:
+            raise ConfigError(f"--adam_beta1/--adam_beta2 ({config.adam_beta1}, {config.adam_beta2}) disagree with "
+                              f"optimizer.params.betas={list(betas)} in --ds_config: set it to \"auto\" or drop the "
+                              "flags")
+        updates.update(adam_beta1=betas[0], adam_beta2=betas[1])
     if "scheduler" in ds and "lr_scheduler" in explicit:
         raise ConfigError("--lr_scheduler cannot apply: --ds_config has its own \"scheduler\" block; remove "
                           "the block or the flag")
@@ -92,7 +94,14 @@ def reconcile(ds: dict, config: TrainConfig, explicit: set[str], bf16: bool) -> 
             raise ConfigError(f"--bf16 {config.bf16} disagrees with bf16.enabled={ds_bf16} in --ds_config: "
                               "set it to \"auto\" or drop the flag")
         bf16 = ds_bf16
-    return replace(config, **updates), bf16
+    ds_fp16 = _get(ds, ("fp16", "enabled"))
+    fp16 = ds_fp16 if ds_fp16 not in (None, "auto") else config.fp16
+    if ("fp16" in explicit and fp16 != config.fp16) or (fp16 and bf16 is True and ds_bf16 is True):
+        raise ConfigError(f"--fp16 {config.fp16} disagrees with --ds_config (bf16.enabled={ds_bf16}, "
+                          f"fp16.enabled={ds_fp16}): one precision at a time; set them to \"auto\" or drop the flag")
+    if fp16 and bf16:  # a concrete fp16 in the JSON, bf16 left to auto: fp16 it is
+        bf16 = False
+    return replace(config, fp16=fp16, **updates), bf16
 
 
 def auto_prefetch_bucket_size(hidden_size: int) -> int:

@@ -279,3 +279,31 @@ def test_resolve_bf16():
     assert resolve_bf16(TrainConfig(bf16="auto"), "cuda", False) is False
     assert resolve_bf16(TrainConfig(bf16="true"), "cpu", False) is True
     assert resolve_bf16(TrainConfig(bf16="false"), "cuda", True) is False
+
+
+def test_fp16_against_a_concrete_bf16_or_fp16_in_the_ds_config():
+    ds = read_ds_config(str(SHIPPED_DS_CONFIG))
+    ds["bf16"]["enabled"] = True
+    with pytest.raises(ConfigError, match="one precision at a time"):
+        reconcile(ds, training_config(fp16=True), explicit={"fp16"}, bf16=True)
+    ds = read_ds_config(str(SHIPPED_DS_CONFIG))
+    ds["fp16"] = {"enabled": False}
+    with pytest.raises(ConfigError, match="one precision at a time"):
+        reconcile(ds, training_config(fp16=True), explicit={"fp16"}, bf16=False)
+    ds["fp16"] = {"enabled": True}  # the JSON's own fp16, bf16 left to auto: fp16 alone
+    config, bf16 = reconcile(ds, training_config(), explicit=set(), bf16=True)
+    assert config.fp16 is True and bf16 is False
+
+
+def test_adam_flags_fill_the_shipped_configs_and_concrete_betas_are_the_run_s():
+    config, explicit = parse_config(["--adam_beta2", "0.95", "--adam_epsilon", "1e-6"])
+    for name in ("z3", "z3_offload", "z3_cluster"):
+        config.ds_config = name
+        config.__post_init__()
+        ds = read_ds_config(config.ds_config)
+        reconciled, bf16 = reconcile(ds, config, explicit, bf16=False)
+        filled = fill_auto(ds, reconciled, world_size=1, hidden_size=64, total_steps=10, bf16=bf16)
+        assert filled["optimizer"]["params"]["betas"] == [0.9, 0.95] and filled["optimizer"]["params"]["eps"] == 1e-6
+    ds = read_ds_config(str(SHIPPED_DS_CONFIG))
+    ds["optimizer"]["params"]["betas"] = [0.8, 0.98]
+    assert (reconcile(ds, training_config(), explicit=set(), bf16=False)[0].adam_beta2) == 0.98

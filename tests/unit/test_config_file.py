@@ -45,6 +45,7 @@ def test_json_files_are_read_too(tmp_path):
     ("density: 0\n", "--density 0.0 is outside (0, 1]"),
     ("density: [0.01, 0.02]\n", "density must be a single value"),
     ("num_train_epoch: 2\n", "unknown key 'num_train_epoch': did you mean epochs?"),
+    ("stage: sft\n", "stage: speft-ds trains supervised fine-tuning only (LLaMA-Factory's --stage sft): drop it"),
     ("- density\n", "must map flag names to values"),
     ("density: [0.01\n", "is not valid YAML or JSON"),
 ])
@@ -144,3 +145,29 @@ def test_a_saved_run_config_reruns_into_a_new_output_dir(tmp_path):
                                     str(tmp_path / "second")])
     assert again.output_dir == str(tmp_path / "second") and again.resume == "latest"
     assert {**asdict(again), "output_dir": config.output_dir} == asdict(config)
+
+
+def test_a_warm_up_ratio_run_config_reruns_with_its_ratio(tmp_path):
+    from dataclasses import replace
+
+    config, _ = parse_config([*TINY, "--warmup_ratio", "0.1"])
+    write_run_config(replace(config, warmup_steps=9), tmp_path / "run_config.yaml")  # as the recipe resolves it
+    again, _ = parse_config(["--config", str(tmp_path / "run_config.yaml")])
+    assert (again.warmup_ratio, again.warmup_steps) == (0.1, 0)
+
+
+@pytest.mark.parametrize("argv,field,value", [
+    (["--bf16", "True"], "bf16", "true"),  # HF Trainer's examples
+    (["--lora_target", "all", "--peft", "lora"], "target_modules", None),  # LLaMA-Factory's
+    (["--target_modules", "all-linear"], "target_modules", None),  # PEFT's
+    (["--resume_from_checkpoint", "False"], "resume", None),
+    (["--resume_from_checkpoint=false"], "resume", None),
+    (["--finetuning_type", "lora"], "peft", "lora"),
+])
+def test_their_spellings_of_our_values(argv, field, value):
+    assert getattr(parse_config([*TINY, *argv])[0], field) == value
+
+
+def test_resume_from_checkpoint_false_in_a_file_is_no_resume(tmp_path):
+    (tmp_path / "hf.yaml").write_text("resume_from_checkpoint: false\n")
+    assert parse_config([*TINY, "--config", str(tmp_path / "hf.yaml")])[0].resume is None

@@ -70,3 +70,24 @@ def test_a_file_that_is_not_utf8_is_named_with_the_byte(tmp_path, flag):
     at = text.encode("latin-1").index(b"\xe9")
     with pytest.raises(ConfigError, match=f"^{flag} {bad} is not UTF-8 at byte {at} \\(0xe9\\): convert it"):
         parse_config(["--model", str(EMBEDDED_MODEL), flag, str(bad)])
+
+
+def test_a_held_out_example_asks_nothing_another_dataset_trains_on(tmp_path, tokenizer):
+    a = _write(tmp_path / "a.jsonl", "alpha", 20)
+    b = tmp_path / "b.jsonl"
+    b.write_text("".join(reversed(a.read_text().splitlines(keepends=True))))  # the same prompts, another order
+    config = TrainConfig(model=str(EMBEDDED_MODEL), dataset=f"{a},{b}", val_size=0.25, seq_len=64)
+    train, held_out = training_and_eval_sets(config, tokenizer)
+    assert not {tuple(r["input_ids"]) for r in train} & {tuple(r["input_ids"]) for r in held_out}
+    assert len(held_out) > 0
+
+
+def test_a_folder_of_data_files_is_read_as_datasets_reads_one(tmp_path, tokenizer):
+    folder = tmp_path / "data"
+    folder.mkdir()
+    _write(folder / "part1.jsonl", "alpha", 6)
+    _write(folder / "part2.jsonl", "beta", 4)
+    config, _ = parse_config(["--model", str(EMBEDDED_MODEL), "--dataset", str(folder), "--val_size", "0",
+                              "--seq_len", "64"])
+    train, _ = training_and_eval_sets(config, tokenizer)
+    assert _tags(train, tokenizer) == {"alpha": 6, "beta": 4}

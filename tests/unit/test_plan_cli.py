@@ -38,6 +38,17 @@ def test_the_planner_reads_a_config_file_and_lora_s_flags(tmp_path, capsys):
     out = capsys.readouterr().out.splitlines()
     assert out[1].startswith("method lora, LoRA r = 16: 39,976,960 trainable; 8 ranks")
     assert not any(line.startswith("salience") for line in out)  # LoRA has no salience pass
+
+
+def test_lora_is_never_refused_for_a_salience_pass_it_does_not_run_and_rosa_counts_both_parts(capsys):
+    assert run_main(plan_main, ["--model", "llama-7b", "--world_size", "1", "--peft", "lora", "--max_memory_gib",
+                                "20"]) == 0
+    assert not any(line.startswith("salience") for line in capsys.readouterr().out.splitlines())
+    assert run_main(plan_main, ["--model", "llama-7b", "--world_size", "8", "--peft", "rosa", "--lora_r", "16",
+                                "--num_trainable", "1000000"]) == 0
+    out = capsys.readouterr().out.splitlines()
+    assert out[1].startswith("method rosa, LoRA r = 16 + 1,000,000 sparse: 40,976,960 trainable; 8 ranks")
+    assert any(line.startswith("salience") for line in out)
     assert out[-1] == "plan: fits (judged only where a budget is given)"
 
 

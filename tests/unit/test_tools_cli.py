@@ -11,6 +11,7 @@ from pathlib import Path
 
 from speft_ds.cli import run_main
 from speft_ds.commands.evaluate import main as evaluate_main
+from speft_ds.commands.generate import main as generate_main
 from speft_ds.commands.launch import split
 from speft_ds.config import EMBEDDED_MODEL
 from speft_ds.runtime.distributed import free_port
@@ -30,9 +31,18 @@ def test_evaluate_never_overwrites_a_result_in_silence(tmp_path, capsys):
     assert result.read_text() == "{}"
 
 
+def test_generate_names_a_literal_backslash_n_before_loading_anything(tmp_path, capsys):
+    argv = ["--model", str(EMBEDDED_MODEL), "--adapter", str(tmp_path / "none"), "--prompt", "Question: 2 + 2?\\nAnswer:"]
+    assert run_main(generate_main, argv) == 2
+    assert capsys.readouterr().err.startswith("error: --prompt holds a literal \\n, not a newline")
+
+
 def test_speft_train_splits_the_launcher_s_flags_from_the_job_s():
     assert split(["--num_gpus", "2", "--model", "m", "--no_ssh", "--master_port=29501", "--density", "0.1"]) == (
         ["--num_gpus", "2", "--no_ssh", "--master_port=29501"], ["--model", "m", "--density", "0.1"])
+    assert split(["-H", "hosts", "--force_multi", "--launcher", "slurm", "--launcher_args", "-p gpu", "--seq_len",
+                  "64"]) == (["-H", "hosts", "--force_multi", "--launcher", "slurm", "--launcher_args", "-p gpu"],
+                             ["--seq_len", "64"])
 
 
 def test_speft_train_checks_the_flags_then_starts_deepspeed_over_the_job(tmp_path):
