@@ -75,17 +75,15 @@ def job_for(config: TrainConfig, shape: ModelShape, world_size: int, ds_config: 
 
 def with_salience_plan(config: TrainConfig, shape: ModelShape, job: Job, device: float | None,
                        host: float | None) -> Job:
-    """The job with its salience groups and offload: as fixed by the flags, or the fewest that fit."""
+    """The job with its salience groups and offload: as fixed by the flags, or the fewest that fit; where none
+    fits, the one that needs least (its salience phase then reads DOES NOT FIT, part by part)."""
     chunks, offload = config.fixed_salience_chunks, config.fixed_salience_offload
     if device is None:  # no budget: one group and no offload unless asked for
         return replace(job, salience_chunks=chunks or 1, salience_offload=bool(offload))
     try:
         return choose_salience(shape, job, device, host if host is not None else float("inf"), chunks, offload)
     except NoSaliencePlanFits as err:
-        groups = err.least_job.salience_chunks
-        raise ConfigError(f"does not fit: the salience pass needs {err.least_bytes / GIB:.2f} GiB per rank even in "
-                          f"{groups} group{'s' * (groups > 1)}, over {PLANNING_HEADROOM:.0%} of {device / GIB:.1f} GiB: raise --max_memory_gib, add ranks, pass --gradient_checkpointing "
-                          "or a smaller --micro_batch_size") from None
+        return err.least_job
 
 
 def describe(config: TrainConfig, shape: ModelShape, job: Job, device: float | None, host: float | None) -> tuple[

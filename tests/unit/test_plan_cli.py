@@ -40,6 +40,14 @@ def test_the_planner_reads_a_config_file_and_lora_s_flags(tmp_path, capsys):
     assert not any(line.startswith("salience") for line in out)  # LoRA has no salience pass
 
 
+def test_a_salience_pass_that_fits_in_no_groups_is_shown_part_by_part(capsys):
+    assert run_main(plan_main, ["--model", "llama-7b", "--world_size", "1", "--max_memory_gib", "5"]) == 0
+    out = capsys.readouterr().out.splitlines()
+    salience = next(line for line in out if line.startswith("salience (accelerator, per rank)"))
+    assert salience.endswith("of 5.0: DOES NOT FIT") and "salience accumulators" in "\n".join(out)
+    assert out[-1].startswith("plan: does not fit:") and "salience needs" in out[-1]
+
+
 def test_lora_is_never_refused_for_a_salience_pass_it_does_not_run_and_rosa_counts_both_parts(capsys):
     assert run_main(plan_main, ["--model", "llama-7b", "--world_size", "1", "--peft", "lora", "--max_memory_gib",
                                 "20"]) == 0
