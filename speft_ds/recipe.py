@@ -33,7 +33,8 @@ from .models.loading import check_backends, find_targets, load_model, load_model
 from .runtime import checkpoint, resume_checks, zero3
 from .runtime.distributed import (block_memory, device, init_distributed, leave_process_group, naming_lost_ranks,
                                   release_freed_memory, sum_over_ranks)
-from .runtime.ds_config import compute_dtype, fill_auto, read_ds_config, reconcile, resolve_bf16
+from .runtime.ds_config import (compute_dtype, fill_auto, read_ds_config, reconcile, refuse_fp16_on_cpu,
+                                resolve_bf16)
 from .runtime.launch_env import world_size_from_env
 from .runtime.metrics_log import MetricsLog, log_memory
 from .runtime.shared_storage import check_shared_output_dir
@@ -107,6 +108,7 @@ def plan_run(config: TrainConfig, explicit: set[str]) -> Plan:
     check_backends(config, accelerator.device_name())
     bf16 = resolve_bf16(config, accelerator.device_name(), accelerator.is_bf16_supported())
     config, bf16 = reconcile(ds_config, config, explicit, bf16)
+    refuse_fp16_on_cpu(config, accelerator.device_name())  # the JSON's own fp16 too
     world_size = world_size_from_env()
     method_class = methods.get(config.peft)
     if resume_from:
@@ -129,6 +131,7 @@ def plan_run(config: TrainConfig, explicit: set[str]) -> Plan:
         raise ConfigError(f"{len(train_set)} training examples make no full step of micro_batch_size x "
                           f"gradient_accumulation_steps x {world_size} ranks: use a smaller batch or more data")
     total_steps = config.max_steps if config.max_steps > 0 else max(1, int(config.epochs * steps_per_epoch))
+    method.check_run_length(total_steps)
     config = _warmup(config, total_steps)
     ds_config = fill_auto(ds_config, config, world_size=world_size, hidden_size=model_config.hidden_size,
                           total_steps=total_steps, bf16=bf16)

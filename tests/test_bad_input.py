@@ -40,6 +40,9 @@ def bad_files(tmp_path):
     with_scheduler = json.loads(SHIPPED_DS_CONFIG.read_text())
     with_scheduler["scheduler"] = {"type": "WarmupLR", "params": {"warmup_num_steps": "auto"}}
     (tmp_path / "with_scheduler.json").write_text(json.dumps(with_scheduler))
+    fp16 = json.loads(SHIPPED_DS_CONFIG.read_text())
+    fp16["fp16"] = {"enabled": True}
+    (tmp_path / "fp16.json").write_text(json.dumps(fp16))
     (tmp_path / "data.tsv").write_text("prompt\tresponse\n1 + 1?\t2\n")
     (tmp_path / "bin_model").mkdir()
     (tmp_path / "bin_model" / "config.json").write_text("{}")
@@ -84,7 +87,9 @@ CASES = {
                                                 "no use"),
     "rosa_start_with_lora": (["--peft", "lora", "--rosa_start", "0.2"], "--rosa_start is for --peft rosa;"),
     "density_with_lora": (["--peft", "lora", "--density", "0.01"], "--density is for --peft speft"),
-    "fp16_on_cpu": (["--fp16"], "--fp16: the CPU accelerator has no fp16"),
+    "fp16_on_cpu": (["--fp16"], "--fp16 (or fp16.enabled in --ds_config): the CPU accelerator has no fp16"),
+    "fp16_from_the_ds_config_on_cpu": (["--ds_config", "{tmp}/fp16.json"], "the CPU accelerator has no fp16"),
+    "rosa_too_short_to_switch": (["--peft", "rosa", "--max_steps", "1"], "so the sparse part would never train"),
     "no_loss_tokens": (["--dataset", "{tmp}/long_prompts.jsonl", "--seq_len", "8"],
                        "no example keeps a loss token within --seq_len 8"),
     "resume_outside_output_dir": (["--resume", "{tmp}/elsewhere/checkpoints/step-2"],

@@ -210,6 +210,9 @@ def test_a_file_retention_cannot_remove_is_left_with_one_warning(first, tmp_path
     ("--density", "0.1", "--density differs from the checkpoint's run (it was 0.05, this run has 0.1), which would "
                          "change the trained state"),
     ("--dataset", "OTHER", "--dataset differs from the checkpoint's run (its contents differ)"),
+    ("--dataset", "TWICE", "--dataset differs from the checkpoint's run (its contents differ)"),
+    ("--mask_update_steps", "2", "--mask_update_steps differs from the checkpoint's run (it was 4, this run has 2), "
+                                 "which would change how a mask still to come is chosen"),
 ])
 def test_a_resume_that_changes_the_data_or_the_state_is_refused_naming_the_flag(job, first, tmp_path, flag, value,
                                                                                  named, monkeypatch):
@@ -221,6 +224,8 @@ def test_a_resume_that_changes_the_data_or_the_state_is_refused_naming_the_flag(
         lines = job[2].read_text().splitlines(keepends=True)
         value = str(tmp_path / "other.jsonl")
         Path(value).write_text(lines[0].replace("Question", "Q") + "".join(lines[1:]))
+    if value == "TWICE":  # a mixture: each of its datasets hashed
+        value = f"{job[2]},{job[2]}"
     config, explicit = parse_config(_args(job, out, "--resume", flag, value))
     with pytest.raises(ConfigError, match="^" + re.escape(f"--resume: {named}")):
         plan_run(config, explicit)

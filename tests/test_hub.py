@@ -88,8 +88,8 @@ def _cache(tmp_path: Path, files) -> Path:
     return snapshot
 
 
-def _resolve_with_a_refusing_hub(tmp_path: Path) -> subprocess.CompletedProcess:
-    env = {**os.environ, "HF_HOME": str(tmp_path / "hf"), "HF_ENDPOINT": f"http://127.0.0.1:{free_port()}"}
+def _resolve(tmp_path: Path, port: int) -> subprocess.CompletedProcess:
+    env = {**os.environ, "HF_HOME": str(tmp_path / "hf"), "HF_ENDPOINT": f"http://127.0.0.1:{port}"}
     env.pop("HF_HUB_OFFLINE", None)
     return subprocess.run([sys.executable, "-c", "import sys; from speft_ds.cli import run_main; from speft_ds.models."
                            "gguf import resolve_model; sys.exit(run_main(lambda argv: print(resolve_model("
@@ -97,17 +97,21 @@ def _resolve_with_a_refusing_hub(tmp_path: Path) -> subprocess.CompletedProcess:
                           cwd=REPO, env=env, capture_output=True, text=True, timeout=60)
 
 
-def test_a_cached_hub_model_needs_no_network(tmp_path):
-    """A cached model is read from the cache while the hub refuses every connection."""
+@pytest.mark.parametrize("hub", ["refusing", "silent"])
+def test_a_cached_hub_model_needs_no_network(tmp_path, hub, request):
+    """A cached model is read from the cache, within 15 s, while the hub refuses every connection or never
+    answers."""
     snapshot = _cache(tmp_path, Path(EMBEDDED_MODEL).iterdir())
-    proc = _resolve_with_a_refusing_hub(tmp_path)
+    started = time.monotonic()
+    proc = _resolve(tmp_path, request.getfixturevalue("silent_server") if hub == "silent" else free_port())
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert Path(proc.stdout.strip()) == snapshot
+    assert time.monotonic() - started < 15
 
 
 def test_a_partly_cached_hub_model_is_not_taken_for_the_whole(tmp_path):
     """A snapshot holding a config and tokenizer alone (as AutoTokenizer leaves it) is not the model: without the
     hub the answer is that it cannot be fetched, not that the hub has no weights."""
     _cache(tmp_path, [f for f in Path(EMBEDDED_MODEL).iterdir() if f.suffix != ".safetensors"])
-    proc = _resolve_with_a_refusing_hub(tmp_path)
+    proc = _resolve(tmp_path, free_port())
     assert proc.returncode != 0 and "cannot be reached within 8 s" in proc.stderr, proc.stderr[-2000:]

@@ -7,8 +7,8 @@ from __future__ import annotations
 
 from itertools import combinations
 
-from bench.quality.plan import (CONFIRM_BUDGETS, LONG_STEPS, MAIN_BUDGET, OTHER_TASKS, SEEDS, SWEEP_TASK,
-                                chosen_cell, confirmed_methods, knob_cell, planned, screened, screening, sweep)
+from bench.quality.plan import (CONFIRM_BUDGETS, HYBRID, LONG_STEPS, MAIN_BUDGET, OTHER_TASKS, SEEDS, SWEEP_TASK,
+                                chosen_cell, confirmed_methods, fits, knob_cell, planned, screened, screening, sweep)
 from bench.quality.records import REPO, base_cell, read_questions, read_results
 from bench.quality.stats import compare_all, pooled
 
@@ -126,7 +126,7 @@ def default_rule(cells: dict, outcome: dict) -> list[str]:
     """The default's rule applied to the masks at 0.86%: KL within DEFAULT_KL_RATIO x LoRA's, then the best
     validation accuracy on at least two of the three tasks (seed 1 cells)."""
     lora = cells.get(chosen_cell(cells, "lora", MAIN_BUDGET))
-    masks = [m for m in confirmed_methods(outcome) if m != "lora"]
+    masks = [m for m in confirmed_methods(outcome) if m not in ("lora", HYBRID)]  # the default is a mask
     tasks = (SWEEP_TASK, *OTHER_TASKS)
     rows = ["| mask | KL at 0.86% | within 1.1x LoRA's | " + " | ".join(f"validation {t}" for t in tasks) + " |",
             "|---|---|---|" + "---|" * len(tasks)]
@@ -184,7 +184,8 @@ def tables(cells: dict, tests: dict) -> list[str]:
         sections += ["## Confirmation (test, 500 questions, two seeds)", "\n".join(base_tests(tests))]
         for budget in CONFIRM_BUDGETS:
             for task in (SWEEP_TASK, *(OTHER_TASKS if budget == MAIN_BUDGET else ())):
-                sections += [f"### {task} at {budget}", "\n".join(confirmation_table(cells, tests, methods, budget,
+                fitting = [m for m in methods if fits(m, budget)]
+                sections += [f"### {task} at {budget}", "\n".join(confirmation_table(cells, tests, fitting, budget,
                                                                                      task))]
         sections += ["### SPEFT at the product's default (density 1%, rate 1e-3), arithmetic",
                      "\n".join(confirmation_table(cells, tests, ["speft"], "1%", SWEEP_TASK)),

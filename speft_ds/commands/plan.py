@@ -149,7 +149,7 @@ def dry_run(config: TrainConfig, explicit: set[str]) -> int:
         psutil.virtual_memory().available / local_size_from_env())
     device = config.max_memory_gib * GIB if config.max_memory_gib else (
         host if accelerator.device_name() == "cpu" else accelerator.total_memory())
-    job = job_for(plan.config, shape, world_size_from_env(), plan.ds_config, half=plan.bf16 or config.fp16)
+    job = job_for(plan.config, shape, world_size_from_env(), plan.ds_config, half=plan.bf16 or plan.config.fp16)
     salience = getattr(plan.method, "salience", None)
     if salience is not None:
         job = replace(job, salience_chunks=len(salience.groups), salience_offload=salience.offload)

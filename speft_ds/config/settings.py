@@ -54,8 +54,9 @@ class TrainConfig:
                                 "only).")
     retention_text: Optional[str] = _field(None, "Plain text, or .jsonl with a text field per line, unlike the task: "
                                                  "scored before training (as --eval_on_start says), every "
-                                                 "--eval_steps and after it, for the mean token loss and, where the method can switch its "
-                                                 "update off (speft with a static mask, lora, roselora), the mean "
+                                                 "--eval_steps and after it, for the mean token loss and, where "
+                                                 "the method can switch its update off (speft with a static mask, "
+                                                 "lora, roselora, rosa), the mean "
                                                  "KL(base || tuned): how much of what the base knew the run keeps.")
     eval_on_start: bool = _field(True, "Score --eval_task and --retention_text on the base before training (false: skip it, as when "
                                        "many runs share one base).")
@@ -76,10 +77,10 @@ class TrainConfig:
                                 "plus sparse deltas chosen per weight after a LoRA warm-up: --lora_r and "
                                 "--density/--num_trainable size the two parts).",
                        choices=("speft", "roselora", "lora", "rosa"))
-    lora_r: int = _field(8, "lora, roselora: rank of the factors B (out x r) and A (r x in).")
-    lora_alpha: Optional[float] = _field(None, "lora, roselora: scaling numerator (the update is alpha / r x B A); "
-                                               "default 2 x lora_r.")
-    lora_dropout: float = _field(0.0, "lora, roselora: dropout on the factors' input.")
+    lora_r: int = _field(8, "lora, roselora, rosa: rank of the factors B (out x r) and A (r x in).")
+    lora_alpha: Optional[float] = _field(None, "lora, roselora, rosa: scaling numerator (the update is alpha / r x "
+                                               "B A); default 2 x lora_r.")
+    lora_dropout: float = _field(0.0, "lora, roselora, rosa: dropout on the factors' input.")
     rose_sparsity: float = _field(0.9, "roselora: fraction of each column of B and each row of A zeroed once the "
                                        "schedule ends (docs/methods.md: why 0.9).")
     rose_start: float = _field(0.1, "roselora: fraction of the steps trained dense; pruning starts after them.")

@@ -47,6 +47,9 @@ class Method:
              bf16: bool, accelerator) -> None:
         """Decide and check what the method needs before any weight is loaded (raise ConfigError early)."""
 
+    def check_run_length(self, total_steps: int) -> None:
+        """Refuse (ConfigError) a run too short for what the method does during it; checked before loading."""
+
     @classmethod
     def randomness_per_micro_batch(cls, config) -> list[str]:
         """The flags (with their values) under which the method draws random numbers per micro-batch on each

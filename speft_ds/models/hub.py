@@ -1,11 +1,13 @@
-"""Models and datasets by hub name (`org/name`), where a hub is reachable: fetched into Hugging Face's own cache
-(HF_HOME / HF_HUB_CACHE, as every HF tool does) and read from there, so a cached name needs no network.
-Without network a cached name is read from the cache (as HF's loaders fall back to it) and any other is
-one line within HUB_TIMEOUT_S, never a silent hang: the hub (HF_ENDPOINT) is asked once, with that timeout,
-before anything is downloaded. Models come as safetensors only."""
+"""Models and datasets by hub name (`org/name`): fetched into Hugging Face's own cache (HF_HOME / HF_HUB_CACHE,
+as every HF tool does) and read from there. The hub (HF_ENDPOINT) is asked once per name and process, with
+HUB_TIMEOUT_S, before anything is downloaded; where it cannot be reached, a cached name is read from the cache
+(as HF's loaders fall back to it; HF_HUB_OFFLINE=1 skips the question) and any other is one line, never a
+silent hang. Models come as safetensors only."""
 
 from __future__ import annotations
 
+import functools
+import json
 import os
 from pathlib import Path
 
@@ -13,7 +15,7 @@ from ..config import ConfigError
 
 HUB_TIMEOUT_S = 8.0  # with the interpreter's start, an answer within 15 s
 # what a model directory needs: configs, safetensors weights, tokenizer files
-MODEL_FILES = ["*.json", "*.safetensors", "tokenizer*", "*.model", "*.txt", "*.tiktoken"]
+MODEL_FILES = ("*.json", "*.safetensors", "tokenizer*", "*.model", "*.txt", "*.tiktoken")
 
 
 def endpoint() -> str:
@@ -24,22 +26,35 @@ def _offline() -> bool:
     return os.environ.get("HF_HUB_OFFLINE", "0").lower() in ("1", "true", "yes")
 
 
-def hub_snapshot_if_cached(name: str, kind: str = "model", allow: list[str] | None = MODEL_FILES) -> str | None:
-    """The cached snapshot of hub repository `name` where it holds what a run reads (a model's config and
-    safetensors weights; any file of a dataset's), or None. Nothing is downloaded."""
+def hub_snapshot_if_cached(name: str, kind: str = "model", allow: tuple[str, ...] | None = MODEL_FILES) -> str | None:
+    """The cached snapshot of hub repository `name` where it holds what a run reads (a model's config and every
+    safetensors file its index names; any file of a dataset's), or None. Nothing is downloaded."""
     from huggingface_hub import snapshot_download
 
     try:
-        snapshot = Path(snapshot_download(name, repo_type=kind, allow_patterns=allow, local_files_only=True))
+        snapshot = Path(snapshot_download(name, repo_type=kind, allow_patterns=allow and list(allow),
+                                          local_files_only=True))
     except Exception:  # not cached
         return None
     # an interrupted download, or another tool's partial fetch (a tokenizer alone), leaves a snapshot behind
-    usable = ((snapshot / "config.json").is_file() and any(snapshot.glob("*.safetensors")) if kind == "model"
+    usable = (_whole_model(snapshot) if kind == "model"
               else any(f.is_file() and not f.name.startswith(".") for f in snapshot.rglob("*")))
     return str(snapshot) if usable else None
 
 
-def hub_snapshot(name: str, kind: str, flag: str, allow: list[str] | None = None) -> Path:
+def _whole_model(snapshot: Path) -> bool:
+    index = snapshot / "model.safetensors.index.json"
+    if index.is_file():
+        try:
+            shards = set(json.loads(index.read_text())["weight_map"].values())
+        except (ValueError, KeyError, TypeError):
+            return False
+        return (snapshot / "config.json").is_file() and all((snapshot / shard).is_file() for shard in shards)
+    return (snapshot / "config.json").is_file() and any(snapshot.glob("*.safetensors"))
+
+
+@functools.cache  # asked once per process: the early fetch and the load that follows share the answer
+def hub_snapshot(name: str, kind: str, flag: str, allow: tuple[str, ...] | None = None) -> Path:
     """The local snapshot of hub repository `name` (`kind`: model or dataset), as HF's own loaders get it:
     brought up to date from the hub (files already cached are not downloaded again), or, where the hub cannot
     be reached or HF_HUB_OFFLINE is set, the cached copy."""
@@ -57,7 +72,8 @@ def hub_snapshot(name: str, kind: str, flag: str, allow: list[str] | None = None
             return Path(cached)
         raise ConfigError(unreachable)
     try:
-        return Path(snapshot_download(name, repo_type=kind, allow_patterns=allow, etag_timeout=HUB_TIMEOUT_S))
+        return Path(snapshot_download(name, repo_type=kind, allow_patterns=allow and list(allow),
+                                      etag_timeout=HUB_TIMEOUT_S))
     except Exception as err:
         raise ConfigError(f"{flag} {name}: downloading it from {endpoint()} failed ({type(err).__name__}: "
                           f"{str(err).splitlines()[0][:200] if str(err) else ''})") from None

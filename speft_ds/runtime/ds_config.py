@@ -50,10 +50,14 @@ def _set(ds: dict, path: tuple, value) -> None:
     node[path[-1]] = value
 
 
-def resolve_bf16(config: TrainConfig, accelerator_name: str, bf16_supported: bool) -> bool:
+def refuse_fp16_on_cpu(config: TrainConfig, accelerator_name: str) -> None:
     if config.fp16 and accelerator_name == "cpu":
-        raise ConfigError("--fp16: the CPU accelerator has no fp16 mixed precision: drop it (--bf16 true trains in "
-                          "bf16 on CPU)")
+        raise ConfigError("--fp16 (or fp16.enabled in --ds_config): the CPU accelerator has no fp16 mixed precision: "
+                          "drop it (--bf16 true trains in bf16 on CPU)")
+
+
+def resolve_bf16(config: TrainConfig, accelerator_name: str, bf16_supported: bool) -> bool:
+    refuse_fp16_on_cpu(config, accelerator_name)
     if config.bf16 == "auto":
         return accelerator_name != "cpu" and bf16_supported and not config.fp16
     return config.bf16 == "true"
@@ -96,10 +100,11 @@ def reconcile(ds: dict, config: TrainConfig, explicit: set[str], bf16: bool) -> 
         bf16 = ds_bf16
     ds_fp16 = _get(ds, ("fp16", "enabled"))
     fp16 = ds_fp16 if ds_fp16 not in (None, "auto") else config.fp16
-    if ("fp16" in explicit and fp16 != config.fp16) or (fp16 and bf16 is True and ds_bf16 is True):
-        raise ConfigError(f"--fp16 {config.fp16} disagrees with --ds_config (bf16.enabled={ds_bf16}, "
-                          f"fp16.enabled={ds_fp16}): one precision at a time; set them to \"auto\" or drop the flag")
-    if fp16 and bf16:  # a concrete fp16 in the JSON, bf16 left to auto: fp16 it is
+    if ("fp16" in explicit and fp16 != config.fp16) or (fp16 and bf16 and (ds_bf16 is True or "bf16" in explicit)):
+        raise ConfigError(f"--fp16 {config.fp16} and --bf16 {config.bf16} disagree with --ds_config (bf16.enabled="
+                          f"{ds_bf16}, fp16.enabled={ds_fp16}): one precision at a time; set them to \"auto\" or drop "
+                          "the flag")
+    if fp16 and bf16:  # a concrete fp16 in the JSON, bf16 left to auto on both sides: fp16 it is
         bf16 = False
     return replace(config, fp16=fp16, **updates), bf16
 

@@ -2,9 +2,10 @@
 
 A checkpoint records the run's settings (`run_settings`). A resume is refused, in one line naming the flag,
 where this run would train on other data or in another order (the seed, the dataset's contents and the flags
-that read it, the held-out split, packing) or would need another trained state (the method and its size
-flags); the optimizer's betas, eps and weight decay come from the checkpoint, with a line saying so where
-this run's flags differ; the batch layout is kept as `keep_checkpoint_batches` says.
+that read it, the held-out split, packing), would need another trained state (the method and its size
+flags) or would choose a mask still to come otherwise (the salience flags, mask updates, RoSA's switch); the
+optimizer's betas, eps and weight decay come from the checkpoint, with a line saying so where this run's flags
+differ; the batch layout is kept as `keep_checkpoint_batches` says.
 """
 
 from __future__ import annotations
@@ -16,39 +17,49 @@ from pathlib import Path
 
 from safetensors import safe_open
 
-from ..config import ConfigError, TrainConfig, looks_like_local_file
+from ..config import ConfigError, TrainConfig
 from .checkpoint import ENGINE, STATE_FILE
 from .distributed import from_rank_0
 
 # the settings that change the data or their order, and those that change the trained state (the base model's
 # config and the targeted modules by name, whatever the flags that chose them)
-DATA_FLAGS = ("seed", "dataset", "text_field", "prompt_field", "response_field", "messages_field", "seq_len",
-              "val_size", "packing")
+DATA_FLAGS = ("seed", "dataset", "dataset_weights", "text_field", "prompt_field", "response_field", "messages_field",
+              "chat_template", "seq_len", "val_size", "packing")
 SHAPE_FLAGS = ("model", "peft", "density", "num_trainable", "lora_r", "lora_alpha", "target_modules", "delta_scaling",
                "quantize")
+# the settings that choose a mask still to be chosen (RoSA's at its switch, SPEFT's at each mask update)
+MASK_FLAGS = ("metric", "calibration_examples", "fisher_text", "selection", "random_fraction", "input_channel_cap",
+              "mask_update_steps", "mask_update", "regrow_fraction", "rosa_start")
 OPTIMIZER_SETTINGS = ("betas", "eps", "weight_decay")
 RUN = "run"  # the checkpoint's metadata key of the run's settings
 
 
 def dataset_identity(config: TrainConfig) -> str:
-    """A local dataset's content hash (sha256 of its bytes, read on rank 0 only), or a hub dataset's name."""
-    if not looks_like_local_file(config.dataset):
-        return config.dataset
+    """Every --dataset's identity, comma-separated (computed on rank 0 only): a local file's or folder's
+    content hash (sha256 of its bytes; a folder's files in name order, each with its name), a hub dataset's
+    name."""
+    return from_rank_0(lambda: ",".join(_source_identity(Path(source)) for source in config.datasets))
 
-    def digest() -> str:
-        hashed = hashlib.sha256()
-        with open(config.dataset, "rb") as fh:
+
+def _source_identity(path: Path) -> str:
+    if not path.exists():
+        return str(path)  # a hub name
+    hashed = hashlib.sha256()
+    files = sorted(f for f in path.rglob("*") if f.is_file()) if path.is_dir() else [path]
+    for file in files:
+        if path.is_dir():
+            hashed.update(str(file.relative_to(path)).encode() + b"\0")
+        with open(file, "rb") as fh:
             for block in iter(lambda: fh.read(1 << 24), b""):
                 hashed.update(block)
-        return f"sha256:{hashed.hexdigest()}"
-    return from_rank_0(digest)
+    return f"sha256:{hashed.hexdigest()}"
 
 
 def run_settings(config: TrainConfig, ds_config: dict, base_config_hash: str, targets: list[str]) -> dict:
     """The settings a resume must keep or takes from the checkpoint (the DeepSpeed config's optimizer
     params, "auto" filled); the base model by its config's hash, the targets by name."""
     params = ds_config.get("optimizer", {}).get("params", {})
-    settings = {flag: getattr(config, flag) for flag in (*DATA_FLAGS, *SHAPE_FLAGS)}
+    settings = {flag: getattr(config, flag) for flag in (*DATA_FLAGS, *SHAPE_FLAGS, *MASK_FLAGS)}
     settings.update(dataset=dataset_identity(config), model=base_config_hash, target_modules=targets)
     settings.update({key: params[key] for key in OPTIMIZER_SETTINGS if key in params})
     return json.loads(json.dumps(settings))  # as the checkpoint's JSON holds them (tuples as lists)
@@ -57,7 +68,8 @@ def run_settings(config: TrainConfig, ds_config: dict, base_config_hash: str, ta
 def compare_with_checkpoint(saved: dict, now: dict) -> str | None:
     """Refuse a resume whose data or trained state would differ (a ConfigError naming the flag); return the
     line saying which optimizer settings the checkpoint's replace, or None."""
-    for flags, what in ((DATA_FLAGS, "the data or their order"), (SHAPE_FLAGS, "the trained state")):
+    for flags, what in ((DATA_FLAGS, "the data or their order"), (SHAPE_FLAGS, "the trained state"),
+                        (MASK_FLAGS, "how a mask still to come is chosen")):
         for flag in flags:
             if flag in saved and saved[flag] != now[flag]:
                 shown = SUMMARIES.get(flag) if flag != "dataset" or looks_like_hash(saved[flag]) else None

@@ -258,6 +258,25 @@ def seed_adam_state(engine, step: int, moments: dict[torch.nn.Parameter, dict[st
         set_local_moments(param, {key: local_slice(param, value) for key, value in states.items()})
 
 
+def local_trained_slices(param: torch.nn.Parameter) -> dict[str, torch.Tensor]:
+    """Copies of this rank's slices (padded like ds_tensor) of a trained parameter's fp32 master value and
+    AdamW moments, on the CPU: what carrying it into the next engine needs, and nothing whole. No
+    communication."""
+    return {"value": safe_get_local_fp32_param(param).detach().float().cpu().clone(),
+            **{key: safe_get_local_optimizer_state(param, key).detach().cpu().clone() for key in ADAM_MOMENTS}}
+
+
+def carry_trained_slices(engine, step: int, kept: dict[torch.nn.Parameter, dict[str, torch.Tensor]]) -> None:
+    """Start a new engine's AdamW at `step` with the parameters in `kept` as local_trained_slices took them
+    from the last engine (their fp32 values, which the new masters took from the module's copy, and their
+    moments); every other parameter starts from zero moments. A persistent parameter's whole module copy is
+    the one the last engine left. No communication."""
+    start_adam_state(engine, step)
+    for param, state in kept.items():
+        set_local_moments(param, {key: state[key] for key in ADAM_MOMENTS})
+        set_trained_slice(param, state["value"])
+
+
 def start_adam_state(engine, step: int) -> None:
     """A new engine's AdamW state at `step`, every moment zero."""
     optimizer = engine.optimizer

@@ -141,6 +141,29 @@ def test_the_mask_at_the_switch_is_each_weight_s_top_of_the_gradient(trained):
         assert torch.equal(got, want) or near_ties <= 1e-6 * scores[name].max(), name
 
 
+def test_the_factors_carry_their_adamw_moments_across_the_switch(trained):
+    """The first step trains LoRA alone from B = 0, so A keeps its value and B's gradient g is the reference's
+    at (A, 0) on the first batch: the switch's checkpoint, written by the engine built at the switch, holds
+    AdamW's first moments of that step, (1 - beta1) g and (1 - beta2) g^2 for B and zeros for A."""
+    assert SWITCH == 1
+    reference = Reference(trained["config"])
+    names = reference.names
+    state = _checkpoint(trained["out"], SWITCH)
+    values, avg, avg_sq = (_factors(state, names, key) for key in ("value", "exp_avg", "exp_avg_sq"))
+    shapes = {n: reference.weights[n].shape for n in names}
+    a = {n: values[0][n].view(RANK, shapes[n][1]) for n in names}
+    b = {n: torch.zeros(shapes[n][0], RANK, requires_grad=True) for n in names}
+    d = {n: torch.zeros(shapes[n]) for n in names}
+    for rank_examples in plain_micro_batches(len(reference.train_set), reference.seed, 2, MICRO)[0]:
+        (reference.loss(reference.effective(a, b, d), rank_examples) / 2).backward()
+    for n in names:
+        assert not avg[0][n].any() and not avg_sq[0][n].any()
+        torch.testing.assert_close(avg[1][n].view(shapes[n][0], RANK), 0.1 * b[n].grad, rtol=1e-4, atol=1e-9)
+        torch.testing.assert_close(avg_sq[1][n].view(shapes[n][0], RANK), 0.001 * b[n].grad ** 2, rtol=1e-3,
+                                   atol=1e-12)
+    assert any(b[n].grad.abs().max() > 0 for n in names)
+
+
 def test_lora_and_the_sparse_deltas_train_on_as_one_adamw(trained):
     """From the switch's checkpoint (factors, their moments, the mask), a single-process AdamW over the
     factors (their moments kept) and dense deltas masked to the indices (moments zero), all at the

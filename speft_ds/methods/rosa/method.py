@@ -15,6 +15,7 @@ from pathlib import Path
 
 import deepspeed
 
+from ...config import ConfigError
 from ...runtime import zero3
 from ...runtime.ds_config import salience_ds_config
 from ..base import Method, RunContext
@@ -52,6 +53,18 @@ class RosaMethod(Method):
     def _switch_step(self, total_steps: int) -> int:
         return max(1, round(self.config.rosa_start * total_steps))
 
+    def check_run_length(self, total_steps: int) -> None:
+        switch = self._switch_step(total_steps)
+        if switch >= total_steps:
+            raise ConfigError(f"--peft rosa switches to LoRA + sparse deltas after step {switch} of a "
+                              f"{total_steps}-step run, so the sparse part would never train: lower --rosa_start or "
+                              "train longer")
+
+    @property
+    def salience(self):
+        """The sparse part's salience plan (groups, offload), as SPEFT's (the dry run reads it)."""
+        return getattr(self.sparse, "salience", None)
+
     def inject(self, model, ctx: RunContext) -> list:
         self.update_every_steps = self._switch_step(ctx.plan.total_steps)
         return self.lora.inject(model, ctx)
@@ -74,7 +87,7 @@ class RosaMethod(Method):
         if self.sparse.layers:
             return engine
         factors = self.lora_params()
-        kept = {p: {"value": zero3.gather_full_fp32(p), **zero3.adam_moments(p)} for p in factors}
+        kept = {p: zero3.local_trained_slices(p) for p in factors}  # each rank its own slices, nothing whole
         step = zero3.adam_step(engine)
         zero3.destroy_engine(engine)
         for p in factors:  # frozen while the base weights are scored: no gradient is formed for them
@@ -87,10 +100,7 @@ class RosaMethod(Method):
         self.sparse.base_weights = {name: layer.weight for name, layer in self.sparse._targets(model).items()}
         self.sparse.layers = self.sparse.inject_selected(model, ctx, selected)
         engine = make_engine(factors + self.sparse.values(), completed_steps)
-        zero3.seed_adam_state(engine, step, {p: {key: t for key, t in state.items() if key != "value"}
-                                             for p, state in kept.items()})
-        for p, state in kept.items():  # the fp32 values, which the new engine's masters took from a copy
-            zero3.set_trained_value(p, state["value"])
+        zero3.carry_trained_slices(engine, step, kept)
         ctx.log.write({"event": "rosa_switch", "step": completed_steps, "k": self.sparse.delta_count()})
         ctx.log.write(self.trainable_record(engine))
         return engine
