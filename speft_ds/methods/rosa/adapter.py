@@ -18,7 +18,7 @@ PARTS = ("lora", "sparse")
 PEFT_TYPE = ("ROSA: a speft-ds adapter (LoRA in lora/, sparse deltas in sparse/), which PEFT cannot load: load it "
              "with speft_ds.load_adapter(model, path), or merge it into the base with speft-merge")
 PEFT_PREFIX = "base_model.model."  # where PeftModel puts the model's own module names
-BASE = ".base_layer"
+BASE = ".base_layer"  # PEFT's name for the linear a LoRA layer wraps
 
 
 def save_parts(rank: int, path: Path, save_lora: Callable[[Path], None], save_sparse: Callable[[Path], None],

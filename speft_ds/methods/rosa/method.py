@@ -21,9 +21,7 @@ from ...runtime.ds_config import salience_ds_config
 from ..base import Method, RunContext
 from ..lora.method import LoraMethod
 from ..speft.method import SpeftMethod
-from .adapter import save_parts
-
-BASE = ".base_layer"  # PEFT's name for the linear a LoRA layer wraps
+from .adapter import BASE, save_parts
 
 
 class RosaMethod(Method):
