@@ -60,6 +60,7 @@ BUDGETS = {"0%": Budget(), "0.01%": Budget(lora_r=1, density=1e-4, lora_targets=
            "0.29%": Budget(lora_r=1), "0.86%": Budget(lora_r=3), "1%": Budget(density=1e-2)}
 MAIN_BUDGET, SWEEP_TASK, OTHER_TASKS, SEEDS = "0.86%", "arith", ("choose", "cities"), (1, 2)
 CONFIRM_BUDGETS = ("0.86%", "0.29%", "0.01%")
+LOW_BUDGET = "0.01%"  # where the screening's best two are swept too
 
 # The second protocol's first grids (docs/quality_v2.md); their chosen rates serve the third protocol.
 START = {("speft", "0.86%"): (3e-4, 1e-3, 3e-3), ("random", "0.86%"): (1e-3, 3e-3, 1e-2),
@@ -197,7 +198,7 @@ def planned(cells: dict, tests: dict) -> list[tuple[str, Cell]]:
     outcome = screening(cells)
     if outcome is not None:
         for method in outcome["best_two"]:
-            jobs += _sweep_jobs(cells, method, "0.01%")
+            jobs += _sweep_jobs(cells, method, LOW_BUDGET)
         jobs += [(kind, base_cell(task)) for task in (SWEEP_TASK, *OTHER_TASKS) for kind in ("cell", "test")]
         for budget in CONFIRM_BUDGETS:
             methods = confirmed_methods(outcome)

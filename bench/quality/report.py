@@ -7,8 +7,9 @@ from __future__ import annotations
 
 from itertools import combinations
 
-from bench.quality.plan import (CONFIRM_BUDGETS, HYBRID, LONG_STEPS, MAIN_BUDGET, OTHER_TASKS, SEEDS, SWEEP_TASK,
-                                chosen_cell, confirmed_methods, fits, knob_cell, planned, screened, screening, sweep)
+from bench.quality.plan import (CONFIRM_BUDGETS, HYBRID, LONG_STEPS, LOW_BUDGET, MAIN_BUDGET, OTHER_TASKS, SEEDS,
+                                SWEEP_TASK, chosen_cell, confirmed_methods, fits, knob_cell, planned, screened,
+                                screening, sweep)
 from bench.quality.records import REPO, base_cell, read_questions, read_results
 from bench.quality.stats import compare_all, pooled
 
@@ -177,7 +178,7 @@ def tables(cells: dict, tests: dict) -> list[str]:
                 + (f" (next: {jobs[0][0]} {jobs[0][1].tag})." if jobs else "."),
                 "## The cities task's pilot", "\n".join(pilot_table(cells)),
                 "## Screening (validation, seed 1, arithmetic)", "\n".join(sweep_rows(cells, screened(cells),
-                                                                                      (MAIN_BUDGET, "0.01%"))),
+                                                                                      (MAIN_BUDGET, LOW_BUDGET))),
                 "\n".join(screening_summary(cells))]
     if outcome is not None:
         methods = confirmed_methods(outcome)
@@ -191,9 +192,10 @@ def tables(cells: dict, tests: dict) -> list[str]:
                      "\n".join(confirmation_table(cells, tests, ["speft"], "1%", SWEEP_TASK)),
                      "## The default's rule, applied", "\n".join(default_rule(cells, outcome)),
                      f"## Long cells ({LONG_STEPS} steps)", "\n".join(long_table(cells, tests)),
-                     # the advanced are among the best two, whose 0.01% sweeps the screening's table shows
-                     "## Candidates' sweeps at 0.29% (validation, seed 1)",
-                     "\n".join(sweep_rows(cells, outcome["advanced"], ("0.29%",)))]
+                     # the advanced are among the best two, whose LOW_BUDGET sweeps the screening's table shows
+                     "## Candidates' sweeps at the other budgets (validation, seed 1)",
+                     "\n".join(sweep_rows(cells, outcome["advanced"],
+                                          [b for b in CONFIRM_BUDGETS if b not in (MAIN_BUDGET, LOW_BUDGET)]))]
     sections += ["## The whole job's cost (bench/speed/whole_job.py)", "\n".join(cost_table())]
     return sections
 
